@@ -1,0 +1,44 @@
+"""The ``metaformer`` command line: one sub-command per module.
+
+Each module named in ``COMMANDS`` exposes ``add_parser(subparsers)``, which registers its
+sub-command(s) and sets ``func`` (called with the parsed args, returning an exit code).
+Modules are imported only when listed, so the library stays importable without the
+training stack.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = [
+    "metaformer.commands.info",
+]
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one clear line, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metaformer", description="MetaFormer / PoolFormer models: "
+                                     "build, train, evaluate, predict, benchmark, export.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, FileNotFoundError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"metaformer {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``metaformer`` command line (see ``metaformer.cli``)."""
