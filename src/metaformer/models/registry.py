@@ -141,8 +141,11 @@ def ablation_spec(row: str, base: str = "poolformer_s12") -> tuple[str, dict]:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered variant names matching a shell-style pattern, e.g. ``list_models('poolformer_*')``."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    """Registered variant names matching a shell-style pattern, e.g. ``list_models('poolformer_*')``.
+
+    In registration order: PoolFormer S12, S24, S36, M36, M48, then the S12 hybrids.
+    """
+    return [n for n in _REGISTRY if fnmatch.fnmatch(n, pattern)]
 
 
 def get_model_info(name: str) -> ModelInfo:
