@@ -13,6 +13,8 @@ import sys
 
 COMMANDS = [
     "metaformer.commands.info",
+    "metaformer.commands.train",
+    "metaformer.commands.evaluate",
 ]
 
 

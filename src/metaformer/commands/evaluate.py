@@ -1,0 +1,94 @@
+"""``metaformer eval`` (top-1/top-5 on a folder or the built-in digits) and ``metaformer predict``."""
+from __future__ import annotations
+
+import json
+
+
+def add_parser(subparsers) -> None:
+    e = subparsers.add_parser(
+        "eval", help="top-1/top-5 accuracy of a model or checkpoint",
+        description="Top-1/top-5 with the variant's eval transform (resize floor(size/crop_pct) bicubic, centre "
+                    "crop). MODEL may be omitted for a checkpoint trained by `metaformer train` (it stores its "
+                    "config). Without --checkpoint: the variant's release weights.")
+    e.add_argument("model", nargs="?", help="variant name, e.g. poolformer_s12")
+    e.add_argument("--data", help="ImageNet-style root (its val/ is used) or a directory of class folders; "
+                                  "'builtin' or omitted: the built-in digits val split")
+    e.add_argument("--checkpoint", help="weights: ours (.pth training checkpoint, .safetensors), the authors', "
+                                        "timm's or Hugging Face's")
+    e.add_argument("--num-classes", type=int, help="classifier width of a foreign checkpoint (default 1000)")
+    e.add_argument("--batch-size", type=int, default=100)
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--strict-data", action="store_true", help="stop at the first unreadable image")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=run_eval)
+
+    p = subparsers.add_parser(
+        "predict", help="top-k labels with probabilities for images",
+        description="Top-k labels for each image: ImageNet names for 1000-class models, the training data's own "
+                    "class names for a checkpoint trained by `metaformer train` (then MODEL may be omitted).")
+    p.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE", help="variant name (optional with a checkpoint "
+                                                                      "of ours) followed by image files")
+    p.add_argument("--checkpoint", help="weights file (default: the variant's release weights)")
+    p.add_argument("--num-classes", type=int, help="classifier width of a foreign checkpoint (default 1000)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=run_predict)
+
+
+def _device(arg):
+    import torch
+
+    return torch.device(arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def run_eval(args) -> int:
+    from .. import data as D
+    from ..evaluate import eval_dataset, evaluate, load_for_inference
+
+    device = _device(args.device)
+    loaded = load_for_inference(args.model, args.checkpoint, args.num_classes, device)
+    ds = eval_dataset(loaded, args.data)
+    loader = D.make_loader(ds, args.batch_size, None, args.workers)
+    unreadable = D.UnreadableLog(strict=args.strict_data)
+    result = evaluate(loaded.model, loader, device, unreadable=unreadable, progress=True)
+    bad = unreadable.end_epoch()
+    result.update(source=loaded.source, data="builtin digits (val)" if D.is_builtin(args.data) else args.data,
+                  img_size=loaded.img_size, unreadable=len(bad))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{loaded.source} on {result['data']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+              f"loss {result['loss']:.4f}  ({result['images']} images at {loaded.img_size}px)")
+    for b in bad:
+        print(f"  skipped unreadable {b.path}: {b.error}")
+    return 0
+
+
+def run_predict(args) -> int:
+    from ..cli import UserError
+    from ..evaluate import load_for_inference, predict
+    from ..models import list_models
+
+    model, images = None, list(args.inputs)
+    if images[0] in list_models():
+        model, images = images[0], images[1:]
+    elif not args.checkpoint:
+        raise UserError(f"{images[0]!r} is not a model name; usage: metaformer predict MODEL IMAGE... "
+                        f"(or --checkpoint F IMAGE... for a checkpoint trained here)")
+    if not images:
+        raise UserError("no images given: metaformer predict MODEL IMAGE...")
+    if args.topk < 1:
+        raise UserError("--topk must be at least 1")
+    device = _device(args.device)
+    loaded = load_for_inference(model, args.checkpoint, args.num_classes, device)
+    results = predict(loaded, images, args.topk, device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(r["image"])
+        for name, p in r["predictions"]:
+            print(f"  {100 * p:6.2f}%  {name}")
+    return 0

@@ -1,0 +1,549 @@
+"""Train a MetaFormer with the paper's recipe, from one CPU to many GPUs.
+
+The recipe is timm's, not rewritten: ``create_optimizer_v2`` (AdamW, no decay on what
+``model.no_weight_decay()`` names), ``create_scheduler_v2`` (warm-up then cosine, stepped per
+update), ``Mixup`` + ``SoftTargetCrossEntropy``, ``LabelSmoothingCrossEntropy``,
+``create_transform`` (RandAugment, random erasing) and ``ModelEmaV3``.
+
+Configuration: :class:`TrainConfig` holds the paper's ImageNet defaults; :data:`DEMO` scales
+them down for the built-in digits. ``resolve_config`` layers defaults < YAML < flags.
+
+Exact resume: every epoch re-seeds python/numpy/torch and the loader generator from
+``(seed, epoch, rank)`` and the sampler shuffles by epoch, so an epoch's data order,
+augmentation, Mixup and drop-path draws do not depend on what ran before it. Together with
+the model/optimizer/scheduler/scaler/EMA state this makes a resumed CPU run bit-identical to
+an uninterrupted one. A Ctrl-C checkpoint is taken between optimizer steps and resumes at
+the next batch of the same epoch order.
+
+Run under ``torchrun`` for DistributedDataParallel (gloo on CPU, NCCL on GPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+from . import data as D
+from .evaluate import evaluate
+from .models import create_model, get_model_info
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = field(default="poolformer_s12", metadata={"help": "variant name (see `metaformer info --list`)"})
+    depths: list[int] | None = field(default=None, metadata={"help": "blocks per stage, overriding the variant's"})
+    dims: list[int] | None = field(default=None, metadata={"help": "channels per stage, overriding the variant's"})
+    drop_path: float | None = field(default=None, metadata={"help": "stochastic depth rate (default: the variant's)"})
+    model_kwargs: dict = field(default_factory=dict, metadata={
+        "help": "other MetaFormer arguments as YAML, e.g. \"{token_mixers: identity, norm: ln}\""})
+    # data
+    data: str | None = field(default=None, metadata={
+        "help": "ImageNet-layout root with train/ and val/ class folders; 'builtin' or omitted: the digits"})
+    img_size: int = field(default=224, metadata={"help": "training and eval resolution"})
+    workers: int = field(default=8, metadata={"help": "DataLoader worker processes per rank"})
+    strict_data: bool = field(default=False, metadata={"help": "stop at the first unreadable image instead of skipping"})
+    # optimisation (paper: batch 4096, lr 4e-3 = 1e-3 per 1024 images)
+    epochs: int = field(default=300, metadata={"help": "training epochs"})
+    batch_size: int = field(default=128, metadata={"help": "images per process per micro-step"})
+    accum_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step (gradient accumulation)"})
+    base_lr: float = field(default=1e-3, metadata={"help": "lr per 1024 images of global batch"})
+    lr: float | None = field(default=None, metadata={"help": "absolute lr (default: base_lr x global batch / 1024)"})
+    min_lr: float = field(default=1e-5, metadata={"help": "cosine floor"})
+    warmup_lr: float = field(default=1e-6, metadata={"help": "lr at the start of warm-up"})
+    warmup_epochs: int = field(default=5, metadata={"help": "linear warm-up epochs"})
+    sched: str = field(default="cosine", metadata={"help": "timm scheduler name"})
+    opt: str = field(default="adamw", metadata={"help": "timm optimizer name"})
+    opt_eps: float = field(default=1e-8, metadata={"help": "optimizer epsilon"})
+    opt_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "Adam betas"})
+    weight_decay: float = field(default=0.05, metadata={"help": "decoupled weight decay (not on biases/norms/scales)"})
+    clip_grad: float | None = field(default=None, metadata={"help": "clip the gradient norm to this (paper: none)"})
+    # regularisation and augmentation
+    smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
+    mixup: float = field(default=0.8, metadata={"help": "Mixup alpha (0: off)"})
+    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (0: off)"})
+    mixup_prob: float = field(default=1.0, metadata={"help": "probability of Mixup or CutMix per batch"})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "probability of CutMix when both are on"})
+    aa: str | None = field(default="rand-m9-mstd0.5-inc1", metadata={"help": "timm auto-augment policy ('' : off)"})
+    color_jitter: float = field(default=0.4, metadata={"help": "colour jitter (timm disables it under RandAugment)"})
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata={"help": "random-resized-crop scale"})
+    hflip: float = field(default=0.5, metadata={"help": "horizontal flip probability"})
+    train_interpolation: str = field(default="random", metadata={"help": "train resize interpolation"})
+    reprob: float = field(default=0.25, metadata={"help": "random erasing probability"})
+    remode: str = field(default="pixel", metadata={"help": "random erasing mode"})
+    recount: int = field(default=1, metadata={"help": "random erasing count"})
+    ema: bool = field(default=False, metadata={"help": "keep an exponential moving average of the weights"})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step"})
+    # speed
+    amp: str = field(default="auto", metadata={"help": "mixed precision: auto (bf16 on GPU, off on CPU), none, bf16, fp16"})
+    channels_last: bool = field(default=False, metadata={"help": "channels_last memory format"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations to save memory"})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
+    # bookkeeping
+    seed: int = field(default=0, metadata={"help": "random seed (each rank and epoch derives its own)"})
+    output: str = field(default="runs/train", metadata={"help": "directory for checkpoints, logs and plots"})
+    resume: str | None = field(default=None, metadata={"help": "checkpoint to resume, or 'auto' for OUTPUT/last.pth"})
+    log_interval: int = field(default=20, metadata={"help": "optimizer steps between TensorBoard points"})
+
+
+# Scaled down for the built-in digits so the first run ends in ~3 minutes on 2 CPU cores:
+# PoolFormer-S12's architecture at half depth and width, 32 px, and augmentations that suit
+# digits (no flips: a mirrored 2 is not a 2; no Mixup/erasing: 1.4k images, 20 epochs).
+DEMO = dict(model="poolformer_s12", depths=[1, 1, 3, 1], dims=[32, 64, 128, 256], drop_path=0.0, img_size=32,
+            epochs=20, batch_size=64, base_lr=1.6e-2, warmup_epochs=1, mixup=0.0, cutmix=0.0,
+            aa="rand-m5-mstd0.5-inc1", scale=[0.5, 1.0], hflip=0.0, reprob=0.0, train_interpolation="bicubic",
+            workers=0, output="runs/digits")
+
+
+def resolve_config(flags: dict | None = None, config_file: str | None = None) -> TrainConfig:
+    """Defaults (the paper's, or :data:`DEMO` for the built-in data) < YAML file < flags."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    from_file = {}
+    if config_file:
+        try:
+            with open(config_file) as f:
+                from_file = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ValueError(f"cannot read config file {config_file}: {e.strerror}") from None
+        if not isinstance(from_file, dict):
+            raise ValueError(f"config file {config_file} must be a YAML mapping of option: value")
+        from_file = {k.replace("-", "_"): v for k, v in from_file.items()}
+        unknown = sorted(set(from_file) - known)
+        if unknown:
+            raise ValueError(f"unknown option(s) in {config_file}: {', '.join(unknown)}")
+    user = {**from_file, **{k: v for k, v in (flags or {}).items() if v is not None}}
+    base = dict(DEMO) if D.is_builtin(user.get("data")) else {}
+    return TrainConfig(**{**base, **user})
+
+
+# ----- distributed helpers -----
+
+def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the torchrun process group when there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is visible")
+    if world > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**63
+
+
+# ----- checkpoints -----
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as tensors and numbers (loadable with weights_only=True)."""
+    py = random.getstate()
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": torch.tensor(py[1], dtype=torch.int64), "python_gauss": py[2],
+             "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+             "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS)
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a training checkpoint of `metaformer train` (to start from weights, "
+                         f"use them for eval/predict or fine-tuning; --resume needs last.pth or best.pth)")
+    return ckpt
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C or SIGTERM: a checkpoint was saved."""
+
+
+# ----- feedback -----
+
+def write_csv(history: list[dict], path: Path) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    ax[0].plot(ep, [h["train_loss"] for h in history], label="train")
+    ax[0].plot(ep, [h["val_loss"] for h in history], label="val")
+    ax[0].set_title("loss")
+    ax[1].plot(ep, [h["val_top1"] for h in history], label="top-1")
+    ax[1].plot(ep, [h["val_top5"] for h in history], label="top-5")
+    if "ema_top1" in history[0]:
+        ax[1].plot(ep, [h["ema_top1"] for h in history], label="EMA top-1")
+    ax[1].set_title("val accuracy (%)")
+    ax[2].plot(ep, [h["lr"] for h in history])
+    ax[2].set_title("learning rate (end of epoch)")
+    for a in ax:
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+    ax[0].legend()
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----- the run -----
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training; returns the summary (best top-1, wall time, images/s, paths)."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+    from tqdm import tqdm
+
+    if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.epochs < 1:
+        raise ValueError("--batch-size, --accum-steps and --epochs must be at least 1")
+    if cfg.amp not in ("auto", "none", "bf16", "fp16"):
+        raise ValueError(f"--amp must be auto, none, bf16 or fp16, not {cfg.amp!r}")
+    rank, world, device = setup_distributed(cfg.device)
+    ddp, master = world > 1, rank == 0
+    out = Path(cfg.output)
+    log = tqdm.write if master else (lambda *a, **k: None)
+    amp = ("bf16" if device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    # --- data (checked before anything is built) ---
+    info = get_model_info(cfg.model)
+    if D.is_builtin(cfg.data):
+        train_ds = D.Digits("train", cfg.img_size, D.train_transform(cfg, info))
+        val_ds = D.Digits("val", cfg.img_size, D.eval_transform(info, cfg.img_size))
+        class_names, data_name = D.Digits.classes, "builtin digits (sklearn, 1437 train / 360 val)"
+    else:
+        train_dir, val_dir, class_names = D.check_image_folder(cfg.data)
+        train_ds = D.SafeImageFolder(train_dir, D.train_transform(cfg, info))
+        val_ds = D.SafeImageFolder(val_dir, D.eval_transform(info, cfg.img_size), allow_empty=True)
+        data_name = f"{cfg.data} ({len(train_ds)} train / {len(val_ds)} val images)"
+    train_sampler = D.ResumableDistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=cfg.seed, drop_last=False)
+    steps_per_epoch = len(train_sampler) // (cfg.batch_size * cfg.accum_steps)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_sampler)} training images per process are fewer than one optimizer step "
+                         f"(batch {cfg.batch_size} x accum {cfg.accum_steps}); lower --batch-size or --accum-steps")
+    loader_gen = torch.Generator()
+    pin = device.type == "cuda"
+    train_loader = D.make_loader(train_ds, cfg.batch_size, train_sampler, cfg.workers, drop_last=True,
+                                 generator=loader_gen, pin_memory=pin)
+    # Validation shards are disjoint and unpadded so the all-reduced counts are exact.
+    val_loader = D.make_loader(val_ds, cfg.batch_size, list(range(rank, len(val_ds), world)), cfg.workers,
+                               pin_memory=pin)
+    unreadable = D.UnreadableLog(strict=cfg.strict_data)
+
+    # --- model ---
+    overrides = dict(cfg.model_kwargs, img_size=cfg.img_size)
+    for key, value in (("depths", cfg.depths), ("dims", cfg.dims), ("drop_path_rate", cfg.drop_path)):
+        if value is not None:
+            overrides[key] = value
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    try:
+        raw_model = create_model(cfg.model, num_classes=len(class_names), **overrides)
+    except TypeError as e:
+        raise ValueError(f"bad model option: {e}") from None
+    if cfg.grad_checkpointing:
+        raw_model.set_grad_checkpointing()
+    raw_model.to(device)
+    if cfg.channels_last:
+        raw_model.to(memory_format=torch.channels_last)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
+
+    # --- the recipe, from timm ---
+    global_batch = cfg.batch_size * cfg.accum_steps * world
+    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 1024
+    optimizer = create_optimizer_v2(raw_model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps,
+                                    betas=tuple(cfg.opt_betas))
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, min_lr=cfg.min_lr,
+                                       warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                      switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing,
+                      num_classes=len(class_names))
+        criterion = SoftTargetCrossEntropy()  # Mixup already smooths the targets
+    elif cfg.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
+    ema = ModelEmaV3(raw_model, decay=cfg.ema_decay) if cfg.ema else None
+
+    # --- resume ---
+    start_epoch, start_step, step, best_top1, history = 0, 0, 0, -1.0, []
+    resume = cfg.resume
+    if resume == "auto":
+        resume = str(out / "last.pth") if (out / "last.pth").exists() else None
+        if resume is None:
+            log(f"--resume auto: no {out / 'last.pth'} yet, starting from scratch")
+    if resume:
+        ckpt = load_checkpoint(resume)
+        try:
+            raw_model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise ValueError(f"{resume} does not fit this model ({str(e).splitlines()[0]}); "
+                             f"resume with the options it was trained with (see {Path(resume).parent}/config.yaml)") from None
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.module.load_state_dict(ckpt["ema"])
+        start_epoch, start_step, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
+        best_top1, history = ckpt["best_top1"], list(ckpt["history"])
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank])
+        scheduler.step_update(num_updates=step)
+        log(f"resumed from {resume}: epoch {start_epoch + 1}, step {step}")
+    if start_epoch >= cfg.epochs:
+        raise ValueError(f"{resume} already finished {start_epoch} of {cfg.epochs} epochs; raise --epochs to continue")
+
+    # --- outputs (rank 0 only) ---
+    writer = None
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "config.yaml", "w") as f:
+            yaml.safe_dump(dict(dataclasses.asdict(cfg), resolved_lr=lr, global_batch=global_batch, world_size=world,
+                                amp_resolved=amp), f, sort_keys=False)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"), purge_step=step if resume else None)
+
+    def checkpoint(epoch: int, step_in_epoch: int, names: tuple[str, ...]) -> Path | None:
+        """Save on rank 0 (collective: every rank must call it, for the RNG gather)."""
+        rngs = [None] * world
+        if ddp:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if not master:
+            return None
+        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                 "ema": ema.module.state_dict() if ema is not None else None,
+                 "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "rng": rngs,
+                 "best_top1": best_top1, "history": history, "class_names": list(class_names),
+                 "model_config": raw_model.config, "variant": cfg.model, "train_config": dataclasses.asdict(cfg)}
+        for name in names:
+            atomic_save(state, out / name)
+        return out / names[0]
+
+    # Ctrl-C / SIGTERM only raise a flag; the loop agrees on it across ranks and stops between steps.
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+        log(f"\n{stop['signal']}: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    log(f"data: {data_name}, {len(class_names)} classes | model: {cfg.model} {overrides} | "
+        f"{world} process(es) on {device.type}, amp {amp} | global batch {global_batch} "
+        f"({cfg.batch_size} x {cfg.accum_steps} accum x {world}), lr {lr:.3g} | output {out}")
+    last_good = out / "last.pth" if resume else None
+    t_run = time.time()
+    images_seen, lr_now = 0, optimizer.param_groups[0]["lr"]
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            # Seeding per (seed, epoch, rank) makes the epoch's randomness independent of history.
+            seed = epoch_seed(cfg.seed, epoch, rank) + start_step
+            D.seed_everything(seed)
+            loader_gen.manual_seed(seed)
+            train_sampler.set_epoch(epoch, start=start_step * cfg.batch_size * cfg.accum_steps)
+            model.train()
+            data_iter = iter(train_loader)
+            loss_sum, loss_steps, epoch_images, t0 = 0.0, 0, 0, time.time()
+            bar = tqdm(range(start_step, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master,
+                       leave=False, dynamic_ncols=True, mininterval=0.5)
+            for it in bar:
+                batch_loss = torch.zeros(2, device=device)  # [sum of micro-step losses, stop flag]
+                for micro in range(cfg.accum_steps):
+                    x, y, bad = next(data_iter)
+                    unreadable.add(bad)
+                    if mixup is not None and len(x) % 2:  # Mixup pairs images; an odd batch lost one to a bad file
+                        x, y = x[:-1], y[:-1]
+                    x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
+                    if cfg.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    if mixup is not None and len(x):
+                        x, y = mixup(x, y)
+                    # Gradients are all-reduced only on the last micro-step of an accumulation.
+                    sync = not ddp or micro == cfg.accum_steps - 1
+                    with contextlib.nullcontext() if sync else model.no_sync():
+                        with autocast:
+                            # A micro-batch of only unreadable files still joins the gradient all-reduce.
+                            loss = criterion(model(x), y) if len(x) else sum(p.sum() * 0 for p in model.parameters())
+                        scaler.scale(loss / cfg.accum_steps).backward()
+                    batch_loss[0] += loss.detach().float()
+                    epoch_images += len(x)
+                batch_loss[1] = float(stop["signal"] is not None)
+                batch_loss = all_reduce_sum(batch_loss)
+                loss_value = batch_loss[0].item() / (cfg.accum_steps * world)
+                if not math.isfinite(loss_value):
+                    where = f"{last_good} (resume with --resume {last_good})" if last_good else "none yet"
+                    raise TrainingDiverged(
+                        f"loss is {loss_value} at step {step + 1} (epoch {epoch + 1}, iteration {it + 1}); stopped "
+                        f"without applying it. Last good checkpoint: {where}. Try a lower --lr"
+                        f"{', --amp bf16 instead of fp16' if amp == 'fp16' else ''} or --clip-grad 1.0")
+                if cfg.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                scheduler.step_update(num_updates=step)
+                if ema is not None:
+                    ema.update(raw_model, step=step)
+                loss_sum, loss_steps = loss_sum + loss_value, loss_steps + 1
+                lr_now = optimizer.param_groups[0]["lr"]
+                ips = epoch_images * world / max(time.time() - t0, 1e-9)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}", refresh=False)
+                if writer is not None and step % cfg.log_interval == 0:
+                    writer.add_scalar("train/loss", loss_value, step)
+                    writer.add_scalar("train/lr", lr_now, step)
+                if batch_loss[1] > 0:
+                    bar.close()
+                    path = checkpoint(epoch, it + 1, ("last.pth",))
+                    raise Interrupted(f"stopped by {stop['signal'] or 'another rank'} at epoch {epoch + 1}, step "
+                                      f"{step}; saved {path}. Continue with the same command plus --resume auto")
+            bar.close()
+            start_step = 0
+            epoch_time = time.time() - t0
+            images_seen += epoch_images * world
+
+            val = evaluate(model, val_loader, device, amp_dtype=amp_dtype, channels_last=cfg.channels_last,
+                           unreadable=unreadable)
+            row = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(loss_steps, 1), "lr": lr_now,
+                   "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+                   "images_per_s": epoch_images * world / epoch_time, "epoch_time_s": epoch_time}
+            if ema is not None:
+                row["ema_top1"] = evaluate(ema.module, val_loader, device, amp_dtype=amp_dtype,
+                                           channels_last=cfg.channels_last, unreadable=unreadable)["top1"]
+            bad_files = unreadable.end_epoch()
+            row["unreadable"] = len(bad_files)
+            history.append(row)
+            is_best = val["top1"] > best_top1
+            best_top1 = max(best_top1, val["top1"])
+            last_good = checkpoint(epoch + 1, 0, ("last.pth", "best.pth") if is_best else ("last.pth",))
+            if master:
+                for k, v in row.items():
+                    if k not in ("epoch", "step"):
+                        writer.add_scalar(f"epoch/{k}", v, epoch + 1)
+                write_csv(history, out / "metrics.csv")
+                log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  val loss {val['loss']:.4f}  "
+                    f"top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%"
+                    + (f"  EMA top-1 {row['ema_top1']:.2f}%" if ema is not None else "")
+                    + f"  lr {lr_now:.2e}  {row['images_per_s']:.0f} img/s  {epoch_time:.1f}s" + ("  *best*" if is_best else ""))
+                if bad_files:
+                    log(f"  skipped {len(bad_files)} unreadable image(s) this epoch:")
+                    for b in bad_files:
+                        log(f"    {b.path}: {b.error}")
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if writer is not None:
+            writer.close()
+
+    wall = time.time() - t_run
+    best = max(history, key=lambda h: h["val_top1"])
+    summary = {"best_top1": best["val_top1"], "best_epoch": best["epoch"], "final_top1": history[-1]["val_top1"],
+               "final_top5": history[-1]["val_top5"], "epochs": cfg.epochs, "wall_time_s": round(wall, 1),
+               "images_per_s": round(images_seen / wall, 1) if wall > 0 else None,
+               "checkpoint": str(out / "best.pth"), "last": str(out / "last.pth"), "world_size": world}
+    if master:
+        write_csv(history, out / "metrics.csv")
+        plot_curves(history, out / "curves.png")
+        with open(out / "summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+        log(f"done: best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), "
+            f"wall time {wall:.0f}s, {summary['images_per_s']} img/s | {out}/best.pth, metrics.csv, tb/, "
+            f"curves.png, summary.json")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
