@@ -15,6 +15,7 @@ COMMANDS = [
     "metaformer.commands.info",
     "metaformer.commands.train",
     "metaformer.commands.evaluate",
+    "metaformer.commands.export",
 ]
 
 

@@ -1,0 +1,92 @@
+"""``metaformer export`` (ONNX / TorchScript / torch.export, verified) and ``metaformer cam`` (Grad-CAM)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..cli import UserError
+
+
+def _load(args):
+    from ..evaluate import load_for_inference
+
+    return load_for_inference(args.model, args.checkpoint, num_classes=getattr(args, "num_classes", None))
+
+
+def run_export(args) -> int:
+    from ..export import ExportError, FORMATS, export, sample_image
+
+    loaded = _load(args)
+    model = loaded.model
+    if args.img_size and args.img_size != loaded.img_size:
+        raise UserError(f"--img-size {args.img_size}: this model is built for {loaded.img_size}; rebuild it for "
+                        "another size with a checkpoint trained or saved at that size")
+    if args.fused:
+        from ..fast import fuse
+
+        # the portable backend: oneDNN's packed-weight ops do not exist in ONNX or TorchScript runtimes
+        model = fuse(model, backend="aten")
+    out = Path(args.output or f"{args.model or 'model'}{'_fused' if args.fused else ''}{FORMATS[args.format]}")
+    image = sample_image(loaded.img_size, loaded.transform) if loaded.model.in_chans == 3 else None
+    try:
+        result = export(model, out, args.format, img_size=loaded.img_size, image=image,
+                        dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size, dtype=args.dtype)
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    size_mb = result.path.stat().st_size / 2**20
+    print(f"wrote {result.path} ({result.format}, {result.dtype}, {size_mb:.1f} MiB)")
+    print(f"check: max |logit diff| vs PyTorch: random input {result.max_diff_random:.3g}, "
+          f"real image {result.max_diff_image:.3g} (tolerance {result.tolerance:g}); top-1 agrees: {result.top1_agrees}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def run_cam(args) -> int:
+    from PIL import Image, UnidentifiedImageError
+
+    from ..cam import grad_cam, resolve_target, save_overlay
+
+    loaded = _load(args)
+    target = resolve_target(args.target, loaded.class_names)
+    out_dir = Path(args.out)
+    for image in args.images:
+        try:
+            pil = Image.open(image)
+            pil.load()
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+            raise UserError(f"cannot read image {image}: {e}") from None
+        result = grad_cam(loaded.model, pil, loaded.transform, target, loaded.class_names, name=image)
+        path = save_overlay(result, out_dir)
+        print(f"{image}: class {result.target} ({result.target_name}, p={result.probability:.3f}), "
+              f"peak at (row, col) {result.peak} of {result.heatmap.shape} -> {path}")
+    return 0
+
+
+def _common(p):
+    p.add_argument("model", help="variant name, e.g. poolformer_s12 (a checkpoint saved by metaformer "
+                   "overrides it with its stored config)")
+    p.add_argument("--checkpoint", help="weights: any layout metaformer loads (default: the authors' release)")
+    p.add_argument("--num-classes", type=int, help="classifier width of a checkpoint without stored config")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="export to ONNX / TorchScript / torch.export, then verify the file",
+                       description="Write the model in a deployable format, run the file in its own runtime on a "
+                                   "random input and a real image, and fail if it differs from PyTorch by more "
+                                   "than 1e-4 (fp32).")
+    _common(p)
+    p.add_argument("--format", choices=["onnx", "torchscript", "exported"], default="onnx")
+    p.add_argument("--output", "-o", help="output file (default: MODEL[_fused].onnx|.pt|.pt2)")
+    p.add_argument("--fused", action="store_true", help="export the fused inference model (metaformer.fuse)")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
+    p.add_argument("--dynamic-size", action="store_true", help="any image size at run time (pooling models only)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--img-size", type=int, help="must match the model's size (checked)")
+    p.set_defaults(func=run_export)
+
+    c = sub.add_parser("cam", help="Grad-CAM heatmaps over images (last stage, as the authors did)")
+    _common(c)
+    c.add_argument("images", nargs="+", metavar="IMAGE")
+    c.add_argument("--target", help="class index or name (default: the predicted class)")
+    c.add_argument("--out", default="cam", help="folder for the PNG overlays (default: ./cam)")
+    c.set_defaults(func=run_cam)

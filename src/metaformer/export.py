@@ -1,0 +1,215 @@
+"""Export to ONNX, TorchScript and ``torch.export``, then check the file against the model.
+
+Every export is verified before it is reported done: the file is loaded back in its own
+runtime (ONNX Runtime for ONNX), run on a random input and on a real image, and compared
+with the PyTorch model; a difference over the tolerance (1e-4 in fp32) is an error.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# max |logit difference| allowed, relative to the largest |logit| for the low-precision dtypes
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
+
+
+class ExportError(ValueError):
+    pass
+
+
+def size_bound_parts(model: nn.Module) -> list[str]:
+    """Names of modules whose parameters are tied to one token grid (they forbid dynamic sizes)."""
+    from .models.mixers import PositionEmbedding, RandomMixing, SpatialMlp
+
+    return [n for n, m in model.named_modules() if isinstance(m, (RandomMixing, SpatialMlp, PositionEmbedding))]
+
+
+def check_combination(model: nn.Module, fmt: str, dynamic_size: bool, dtype: str) -> None:
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dynamic_size:
+        bound = size_bound_parts(model)
+        if bound:
+            raise ExportError(
+                f"--dynamic-size cannot work for this model: {bound[0]} (and {len(bound) - 1} more) "
+                f"has parameters sized for a {model.img_size[0]}x{model.img_size[1]} input (random mixing, spatial "
+                "MLP or a position embedding). Export at a fixed size instead: drop --dynamic-size and pass "
+                "--img-size")
+    if fmt == "onnx" and dtype == "bf16":
+        raise ExportError("ONNX Runtime has no bfloat16 kernels for these operators on CPU; export onnx as fp32 "
+                          "or fp16, or use --format torchscript/exported for bf16")
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    dtype: str
+    max_diff_random: float
+    max_diff_image: float
+    tolerance: float
+    top1_agrees: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:  # top1_agrees is forced True for low-precision exports (see export())
+        return max(self.max_diff_random, self.max_diff_image) <= self.tolerance and self.top1_agrees
+
+
+def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool,
+           dynamic_size: bool) -> None:
+    if fmt == "onnx":
+        axes = {}
+        if dynamic_batch:
+            axes[0] = "batch"
+        if dynamic_size:
+            axes.update({2: "height", 3: "width"})
+        # The TorchScript-based exporter: no onnxscript dependency, and ONNX Runtime runs its graphs well.
+        torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
+                          output_names=["logits"], opset_version=17,
+                          dynamic_axes={"input": axes, "logits": {0: "batch"} if dynamic_batch else {}})
+    elif fmt == "torchscript":
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, str(path))
+    else:
+        dims = {}
+        if dynamic_batch:
+            dims[0] = torch.export.Dim("batch", min=1, max=4096)
+        if dynamic_size:
+            # from 64: at 1x1 in the last stage torch.export specialises the final norm and pooling
+            dims[2] = torch.export.Dim("height", min=64, max=4096)
+            dims[3] = torch.export.Dim("width", min=64, max=4096)
+        ep = torch.export.export(model, (example,), dynamic_shapes=({**dims} if dims else None,) if dims else None)
+        torch.export.save(ep, str(path))
+
+
+def load_runtime(path: str | os.PathLike, fmt: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable ``images [B, C, H, W] -> logits`` running the exported file in its runtime."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist")
+    fmt = fmt or {".onnx": "onnx", ".pt": "torchscript", ".pt2": "exported"}.get(path.suffix)
+    if fmt == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ExportError("running an ONNX file needs onnxruntime: pip install onnxruntime") from None
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        inp = session.get_inputs()[0]
+        np_dtype = np.float16 if "float16" in inp.type else np.float32
+
+        def run_onnx(x: torch.Tensor) -> torch.Tensor:
+            out = session.run(None, {inp.name: x.detach().cpu().numpy().astype(np_dtype)})[0]
+            return torch.from_numpy(out.astype(np.float32))
+
+        return run_onnx
+    if fmt == "torchscript":
+        module = torch.jit.load(str(path), map_location="cpu")
+    elif fmt == "exported":
+        module = torch.export.load(str(path)).module()
+    else:
+        raise ExportError(f"cannot tell the format of {path}: use a .onnx, .pt (TorchScript) or .pt2 "
+                          "(torch.export) file, or name the format")
+    dtype = next((p.dtype for p in module.parameters()), None) if fmt == "torchscript" else None
+    if dtype is None:
+        dtype = next((t.dtype for t in module.state_dict().values() if t.is_floating_point()), torch.float32)
+
+    def run_torch(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return module(x.to(dtype)).float()
+
+    return run_torch
+
+
+def sample_image(img_size: int, transform) -> torch.Tensor:
+    """A real photograph for the check: scikit-image's cat if installed, else a real digit scan."""
+    from PIL import Image
+
+    try:
+        from skimage import data as skdata
+
+        pil = Image.fromarray(skdata.chelsea())
+    except ImportError:
+        from sklearn.datasets import load_digits
+
+        digit = load_digits().images[0]
+        pil = Image.fromarray((digit / 16 * 255).astype("uint8")).convert("RGB").resize((img_size, img_size))
+    return transform(pil).unsqueeze(0)
+
+
+def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int | None = None,
+           image: torch.Tensor | None = None, dynamic_batch: bool = False, dynamic_size: bool = False,
+           dtype: str = "fp32") -> ExportResult:
+    """Write ``model`` to ``path`` in ``fmt`` and verify it (see the module docstring)."""
+    model = model.eval()
+    check_combination(model, fmt, dynamic_size, dtype)
+    size = img_size or model.img_size[0]
+    torch_dtype = DTYPES[dtype]
+    cast = copy.deepcopy(model).to(torch_dtype) if dtype != "fp32" else model
+    gen = torch.Generator().manual_seed(0)
+    batch = 2 if dynamic_batch else 1
+    example = torch.randn(batch, model.in_chans, size, size, generator=gen)
+    path = Path(path)
+    if path.suffix != FORMATS[fmt]:
+        path = path.with_name(path.name + FORMATS[fmt])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temp name and rename only after the check passed: no half-verified file under `path`.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=FORMATS[fmt], dir=path.parent)
+    os.close(fd)
+    try:
+        try:
+            _write(cast, example.to(torch_dtype), Path(tmp), fmt, dynamic_batch, dynamic_size)
+            run = load_runtime(tmp, fmt)
+        except ExportError:
+            raise
+        except Exception as e:  # an exporter's internal error: say which step failed, in one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ExportError(f"{fmt} export ({dtype}{', dynamic batch' if dynamic_batch else ''}"
+                              f"{', dynamic size' if dynamic_size else ''}) failed: {type(e).__name__}: {first}. "
+                              "Try another --format, or export without --fused / dynamic axes") from None
+        notes = []
+        inputs = {"random": example}
+        if image is not None:
+            inputs["image"] = image
+        if dynamic_batch:
+            inputs["random"] = torch.randn(3, model.in_chans, size, size, generator=gen)  # another batch size
+            notes.append("checked at batch 3 (exported at batch 2)")
+        if dynamic_size:
+            inputs["random"] = torch.randn(inputs["random"].shape[0], model.in_chans, size + 32, size + 32,
+                                           generator=gen)
+            notes.append(f"checked at {size + 32}x{size + 32} (exported at {size}x{size})")
+        diffs, agree = {}, True
+        for key, x in inputs.items():
+            with torch.no_grad():
+                ref = model(x)  # always against the fp32 PyTorch model
+            got = run(x)
+            scale = 1.0 if dtype == "fp32" else max(ref.abs().max().item(), 1.0)
+            diffs[key] = (got - ref).abs().max().item() / scale
+            agree &= bool((got.argmax(-1) == ref.argmax(-1)).all())
+        if dtype != "fp32":
+            notes.append("differences relative to the largest |logit|; top-1 agreement not required in low precision")
+            agree = True
+        result = ExportResult(path, fmt, dtype, diffs["random"], diffs.get("image", 0.0), TOLERANCE[dtype], agree,
+                              notes)
+        if not result.ok:
+            raise ExportError(f"the exported {fmt} file disagrees with the PyTorch model: max difference "
+                              f"{max(diffs.values()):.3g} (tolerance {TOLERANCE[dtype]:g}), top-1 agrees: {agree}; "
+                              "nothing was written")
+        os.replace(tmp, path)
+        return result
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,138 @@
+"""Export round trips with parity, hub-style folders, torch.hub, Grad-CAM."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import metaformer
+from metaformer.cli import main
+from metaformer.export import ExportError, export, load_runtime, sample_image
+from metaformer.hub import from_pretrained, save_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def model64(name, **kw):
+    torch.manual_seed(0)
+    return metaformer.create_model(name, img_size=64, num_classes=10, **kw).eval()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported"])
+@pytest.mark.parametrize("name", ["poolformer_s12", "metaformer_ppaa_s12"])
+def test_export_round_trip_parity(tmp_path, fmt, name):
+    model = model64(name)
+    info = metaformer.get_model_info(name)
+    image = sample_image(64, info.transforms(64))
+    result = export(model, tmp_path / "m", fmt, image=image, dynamic_batch=True)
+    assert result.path.suffix == {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}[fmt]
+    assert result.ok and result.max_diff_random <= 1e-4 and result.max_diff_image <= 1e-4
+    # the file alone, in its runtime, reproduces the model on a fresh input at another batch size
+    run = load_runtime(result.path)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        assert (run(x) - model(x)).abs().max() < 1e-4
+
+
+def test_dynamic_size_export_runs_at_other_sizes(tmp_path):
+    model = model64("poolformer_s12")
+    result = export(model, tmp_path / "dyn.onnx", "onnx", dynamic_batch=True, dynamic_size=True)
+    run = load_runtime(result.path)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        assert (run(x) - model(x)).abs().max() < 1e-4
+
+
+def test_dynamic_size_with_size_bound_mixer_is_a_clear_error(tmp_path):
+    for name in ["metaformer_pppf_s12", "metaformer_ppaa_s12"]:
+        with pytest.raises(ExportError, match="--dynamic-size cannot work for this model"):
+            export(model64(name), tmp_path / "x", "onnx", dynamic_size=True)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_low_precision_export_is_checked_against_fp32(tmp_path):
+    model = model64("poolformer_s12")
+    result = export(model, tmp_path / "bf16", "exported", dtype="bf16")
+    assert 0 < result.max_diff_random <= 5e-2  # not bit-identical to fp32, but close
+    assert next(model.parameters()).dtype == torch.float32  # the caller's model is untouched
+    with pytest.raises(ExportError, match="bfloat16"):
+        export(model, tmp_path / "bf16", "onnx", dtype="bf16")
+
+
+def test_export_cli_verifies_and_writes(tmp_path, capsys):
+    ckpt = tmp_path / "s12.safetensors"
+    metaformer.save_weights(model64("poolformer_s12"), ckpt, class_names=[f"c{i}" for i in range(10)])
+    out = tmp_path / "s12.onnx"
+    assert main(["export", "poolformer_s12", "--checkpoint", str(ckpt), "--format", "onnx", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.is_file() and "real image" in text and "top-1 agrees: True" in text
+    assert main(["export", "poolformer_s12", "--checkpoint", str(ckpt), "--format", "onnx", "--dtype", "bf16",
+                 "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "bfloat16" in capsys.readouterr().err
+
+
+def test_save_and_from_pretrained_folder_round_trip(tmp_path):
+    model = model64("metaformer_pppf_s12", pool_size=5)
+    names = [f"class_{i}" for i in range(10)]
+    folder = save_pretrained(model, tmp_path / "hub", class_names=names)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = from_pretrained(folder).eval()
+    assert loaded.class_names == names
+    assert loaded.stages[0].blocks[0].token_mixer.pool_size == 5
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_from_pretrained_errors_are_clear(tmp_path):
+    with pytest.raises(metaformer.WeightsError, match="config.json is missing"):
+        (tmp_path / "empty").mkdir()
+        from_pretrained(tmp_path / "empty")
+    with pytest.raises(metaformer.WeightsError, match="no such folder"):
+        from_pretrained(tmp_path / "nope" / "deeper")
+    # a hub id on an offline machine (or without huggingface_hub): one clear line, no traceback
+    with pytest.raises(metaformer.WeightsError, match="hub|huggingface_hub"):
+        from_pretrained("metaformer-test-nonexistent/poolformer")
+
+
+def test_torch_hub_load_from_repository():
+    model = torch.hub.load(str(REPO), "poolformer_s12", source="local", num_classes=3, img_size=64)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    # torch.hub.list only reads GitHub; every registered variant is an entry point of hubconf.py
+    hubconf = torch.hub._import_module("hubconf", str(REPO / "hubconf.py"))
+    assert all(callable(getattr(hubconf, n, None)) for n in metaformer.list_models())
+
+
+def test_grad_cam_on_a_real_photo(tmp_path):
+    skdata = pytest.importorskip("skimage.data")
+    from metaformer.cam import grad_cam, save_overlay
+
+    photo = Image.fromarray(skdata.chelsea())
+    model = model64("poolformer_s12")
+    tf = metaformer.get_model_info("poolformer_s12").transforms(64)
+    a = grad_cam(model, photo, tf, target=1)
+    b = grad_cam(model, photo, tf, target=7)
+    for r in (a, b):
+        assert r.heatmap.shape == (64, 64) and np.isfinite(r.heatmap).all()
+        assert r.heatmap.max() > 0  # not a blank map
+        row, col = r.peak
+        assert 0 <= row < 64 and 0 <= col < 64
+        assert r.overlay.shape == (64, 64, 3) and r.overlay.dtype == np.uint8
+    assert np.abs(a.heatmap - b.heatmap).max() > 1e-3  # the map depends on the target class
+    png = save_overlay(a, tmp_path)
+    assert Image.open(png).size == (64, 64)
+
+
+def test_grad_cam_on_a_hybrid_and_the_cli(tmp_path, capsys):
+    skdata = pytest.importorskip("skimage.data")
+    ckpt = tmp_path / "h.safetensors"
+    metaformer.save_weights(model64("metaformer_ppaa_s12"), ckpt, class_names=[f"c{i}" for i in range(10)])
+    photo = tmp_path / "cat.jpg"
+    Image.fromarray(skdata.chelsea()).save(photo)
+    assert main(["cam", "metaformer_ppaa_s12", str(photo), "--checkpoint", str(ckpt), "--target", "c4",
+                 "--out", str(tmp_path / "cams")]) == 0
+    assert "class 4 (c4" in capsys.readouterr().out
+    assert len(list((tmp_path / "cams").glob("*.png"))) == 1
+    assert main(["cam", "metaformer_ppaa_s12", str(photo), "--checkpoint", str(ckpt), "--target", "dog"]) == 2
+    assert "unknown target class 'dog'" in capsys.readouterr().err
