@@ -13,6 +13,7 @@ import sys
 
 COMMANDS = [
     "metaformer.commands.info",
+    "metaformer.commands.bench",
     "metaformer.commands.train",
     "metaformer.commands.evaluate",
     "metaformer.commands.export",

@@ -1,0 +1,332 @@
+"""Fused, eval-only PoolFormer: the same outputs with far fewer passes over the activations.
+
+A PoolFormer block spends most of its time outside the 1x1 convolutions in memory-bound
+passes (GroupNorm, average pooling, subtraction, LayerScale, GELU, residual add). The fused
+block removes them with exact algebra (``REFERENCE.md`` §7):
+
+* Token mixer.  For GroupNorm(1) statistics ``mu, sigma`` of ``x`` (scalars per sample),
+  ``g * (pool(norm(x)) - norm(x)) = (g * w / sigma) * (pool(x) - x)``: average pooling with
+  ``count_include_pad=False`` divides by the number of *real* neighbours, so it maps a
+  constant to itself and commutes with a per-channel scale; the norm's shift (``mu`` and the
+  bias) cancels in the subtraction. The whole branch plus the residual is one ``lerp``:
+  ``x + a * (pool(x) - x)`` with ``a = g * w / sigma`` per (sample, channel). ``norm(x)``
+  is never materialised; only two cheap reductions give ``mu, sigma``.
+* Channel MLP.  norm2's affine is folded into fc1 (``W1 diag(w2)``, ``b1 + W1 b2``), so only
+  the per-sample standardisation ``(y - mu) / sigma`` remains; LayerScale2 is folded into
+  fc2. We standardise the C-channel input rather than applying ``1/sigma`` and
+  ``-rowsum(W1) mu / sigma`` after the GEMM: that epilogue would be a pass over the 4C-wide
+  hidden tensor that oneDNN cannot fuse (its post-ops have no per-sample operand), while
+  the input pass is 4x narrower.
+* On CPU (the ``mkldnn`` backend), fc1 runs as one oneDNN convolution with GELU as a
+  post-op, and fc2 with the residual add as a post-op, on pre-packed weights.
+* Everything runs channels_last: NHWC is the layout oneDNN's 1x1 convs prefer, and
+  ``avg_pool2d`` on NHWC vectorises over channels (NCHW ``count_include_pad=False`` pooling
+  is a pathological scalar loop, ~6x slower).
+
+The ``aten`` backend expresses the same math with portable ops (``conv2d``, ``gelu``, ``add``):
+it is what runs on CUDA and what ``torch.compile`` sees (inductor with freezing then does the
+conv + post-op fusion itself, and a custom oneDNN call would only hide the graph from it).
+
+Blocks that are not PoolFormer blocks (attention or spatial-MLP stages of the hybrids,
+BatchNorm or no-norm ablations, ``residual=False``) are left as they are; pooling blocks with
+the hybrids' channel LayerNorm get the MLP fusions and a cheap NHWC LayerNorm.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.layers import LayerNorm2d
+from ..models.metaformer import ClassifierHead, MetaFormerBlock
+from ..models.mixers import Pooling
+
+CL = torch.channels_last
+_ACT_ATTR = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "swish"}
+
+
+def mkldnn_available(device: torch.device | str = "cpu") -> bool:
+    return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+def _is_gn1(m: nn.Module) -> bool:
+    return isinstance(m, nn.GroupNorm) and m.num_groups == 1
+
+
+def _is_ln(m: nn.Module) -> bool:
+    return isinstance(m, LayerNorm2d)
+
+
+def _scale_of(layer_scale: nn.Module, dim: int, ref: torch.Tensor) -> torch.Tensor:
+    s = getattr(layer_scale, "scale", None)
+    return torch.ones(dim, dtype=torch.float64, device=ref.device) if s is None else s.detach().double()
+
+
+def _affine(norm: nn.Module, dim: int, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = norm.weight.detach().double() if norm.weight is not None else torch.ones(dim, dtype=torch.float64,
+                                                                                 device=ref.device)
+    b = norm.bias.detach().double() if norm.bias is not None else torch.zeros(dim, dtype=torch.float64,
+                                                                              device=ref.device)
+    return w, b
+
+
+def gn1_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm(1) mean and 1/sigma per sample, shaped [B, 1, 1, 1] in fp32.
+
+    Two vectorised reductions (sum, sum of squares accumulated in fp32 even for bf16 input)
+    instead of ``var_mean``, whose generic Welford reduction is ~20x slower over these shapes.
+    The variance is formed in fp64 from those sums so the cancellation in ``E[x^2] - mu^2`` costs
+    no precision for the activation statistics PoolFormer sees.
+    """
+    b = x.shape[0]
+    flat = x.permute(0, 2, 3, 1).reshape(b, -1) if x.is_contiguous(memory_format=CL) else x.reshape(b, -1)
+    n = flat.shape[1]
+    s1 = flat.sum(1, dtype=torch.float32).double()
+    s2 = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32).double().square()
+    mu = s1 / n
+    var = (s2 / n - mu * mu).clamp_min(0)
+    rstd = torch.rsqrt(var + eps)
+    return mu.float().view(b, 1, 1, 1), rstd.float().view(b, 1, 1, 1)
+
+
+class _Packed:
+    """oneDNN pre-packed weights of one conv, per dtype: packing once saves a reorder per call."""
+
+    def __init__(self, padding, stride, groups):
+        self.padding, self.stride, self.groups = list(padding), list(stride), groups
+        self.cache: dict = {}
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.dtype, weight.data_ptr(), weight._version)
+        packed = self.cache.get(key)
+        if packed is None:
+            self.cache.clear()
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                weight.detach(), self.padding, self.stride, [1, 1], self.groups)
+            self.cache[key] = packed
+        return packed
+
+
+class FusedModule(nn.Module):
+    """Common surface: eval-only, a backend switch, and no pickling of oneDNN-packed weights."""
+
+    backend = "mkldnn"
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("a fused MetaFormer is inference-only; train the original model "
+                               "(or use metaformer.fast.training) and fuse it again")
+        return super().train(False)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_packed"] = {k: _Packed(v.padding, v.stride, v.groups) for k, v in state.get("_packed", {}).items()}
+        return state
+
+    def _conv(self, name, x, weight, bias, attr="none", other=None):
+        """Conv with an optional fused unary post-op (``attr``) or residual add (``other``)."""
+        pk = self._packed[name]
+        if self.backend == "mkldnn" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            w = pk.get(weight)
+            if other is not None:
+                return torch.ops.mkldnn._convolution_pointwise.binary(
+                    x, other, w, bias, pk.padding, pk.stride, [1, 1], pk.groups, "add", None, None, [], None)
+            algo = "none" if attr == "gelu" else None
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, w, bias, pk.padding, pk.stride, [1, 1], pk.groups, attr, [], algo)
+        y = F.conv2d(x, weight, bias, pk.stride, pk.padding, 1, pk.groups)
+        if attr != "none":
+            y = self.act(y)
+        return y if other is None else y + other
+
+
+class FusedConv(FusedModule):
+    """A plain conv (stem, downsampling) on pre-packed weights; makes its input channels_last."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if conv.dilation != (1, 1) or isinstance(conv.padding, str):
+            raise ValueError("FusedConv supports plain strided convs only")
+        self.register_buffer("weight", conv.weight.detach().clone().contiguous(memory_format=CL))
+        self.register_buffer("bias", conv.bias.detach().clone() if conv.bias is not None else None)
+        self._packed = {"conv": _Packed(conv.padding, conv.stride, conv.groups)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv("conv", x.contiguous(memory_format=CL), self.weight, self.bias)
+
+
+class FusedPoolBlock(FusedModule):
+    """A PoolFormer block (pooling mixer, GroupNorm(1) or channel LayerNorm) with folded weights."""
+
+    def __init__(self, block: MetaFormerBlock):
+        super().__init__()
+        mixer = block.token_mixer
+        norm1 = block.norm1
+        if not (isinstance(mixer, Pooling) and block.residual and (_is_gn1(norm1) or _is_ln(norm1))):
+            raise ValueError("not a fusable PoolFormer block")
+        ref = next(block.parameters())
+        dim = norm1.weight.shape[0] if norm1.weight is not None else block.layer_scale1.scale.shape[0]
+        self.dim = dim
+        self.norm_kind = "gn1" if _is_gn1(norm1) else "ln"
+        self.pool_size = mixer.pool_size
+        self.subtract = mixer.subtract
+        self.eps1 = float(norm1.eps)
+        w1, b1 = _affine(norm1, dim, ref)
+        g1 = _scale_of(block.layer_scale1, dim, ref)
+        f32 = dict(dtype=torch.float32)
+        # gn1: the mixer is x + a * (pool(x) - x) with a = g1 * w1 / sigma, plus, without the
+        # subtraction, g1 * (b1 - w1 mu / sigma) (pool(norm(x)) alone keeps the norm's shift).
+        self.register_buffer("mix_scale", (g1 * w1).to(**f32).view(1, dim, 1, 1))
+        self.register_buffer("mix_shift", (g1 * b1).to(**f32).view(1, dim, 1, 1))
+        if self.norm_kind == "ln":  # channel LN: per-token stats, so the identity does not apply
+            self.register_buffer("ln1_weight", w1.to(**f32))
+            self.register_buffer("ln1_bias", b1.to(**f32))
+            self.register_buffer("ls1", g1.to(**f32).view(1, dim, 1, 1))
+        self.use_mlp = block.use_mlp
+        if self.use_mlp:
+            fc1, fc2, act = block.mlp.fc1, block.mlp.fc2, block.mlp.act
+            if not (_is_gn1(block.norm2) or _is_ln(block.norm2)) or type(block.norm2) is not type(norm1):
+                raise ValueError("not a fusable PoolFormer block")
+            self.eps2 = float(block.norm2.eps)
+            w2, b2 = _affine(block.norm2, dim, ref)
+            W1 = fc1.weight.detach().double().flatten(1)
+            bias1 = fc1.bias.detach().double() if fc1.bias is not None else torch.zeros(W1.shape[0]).double()
+            W1f = W1 * w2[None, :]
+            b1f = bias1 + W1 @ b2
+            g2 = _scale_of(block.layer_scale2, dim, ref)
+            W2 = fc2.weight.detach().double().flatten(1)
+            bias2 = fc2.bias.detach().double() if fc2.bias is not None else torch.zeros(dim).double()
+            self.register_buffer("fc1_weight", W1f.to(**f32).view(*W1f.shape, 1, 1).contiguous(memory_format=CL))
+            self.register_buffer("fc1_bias", b1f.to(**f32))
+            self.register_buffer("fc2_weight", (g2[:, None] * W2).to(**f32).view(*W2.shape, 1, 1)
+                                 .contiguous(memory_format=CL))
+            self.register_buffer("fc2_bias", (g2 * bias2).to(**f32))
+            self.act = act
+            self.act_attr = _ACT_ATTR.get(type(act)) if getattr(act, "approximate", "none") == "none" else None
+            self._packed = {"fc1": _Packed((0, 0), (1, 1), 1), "fc2": _Packed((0, 0), (1, 1), 1)}
+        else:
+            self._packed = {}
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.pool_size
+        return F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+
+    def _mixer(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_kind == "ln":
+            n = _ln_nhwc(x, self.ln1_weight.to(x.dtype), self.ln1_bias.to(x.dtype), self.eps1)
+            p = self._pool(n)
+            return torch.addcmul(x, self.ls1.to(x.dtype), p - n if self.subtract else p)
+        mu, rstd = gn1_stats(x, self.eps1)
+        a = (self.mix_scale * rstd).to(x.dtype)
+        p = self._pool(x)
+        if self.subtract:
+            return torch.lerp(x, p, a)  # x + a * (p - x) in one pass
+        return torch.addcmul(x + (self.mix_shift - self.mix_scale * mu * rstd).to(x.dtype), a, p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=CL)
+        y = self._mixer(x)
+        if not self.use_mlp:
+            return y
+        if self.norm_kind == "gn1":
+            b, c, h, w = y.shape
+            n = torch.native_group_norm(y, None, None, b, c, h * w, 1, self.eps2)[0]
+        else:
+            n = _ln_nhwc(y, None, None, self.eps2)
+        if self.act_attr is not None:
+            hid = self._conv("fc1", n, self.fc1_weight, self.fc1_bias, self.act_attr)
+        else:
+            hid = self.act(self._conv("fc1", n, self.fc1_weight, self.fc1_bias))
+        return self._conv("fc2", hid, self.fc2_weight, self.fc2_bias, other=y)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, norm={self.norm_kind}, pool_size={self.pool_size}, subtract={self.subtract}"
+
+
+def _ln_nhwc(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
+    """Channel LayerNorm on an NHWC-stored map: a contiguous last-dim norm, no copies."""
+    x = x.contiguous(memory_format=CL)
+    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
+
+
+class FusedHead(FusedModule):
+    """GroupNorm(1) then global mean, without the normalised map: ``w * (mean_hw(x) - mu) / sigma + b``."""
+
+    def __init__(self, head: ClassifierHead):
+        super().__init__()
+        self.eps = float(head.norm.eps)
+        self.register_buffer("weight", head.norm.weight.detach().clone())
+        self.register_buffer("bias", head.norm.bias.detach().clone())
+        self.drop = head.drop
+        self.fc = head.fc
+        self._packed = {}
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        mu, rstd = gn1_stats(x, self.eps)
+        m = x.float().mean((2, 3))
+        pooled = ((m - mu.flatten(1)) * rstd.flatten(1) * self.weight.float() + self.bias.float()).to(x.dtype)
+        return pooled if pre_logits else self.fc(pooled)
+
+
+def _fused_modules(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, FusedModule)]
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """``mkldnn``: oneDNN fused convs (CPU eager). ``aten``: portable ops (CUDA, torch.compile)."""
+    if backend not in ("mkldnn", "aten"):
+        raise ValueError(f"backend must be 'mkldnn' or 'aten', got {backend!r}")
+    for m in _fused_modules(model):
+        m.backend = backend
+    return model
+
+
+def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
+    """An eval-only copy of a MetaFormer whose PoolFormer blocks are fused (same outputs).
+
+    Works for every PoolFormer variant and for the pooling stages of hybrids (attention and
+    spatial-MLP stages are kept as they are) at any input size the model accepts. The result
+    runs channels_last; cast it with ``.to(torch.bfloat16)`` for bf16 inference.
+    ``backend='auto'`` picks oneDNN fused convs on CPU and portable ops elsewhere.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    device = next(model.parameters()).device
+    if backend == "auto":
+        backend = "mkldnn" if mkldnn_available(device) else "aten"
+
+    def convert(parent: nn.Module):
+        for name, child in parent.named_children():
+            if isinstance(child, MetaFormerBlock):
+                try:
+                    setattr(parent, name, FusedPoolBlock(child))
+                except ValueError:  # another mixer or norm: keep the block as it is
+                    convert(child)
+            elif isinstance(child, ClassifierHead) and _is_gn1(child.norm) and child.norm.affine:
+                setattr(parent, name, FusedHead(child))
+            elif isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1) and child.groups == 1 \
+                    and parent is not model and type(parent).__name__ == "Downsample":
+                setattr(parent, name, FusedConv(child))
+            else:
+                convert(child)
+
+    with torch.no_grad():
+        convert(model)
+    model = model.to(device).to(memory_format=CL)
+    set_backend(model, backend)
+    model.fused = True
+    return model.requires_grad_(False)
+
+
+def compile_fused(model: nn.Module, mode: str | None = "max-autotune-no-cudagraphs", dynamic: bool = False):
+    """``torch.compile`` a fused model with inductor freezing (weights become constants, so
+    inductor pre-packs them and fuses conv + GELU / conv + add into oneDNN post-ops)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    set_backend(model, "aten")
+    return torch.compile(model, mode=mode, dynamic=dynamic)

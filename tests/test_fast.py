@@ -1,0 +1,150 @@
+"""The fused inference model and the fast training path compute what the plain model computes."""
+import copy
+import pickle
+
+import pytest
+import torch
+
+import metaformer
+from metaformer import bench
+from metaformer.fast import fuse, set_backend
+from metaformer.fast.training import enable_fast_training
+
+VARIANTS = ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"]
+
+
+def _model(name="poolformer_s12", **kw):
+    torch.manual_seed(0)
+    m = metaformer.create_model(name, **kw).eval()
+    bench._randomize_affine(m)  # non-trivial affines and layer scales exercise every folded term
+    return m
+
+
+def _max_diff(model, x, backend="auto"):
+    fused = fuse(model, backend=backend)
+    with torch.no_grad():
+        return (model(x) - fused(x)).abs().max().item()
+
+
+def test_fused_s12_224_exact():
+    x = torch.randn(1, 3, 224, 224)
+    assert _max_diff(_model(), x) <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fused_variants_224_exact(name):
+    x = torch.randn(1, 3, 224, 224)
+    assert _max_diff(_model(name), x) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["mkldnn", "aten"])
+@pytest.mark.parametrize("size", [(64, 64), (32, 32), (65, 97)])
+def test_fused_any_size_and_backend(backend, size):
+    x = torch.randn(2, 3, *size)
+    assert _max_diff(_model(), x, backend) <= 1e-4
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("metaformer_ppaa_s12", {}),  # channel LayerNorm pooling stages + attention stages left as they are
+    ("metaformer_pppf_s12", {"img_size": 64}),  # spatial-MLP stage left as it is
+    ("poolformer_s12", {"pool_subtract": False}),
+    ("poolformer_s12", {"pool_size": 5}),
+    ("poolformer_s12", {"act": "relu"}),
+    ("poolformer_s12", {"norm": "bn"}),  # not fusable: blocks kept, still correct
+    ("poolformer_s12", {"layer_scale": False}),
+])
+def test_fused_hybrids_and_ablations(name, kw):
+    x = torch.randn(2, 3, 64, 64)
+    assert _max_diff(_model(name, **kw), x) <= 1e-4
+
+
+def test_fused_features_only():
+    m = _model(features_only=True)
+    x = torch.randn(2, 3, 64, 64)
+    f = fuse(m)
+    with torch.no_grad():
+        for a, b in zip(m(x), f(x)):
+            assert (a - b).abs().max() <= 1e-4
+
+
+def test_fused_bf16_close():
+    m = _model()
+    x = torch.randn(2, 3, 64, 64)
+    f = fuse(m).to(torch.bfloat16)
+    with torch.no_grad():
+        ref = m(x)
+        out = f(x.bfloat16()).float()
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_fused_is_eval_only_and_picklable():
+    f = fuse(_model())
+    with pytest.raises(RuntimeError):
+        f.train()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        y = f(x)
+        g = pickle.loads(pickle.dumps(f))
+        assert torch.equal(g(x), y)
+        assert torch.equal(copy.deepcopy(f)(x), y)
+    assert metaformer.fuse is fuse
+
+
+def test_training_gradients_match():
+    m = _model(num_classes=10, drop_path_rate=0.2).train()
+    f = enable_fast_training(copy.deepcopy(m))
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    m(x).square().sum().backward()
+    torch.manual_seed(1)
+    f(x).square().sum().backward()
+    for (name, p), q in zip(m.named_parameters(), f.parameters()):
+        scale = p.grad.abs().max().item()
+        if name.endswith("norm1.bias"):  # cancels exactly: plain autograd gives rounding noise, we give 0
+            assert scale < 1e-6 and q.grad.abs().max() == 0
+            continue
+        assert (p.grad - q.grad).abs().max().item() <= 1e-4 * scale + 1e-7, name
+    assert m.state_dict().keys() == f.state_dict().keys()
+
+
+def test_training_20_steps_losses_match():
+    torch.manual_seed(0)
+    m = metaformer.create_model("poolformer_s12", num_classes=10, depths=(1, 1, 2, 1), dims=(16, 32, 40, 64),
+                                drop_path_rate=0.1).train()
+    f = enable_fast_training(copy.deepcopy(m))
+    opts = [torch.optim.AdamW(net.parameters(), lr=1e-3) for net in (m, f)]
+    data = torch.Generator().manual_seed(0)
+    for step in range(20):
+        x = torch.randn(2, 3, 64, 64, generator=data)
+        y = torch.randint(0, 10, (2,), generator=data)
+        losses = []
+        for net, opt in zip((m, f), opts):
+            torch.manual_seed(100 + step)  # same stochastic-depth draws for both
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 1e-4 * max(1.0, abs(losses[0])), (step, losses)
+
+
+def test_harness_smoke(tmp_path):
+    res = bench.bench_inference("poolformer_s12", ["eager", "fused", "gemm_ceiling"], batch=2, img_size=64,
+                                repeats=2, warmup=1, log=lambda s: None)
+    by = {r.mode: r for r in res}
+    assert by["fused"].max_abs_diff <= 1e-4 and by["fused"].images_per_s > 0
+    assert by["gemm_ceiling"].extra["gemm_gflops"] > 0
+    tr = bench.bench_training("poolformer_s12", ["eager", "fast"], batch=2, img_size=64, repeats=2, warmup=1,
+                              memory=False, depths=(1, 1, 1, 1))
+    assert all(r.images_per_s > 0 for r in tr)
+    table = bench.markdown_table(res + tr)
+    assert "fused" in table and "| train |" in table
+    bench.save_json(res, str(tmp_path / "r.json"))
+
+
+def test_cli_registers_bench():
+    from metaformer.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--batch", "1,8", "--dtype", "fp32,bf16"])
+    assert args.batch == [1, 8] and args.dtype == ["fp32", "bf16"]
