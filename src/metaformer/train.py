@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -298,7 +299,7 @@ def train(cfg: TrainConfig) -> dict:
         val_ds = D.SafeImageFolder(val_dir, D.eval_transform(info, cfg.img_size), allow_empty=True)
         data_name = f"{cfg.data} ({len(train_ds)} train / {len(val_ds)} val images)"
     train_sampler = D.ResumableDistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=cfg.seed, drop_last=False)
+                                                  seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(train_sampler) // (cfg.batch_size * cfg.accum_steps)
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_sampler)} training images per process are fewer than one optimizer step "
@@ -353,7 +354,7 @@ def train(cfg: TrainConfig) -> dict:
     ema = ModelEmaV3(raw_model, decay=cfg.ema_decay) if cfg.ema else None
 
     # --- resume ---
-    start_epoch, start_step, step, best_top1, history = 0, 0, 0, -1.0, []
+    start_epoch, start_step, step, best_top1, history, resume_rng = 0, 0, 0, -1.0, [], None
     resume = cfg.resume
     if resume == "auto":
         resume = str(out / "last.pth") if (out / "last.pth").exists() else None
@@ -374,7 +375,7 @@ def train(cfg: TrainConfig) -> dict:
         start_epoch, start_step, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
         best_top1, history = ckpt["best_top1"], list(ckpt["history"])
         if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank])
+            resume_rng = ckpt["rng"][rank]
         scheduler.step_update(num_updates=step)
         log(f"resumed from {resume}: epoch {start_epoch + 1}, step {step}")
     if start_epoch >= cfg.epochs:
@@ -430,12 +431,16 @@ def train(cfg: TrainConfig) -> dict:
     try:
         for epoch in range(start_epoch, cfg.epochs):
             # Seeding per (seed, epoch, rank) makes the epoch's randomness independent of history.
-            seed = epoch_seed(cfg.seed, epoch, rank) + start_step
+            seed = epoch_seed(cfg.seed, epoch, rank)
             D.seed_everything(seed)
             loader_gen.manual_seed(seed)
             train_sampler.set_epoch(epoch, start=start_step * cfg.batch_size * cfg.accum_steps)
             model.train()
             data_iter = iter(train_loader)
+            if start_step and resume_rng is not None:
+                # Mid-epoch (Ctrl-C) resume: continue the interrupted RNG streams. Exact with --workers 0;
+                # with workers, their augmentation streams restart, so only the data order is exact.
+                set_rng_state(resume_rng)
             loss_sum, loss_steps, epoch_images, t0 = 0.0, 0, 0, time.time()
             bar = tqdm(range(start_step, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master,
                        leave=False, dynamic_ncols=True, mininterval=0.5)
@@ -530,11 +535,21 @@ def train(cfg: TrainConfig) -> dict:
             writer.close()
 
     wall = time.time() - t_run
+    # Every rank must end with the same weights; a difference means a desynchronised run.
+    digest = hashlib.sha256(b"".join(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                                     for t in raw_model.state_dict().values())).hexdigest()
+    digests = [digest]
+    if ddp:
+        digests = [None] * world
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) > 1:
+            log(f"WARNING: the ranks ended with different weights: {digests}")
     best = max(history, key=lambda h: h["val_top1"])
     summary = {"best_top1": best["val_top1"], "best_epoch": best["epoch"], "final_top1": history[-1]["val_top1"],
                "final_top5": history[-1]["val_top5"], "epochs": cfg.epochs, "wall_time_s": round(wall, 1),
                "images_per_s": round(images_seen / wall, 1) if wall > 0 else None,
-               "checkpoint": str(out / "best.pth"), "last": str(out / "last.pth"), "world_size": world}
+               "checkpoint": str(out / "best.pth"), "last": str(out / "last.pth"), "world_size": world,
+               "weights_sha256_per_rank": digests}
     if master:
         write_csv(history, out / "metrics.csv")
         plot_curves(history, out / "curves.png")

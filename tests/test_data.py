@@ -1,0 +1,92 @@
+"""Data checks: folder layout errors before training, unreadable images, the built-in digits split."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from metaformer import data as D
+from metaformer.cli import main
+
+TINY = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--img-size", "32", "--aa", "",
+        "--mixup", "0", "--cutmix", "0", "--reprob", "0", "--warmup-epochs", "0"]
+
+
+def make_folder(root, classes=("cat", "dog"), n_train=6, n_val=3, flat_val=False):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in classes:
+            d = root / split if (split == "val" and flat_val) else root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{c}_{i}.png")
+    return root
+
+
+def test_flat_val_folder_stops_before_training(tmp_path, capsys):
+    data = make_folder(tmp_path / "data", flat_val=True)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--output", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "val has 6 images" in err and "no class sub-folders" in err and "accuracy would be ~0%" in err
+    assert not out.exists()  # nothing started
+
+
+def test_differing_class_sets_stop_before_training(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    (data / "val" / "dog").rename(data / "val" / "dogs")
+    assert main(["train", "--data", str(data), "--output", str(tmp_path / "run"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "different classes" in err and "only in train: dog" in err and "only in val: dogs" in err
+
+
+def test_missing_val_and_missing_dir(tmp_path):
+    with pytest.raises(D.DataError, match="does not exist"):
+        D.check_image_folder(tmp_path / "nope")
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(D.DataError, match="no val/ folder"):
+        D.check_image_folder(tmp_path)
+
+
+def test_unreadable_image_is_skipped_and_listed(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    bad = data / "train" / "cat" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--output", str(out), "--epochs", "1", "--batch-size", "13",
+                 "--workers", "0", *TINY]) == 0
+    captured = capsys.readouterr()
+    assert "skipped 1 unreadable image(s)" in captured.err + captured.out
+    assert str(bad) in captured.err + captured.out
+    assert (out / "metrics.csv").read_text().splitlines()[1].split(",")[-1] == "1"
+
+
+def test_strict_data_names_the_file_with_workers(tmp_path, capsys):
+    data = make_folder(tmp_path / "data")
+    bad = data / "train" / "dog" / "truncated.png"
+    bad.write_bytes((data / "train" / "dog" / "dog_0.png").read_bytes()[:60])
+    rc = main(["train", "--data", str(data), "--output", str(tmp_path / "run"), "--epochs", "1",
+               "--batch-size", "4", "--workers", "2", "--strict-data", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"unreadable image {bad}" in err and "--strict-data" in err
+    assert "Traceback" not in err
+
+
+def test_digits_split_is_fixed_and_stratified():
+    train, val = D.Digits("train", 32), D.Digits("val", 32)
+    assert (len(train), len(val)) == (1437, 360)
+    assert np.bincount(val.targets).min() >= 35  # every digit ~20% in val
+    assert D.Digits("val", 32).targets == val.targets
+    img = val.images[0]
+    assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def test_randaugment_posterize_at_full_magnitude_does_not_crash():
+    from timm.data import auto_augment
+
+    from metaformer import get_model_info
+    from metaformer.train import TrainConfig
+
+    D.train_transform(TrainConfig(img_size=32), get_model_info("poolformer_s12"))
+    op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert np.asarray(op(img)).max() == 0  # 0 bits kept: black, as older Pillow did

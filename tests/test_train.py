@@ -1,0 +1,152 @@
+"""Training: exact resume (kill and Ctrl-C), DDP with torchrun, NaN stop, config layering, the recipe's pieces."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from metaformer.cli import main
+from metaformer.train import DEMO, TrainConfig, resolve_config
+
+# The built-in digits with a tiny network: ~1-3 s per epoch on one core.
+TINY = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--batch-size", "128", "--workers", "0",
+        "--aa", "rand-m9-mstd0.5-inc1", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25",
+        "--drop-path", "0.1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def cli(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "metaformer", "train", *args], env=kw.pop("env", ENV),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def wait_for(path: Path, proc, timeout=300):
+    t = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t < timeout
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 3-epoch run (Mixup, RandAugment, erasing, drop path all on)."""
+    out = tmp_path_factory.mktemp("ref")
+    p = cli("--epochs", "3", "--output", str(out), *TINY)
+    _, err = p.communicate()
+    assert p.returncode == 0, err
+    return out
+
+
+def test_killed_run_resumes_bit_identical(reference, tmp_path):
+    p = cli("--epochs", "3", "--output", str(tmp_path), *TINY)
+    wait_for(tmp_path / "last.pth", p)
+    p.kill()  # SIGKILL: no chance to clean up
+    p.communicate()
+    torch.load(tmp_path / "last.pth", weights_only=True)  # atomic writes: never half a file
+    p = cli("--epochs", "3", "--output", str(tmp_path), "--resume", "auto", *TINY)
+    out, err = p.communicate()
+    assert p.returncode == 0, err
+    assert "resumed from" in out
+    assert_identical(weights(reference / "last.pth"), weights(tmp_path / "last.pth"))
+
+
+def test_ctrl_c_saves_mid_epoch_and_resumes_bit_identical(reference, tmp_path):
+    p = cli("--epochs", "3", "--output", str(tmp_path), *TINY)
+    wait_for(tmp_path / "last.pth", p)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate()
+    assert p.returncode == 130, err
+    assert "saved" in out and "--resume auto" in out
+    ckpt = torch.load(tmp_path / "last.pth", weights_only=True)  # must load without pickle
+    assert ckpt["epoch"] >= 1
+    p = cli("--epochs", "3", "--output", str(tmp_path), "--resume", "auto", *TINY)
+    _, err = p.communicate()
+    assert p.returncode == 0, err
+    assert_identical(weights(reference / "last.pth"), weights(tmp_path / "last.pth"))
+
+
+def test_checkpoint_contents_and_outputs(reference):
+    ckpt = torch.load(reference / "last.pth", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "scaler", "ema", "epoch", "step", "rng", "class_names",
+                "model_config", "history"):
+        assert key in ckpt
+    assert ckpt["epoch"] == 3 and ckpt["class_names"] == [str(i) for i in range(10)]
+    assert ckpt["model_config"]["dims"] == [8, 16, 24, 32]
+    for name in ("best.pth", "config.yaml", "metrics.csv", "curves.png", "summary.json"):
+        assert (reference / name).exists(), name
+    assert list((reference / "tb").glob("events.out.tfevents.*"))
+    assert len((reference / "metrics.csv").read_text().splitlines()) == 4
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["best_top1"] == max(h["val_top1"] for h in ckpt["history"])
+    cfg = yaml.safe_load((reference / "config.yaml").read_text())
+    assert cfg["mixup"] == 0.8 and cfg["epochs"] == 3 and cfg["global_batch"] == 128
+
+
+def test_torchrun_two_ranks_disjoint_samples_identical_weights(tmp_path):
+    logs = tmp_path / "samples"
+    logs.mkdir()
+    env = {**ENV, "METAFORMER_SAMPLE_LOG": str(logs)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "metaformer", "train", "--epochs", "1", "--output", str(tmp_path / "run"), *TINY,
+           "--batch-size", "64", "--accum-steps", "2"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    seen = [set(map(int, (logs / f"rank{r}.txt").read_text().split()[1:])) for r in range(2)]
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == 1436  # 1,437 train images, the odd one dropped to keep shards equal
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    hashes = summary["weights_sha256_per_rank"]
+    assert len(hashes) == 2 and hashes[0] == hashes[1]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["global_batch"] == 256
+
+
+def test_nan_loss_stops_with_step_and_checkpoint(tmp_path, capsys):
+    rc = main(["train", "--epochs", "2", "--output", str(tmp_path), *TINY, "--lr", "1e30", "--warmup-epochs", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "loss is nan at step" in err or "loss is inf at step" in err
+    assert "Last good checkpoint" in err
+
+
+def test_flags_beat_yaml_beat_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 7\nbatch-size: 32\nsmoothing: 0.2\ndata: /some/imagenet\n")
+    cfg = resolve_config({"epochs": 9, "lr": None}, str(f))
+    assert (cfg.epochs, cfg.batch_size, cfg.smoothing) == (9, 32, 0.2)
+    assert cfg.mixup == TrainConfig.mixup and cfg.img_size == 224  # paper defaults for real data
+    demo = resolve_config({"epochs": 2})
+    assert demo.img_size == DEMO["img_size"] and demo.epochs == 2
+    f.write_text("epcohs: 3\n")
+    with pytest.raises(ValueError, match="unknown option.*epcohs"):
+        resolve_config({}, str(f))
+
+
+def test_no_weight_decay_on_biases_norms_layer_scales():
+    from timm.optim import create_optimizer_v2
+
+    from metaformer import create_model
+
+    model = create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 16, 24, 32])
+    opt = create_optimizer_v2(model, opt="adamw", lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert no_decay == model.no_weight_decay()
+    assert any("layer_scale" in n for n in no_decay) and any(n.endswith(".bias") for n in no_decay)
