@@ -150,3 +150,13 @@ def test_no_weight_decay_on_biases_norms_layer_scales():
     no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     assert no_decay == model.no_weight_decay()
     assert any("layer_scale" in n for n in no_decay) and any(n.endswith(".bias") for n in no_decay)
+
+
+@pytest.mark.parametrize("name", ["poolformer_s12_imagenet.yaml", "digits_demo.yaml"])
+def test_shipped_configs_resolve(name):
+    path = Path(__file__).parents[1] / "configs" / name
+    cfg = resolve_config({}, str(path))
+    if name.startswith("digits"):
+        assert all(getattr(cfg, k) == v for k, v in DEMO.items())  # the file spells out the built-in defaults
+    else:
+        assert cfg.batch_size * cfg.accum_steps * 8 == 4096 and cfg.base_lr * 4096 / 1024 == pytest.approx(4e-3)

@@ -105,9 +105,9 @@ class TrainConfig:
 
 # Scaled down for the built-in digits so the first run ends in ~3 minutes on 2 CPU cores:
 # PoolFormer-S12's architecture at half depth and width, 32 px, and augmentations that suit
-# digits (no flips: a mirrored 2 is not a 2; no Mixup/erasing: 1.4k images, 20 epochs).
+# digits (no flips: a mirrored 2 is not a 2; no Mixup/erasing: 1.4k images, 10 epochs).
 DEMO = dict(model="poolformer_s12", depths=[1, 1, 3, 1], dims=[32, 64, 128, 256], drop_path=0.0, img_size=32,
-            epochs=20, batch_size=64, base_lr=1.6e-2, warmup_epochs=1, mixup=0.0, cutmix=0.0,
+            epochs=10, batch_size=64, base_lr=1.6e-2, warmup_epochs=1, mixup=0.0, cutmix=0.0,
             aa="rand-m5-mstd0.5-inc1", scale=[0.5, 1.0], hflip=0.0, reprob=0.0, train_interpolation="bicubic",
             workers=0, output="runs/digits")
 
