@@ -17,6 +17,7 @@ COMMANDS = [
     "metaformer.commands.train",
     "metaformer.commands.evaluate",
     "metaformer.commands.export",
+    "metaformer.commands.ablate",
 ]
 
 
