@@ -160,3 +160,13 @@ def test_shipped_configs_resolve(name):
         assert all(getattr(cfg, k) == v for k, v in DEMO.items())  # the file spells out the built-in defaults
     else:
         assert cfg.batch_size * cfg.accum_steps * 8 == 4096 and cfg.base_lr * 4096 / 1024 == pytest.approx(4e-3)
+
+
+def test_speed_and_memory_options_run(tmp_path):
+    """EMA, bf16 autocast, channels_last, gradient checkpointing, accumulation and clipping together."""
+    assert main(["train", "--epochs", "1", "--output", str(tmp_path), *TINY, "--batch-size", "64",
+                 "--accum-steps", "2", "--ema", "--ema-decay", "0.9", "--amp", "bf16", "--channels-last",
+                 "--grad-checkpointing", "--clip-grad", "1.0"]) == 0
+    ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert ckpt["ema"] is not None and ckpt["step"] == 1436 // 128
+    assert "ema_top1" in ckpt["history"][0]
