@@ -213,8 +213,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path}: {e}") from None
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a training checkpoint of `metaformer train` (to start from weights, "
-                         f"use them for eval/predict or fine-tuning; --resume needs last.pth or best.pth)")
+        raise ValueError(f"{path} is not a training checkpoint of `metaformer train`: --resume needs its "
+                         f"last.pth or best.pth (weights alone hold no optimizer or schedule state)")
     return ckpt
 
 
