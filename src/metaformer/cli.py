@@ -13,6 +13,7 @@ import sys
 
 COMMANDS = [
     "metaformer.commands.info",
+    "metaformer.commands.dense",
     "metaformer.commands.bench",
     "metaformer.commands.train",
     "metaformer.commands.evaluate",
