@@ -1,4 +1,5 @@
 """Export round trips with parity, hub-style folders, torch.hub, Grad-CAM."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,25 @@ def test_grad_cam_on_a_hybrid_and_the_cli(tmp_path, capsys):
     assert len(list((tmp_path / "cams").glob("*.png"))) == 1
     assert main(["cam", "metaformer_ppaa_s12", str(photo), "--checkpoint", str(ckpt), "--target", "dog"]) == 2
     assert "unknown target class 'dog'" in capsys.readouterr().err
+
+
+def test_predict_with_exported_onnx_matches_pytorch_and_fused(tmp_path, capsys):
+    skdata = pytest.importorskip("skimage.data")
+    names = [f"class_{i}" for i in range(10)]
+    ckpt = tmp_path / "s12.safetensors"
+    metaformer.save_weights(model64("poolformer_s12"), ckpt, class_names=names)
+    photo = tmp_path / "cat.png"
+    Image.fromarray(skdata.chelsea()).save(photo)
+    onnx_file = tmp_path / "s12.onnx"
+    assert main(["export", "poolformer_s12", "--checkpoint", str(ckpt), "-o", str(onnx_file)]) == 0
+    capsys.readouterr()
+
+    def predictions(*extra):
+        assert main(["predict", str(photo), "--checkpoint", str(ckpt), "--topk", "3", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)[0]["predictions"]
+
+    plain = predictions()
+    for other in (predictions("--exported", str(onnx_file)), predictions("--fused")):
+        assert [n for n, _ in other] == [n for n, _ in plain]
+        assert all(n.startswith("class_") for n, _ in other)  # the checkpoint's own class names
+        assert max(abs(p - q) for (_, p), (_, q) in zip(other, plain)) < 1e-5

@@ -122,6 +122,27 @@ def load_for_inference(model_name: str | None, checkpoint: str | None = None, nu
     return Loaded(model, list(class_names), img_size, D.eval_transform(info, img_size), source)
 
 
+def load_exported(path: str, model_name: str | None, checkpoint: str | None = None) -> Loaded:
+    """An exported file (ONNX, TorchScript, torch.export) run in its own runtime, with the same
+    preprocessing and class names as the PyTorch path (from ``checkpoint`` or the variant)."""
+    from .export import load_runtime
+
+    meta = _stored_metadata(checkpoint) if checkpoint else None
+    variant = (meta or {}).get("variant") or model_name
+    if not variant:
+        raise ValueError("name the model (e.g. poolformer_s12) or pass the --checkpoint it was exported from, "
+                         "so the images get the right preprocessing")
+    info = get_model_info(variant)
+    config = (meta or {}).get("config") or {}
+    size = config.get("img_size", info.input_size[-1])
+    img_size = size[0] if isinstance(size, (list, tuple)) else size
+    num_classes = config.get("num_classes", info.num_classes)
+    names = (meta or {}).get("class_names")
+    if names is None:
+        names = imagenet_class_names() if num_classes == 1000 else [str(i) for i in range(num_classes)]
+    return Loaded(load_runtime(path), list(names), img_size, D.eval_transform(info, img_size), path)
+
+
 def eval_dataset(loaded: Loaded, data: str | None):
     """The built-in digits val split, or a class-folder directory mapped onto the model's classes."""
     if D.is_builtin(data):

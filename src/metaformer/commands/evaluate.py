@@ -21,6 +21,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--strict-data", action="store_true", help="stop at the first unreadable image")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.add_argument("--fused", action="store_true", help="run the fused inference model (metaformer.fuse: same "
+                                                        "numbers, faster)")
     e.set_defaults(func=run_eval)
 
     p = subparsers.add_parser(
@@ -34,6 +36,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--fused", action="store_true", help="run the fused inference model (metaformer.fuse)")
+    p.add_argument("--exported", metavar="FILE", help="run this file from `metaformer export` instead of PyTorch: "
+                   ".onnx in ONNX Runtime, .pt in TorchScript, .pt2 with torch.export (same preprocessing; class "
+                   "names from --checkpoint or the variant)")
     p.set_defaults(func=run_predict)
 
 
@@ -49,6 +55,10 @@ def run_eval(args) -> int:
 
     device = _device(args.device)
     loaded = load_for_inference(args.model, args.checkpoint, args.num_classes, device)
+    if args.fused:
+        from ..fast import fuse
+
+        loaded.model = fuse(loaded.model)
     ds = eval_dataset(loaded, args.data)
     loader = D.make_loader(ds, args.batch_size, None, args.workers)
     unreadable = D.UnreadableLog(strict=args.strict_data)
@@ -82,7 +92,18 @@ def run_predict(args) -> int:
     if args.topk < 1:
         raise UserError("--topk must be at least 1")
     device = _device(args.device)
-    loaded = load_for_inference(model, args.checkpoint, args.num_classes, device)
+    if args.exported:
+        if args.fused:
+            raise UserError("--fused applies to the PyTorch model; export with `metaformer export --fused` instead")
+        from ..evaluate import load_exported
+
+        loaded, device = load_exported(args.exported, model, args.checkpoint), "cpu"
+    else:
+        loaded = load_for_inference(model, args.checkpoint, args.num_classes, device)
+        if args.fused:
+            from ..fast import fuse
+
+            loaded.model = fuse(loaded.model)
     results = predict(loaded, images, args.topk, device)
     if args.json:
         print(json.dumps(results, indent=2))
