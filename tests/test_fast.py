@@ -78,6 +78,16 @@ def test_fused_bf16_close():
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
+def test_fuse_a_bf16_model():
+    m = _model()
+    x = torch.randn(2, 3, 64, 64)
+    f = fuse(copy.deepcopy(m).to(torch.bfloat16))
+    with torch.no_grad():
+        ref = m(x)
+        out = f(x.bfloat16()).float()
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
 def test_fused_is_eval_only_and_picklable():
     f = fuse(_model())
     with pytest.raises(RuntimeError):

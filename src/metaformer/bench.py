@@ -108,7 +108,7 @@ def _compile(model: nn.Module):
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True  # weights as constants: oneDNN pre-packing and post-op fusion
-    return torch.compile(model, mode="max-autotune-no-cudagraphs")
+    return torch.compile(model)
 
 
 def _ort_session(model: nn.Module, x: torch.Tensor):
@@ -304,6 +304,17 @@ def _train_step_fn(net: nn.Module, x: torch.Tensor, target: torch.Tensor, channe
     return step
 
 
+# glibc raises its mmap threshold after large frees, after which freed activations stay in the
+# heap and RSS stops tracking live memory; a fixed threshold keeps large tensors mmap-backed.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def reexec_with_fixed_mmap_threshold() -> None:
+    """Restart this process once with :data:`MALLOC_ENV` so RSS-based peak memory is meaningful."""
+    if sys.platform.startswith("linux") and os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **MALLOC_ENV})
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
@@ -320,7 +331,7 @@ def train_memory(variant: str, mode: str, batch: int, img_size: int, device: str
     if dev.type == "cpu" and in_subprocess:
         cmd = [sys.executable, "-m", "metaformer.bench", "--memprobe",
                json.dumps(dict(variant=variant, mode=mode, batch=batch, img_size=img_size, overrides=overrides))]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
         if out.returncode != 0:
             return None
         return float(out.stdout.strip().splitlines()[-1])
@@ -447,6 +458,35 @@ def save_json(results: list[Result], path: str, argv: list[str] | None = None) -
     with open(path, "w") as f:
         json.dump({"environment": environment(), "command": argv, "results": [asdict(r) for r in results]},
                   f, indent=1, default=float)
+
+
+def inference_peak_memory(fn: Callable, x: torch.Tensor, device) -> float:
+    """Peak memory (MiB) one call adds: CUDA allocator peak, or on CPU the max RSS sampled every
+    millisecond by a side thread (large tensors are mmap-backed and returned on free, so RSS
+    tracks live activations; ru_maxrss would only ever show the process's first peak)."""
+    import threading
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn(x)
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    base, peak, done = _rss_mib(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mib())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out = fn(x)
+    done.set()
+    t.join()
+    del out
+    return max(peak[0], _rss_mib()) - base
 
 
 def _memprobe(spec: str) -> None:

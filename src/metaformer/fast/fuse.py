@@ -295,7 +295,8 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.M
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
-    device = next(model.parameters()).device
+    first = next(model.parameters())
+    device, dtype = first.device, first.dtype  # folding runs in fp64; the result keeps the model's dtype
     if backend == "auto":
         backend = "mkldnn" if mkldnn_available(device) else "aten"
 
@@ -316,7 +317,7 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.M
 
     with torch.no_grad():
         convert(model)
-    model = model.to(device).to(memory_format=CL)
+    model = model.to(device=device, dtype=dtype).to(memory_format=CL)
     set_backend(model, backend)
     model.fused = True
     return model.requires_grad_(False)
