@@ -20,13 +20,16 @@ def model64(name, **kw):
     return metaformer.create_model(name, img_size=64, num_classes=10, **kw).eval()
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported"])
 @pytest.mark.parametrize("name", ["poolformer_s12", "metaformer_ppaa_s12"])
-def test_export_round_trip_parity(tmp_path, fmt, name):
+def test_export_round_trip_parity(tmp_path, fmt, name, fused):
     model = model64(name)
     info = metaformer.get_model_info(name)
     image = sample_image(64, info.transforms(64))
-    result = export(model, tmp_path / "m", fmt, image=image, dynamic_batch=True)
+    # the portable fused backend is what `metaformer export --fused` writes
+    exported = metaformer.fuse(model, backend="aten") if fused else model
+    result = export(exported, tmp_path / "m", fmt, image=image, dynamic_batch=True)
     assert result.path.suffix == {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}[fmt]
     assert result.ok and result.max_diff_random <= 1e-4 and result.max_diff_image <= 1e-4
     # the file alone, in its runtime, reproduces the model on a fresh input at another batch size

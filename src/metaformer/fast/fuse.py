@@ -233,7 +233,7 @@ class FusedPoolBlock(FusedModule):
             return y
         if self.norm_kind == "gn1":
             b, c, h, w = y.shape
-            n = torch.native_group_norm(y, None, None, b, c, h * w, 1, self.eps2)[0]
+            n = F.group_norm(y, 1, None, None, self.eps2)  # same kernel; also exports to ONNX
         else:
             n = _ln_nhwc(y, None, None, self.eps2)
         if self.act_attr is not None:
@@ -249,7 +249,8 @@ class FusedPoolBlock(FusedModule):
 def _ln_nhwc(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
     """Channel LayerNorm on an NHWC-stored map: a contiguous last-dim norm, no copies."""
     x = x.contiguous(memory_format=CL)
-    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
+    # int(): the channel count is fixed, and a traced size here breaks the ONNX exporter
+    return F.layer_norm(x.permute(0, 2, 3, 1), (int(x.shape[1]),), weight, bias, eps).permute(0, 3, 1, 2)
 
 
 class FusedHead(FusedModule):
