@@ -207,6 +207,19 @@ def test_bad_segmentation_labels_are_named(toy, tmp_path):
         SegmentationDataset(root, "training")
 
 
+def test_error_inside_a_loader_worker_is_still_one_line(toy, tmp_path, capsys):
+    root = tmp_path / "ade"
+    shutil.copytree(toy, root)
+    for png in (root / "annotations/training").glob("*.png"):
+        Image.open(png).convert("RGB").save(png)
+    rc = main(["segment", "train", "--data-root", str(root), "--num-classes", "4", "--output", str(tmp_path / "r"),
+               *TINY_CLI, "--img-scale", "128", "64", "--crop-size", "64", "--iters", "2", "--workers", "1",
+               "--no-val"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert re.search(r"training_000\d\.png is a RGB image; annotations must be single-channel index PNGs", err), err
+
+
 def test_coco_targets_match_the_generated_shapes(toy):
     ds = CocoDetection(toy / "images/training", toy / "instances_training.json", masks=True)
     img, t = ds[0]

@@ -6,6 +6,7 @@ Defaults are the paper's settings (COCO 1x RetinaNet / Mask R-CNN; ADE20K Semant
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import yaml
@@ -20,6 +21,21 @@ def _key_values(items: list[str] | None, what: str) -> dict:
             raise ValueError(f"{what} {item!r} is not KEY=VALUE (e.g. depths=[2,2,6,2])")
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def _one_line(func):
+    """An input error raised inside a DataLoader worker comes back with the worker's traceback
+    in its message; keep the original one-line message."""
+    @functools.wraps(func)
+    def run(args):
+        try:
+            return func(args)
+        except ValueError as e:
+            msg = str(e)
+            if "Original Traceback" not in msg:
+                raise
+            raise type(e)(msg.strip().splitlines()[-1].split(": ", 1)[-1]) from None
+    return run
 
 
 def _toy(args) -> int:
@@ -50,9 +66,9 @@ def _add_common_train(p) -> None:
     p.add_argument("--pretrained", help="ImageNet checkpoint for the backbone (any layout the library loads)")
     p.add_argument("--frozen-stages", type=int, default=-1, help="-1 none, 0 stem, k stem + stages 1..k")
     p.add_argument("--fpn-channels", type=int, default=256)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=float, help="default: the paper's (detect 1e-4, segment 2e-4)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--batch-size", type=int, help="per process (default: the paper's, detect 2, segment 4)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (default: fp32)")
     p.add_argument("--seed", type=int, default=0)
@@ -61,6 +77,7 @@ def _add_common_train(p) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available; torchrun sets it per rank)")
 
 
+@_one_line
 def _det_train(args) -> int:
     from ..dense.engine import DetectionConfig, train_detection
 
@@ -80,6 +97,7 @@ def _det_train(args) -> int:
     return 0
 
 
+@_one_line
 def _det_eval(args) -> int:
     from ..dense.data import CocoDetection
     from ..dense.engine import build_detector_from_checkpoint, evaluate_detection, load_checkpoint, setup_runtime
@@ -103,6 +121,7 @@ def _det_predict(args) -> int:
     return 0
 
 
+@_one_line
 def _seg_train(args) -> int:
     from ..dense.engine import SegmentationConfig, train_segmentation
 

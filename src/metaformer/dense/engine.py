@@ -287,7 +287,7 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
             it += 1
             if it % cfg.log_every == 0:
                 rt.log(f"epoch {epoch + 1} iter {it} lr {opt.param_groups[0]['lr']:.2e} "
-                       + " ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" loss {float(loss):.4f}")
+                       + " ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" loss {float(loss.detach()):.4f}")
         row = {"epoch": epoch + 1, "iteration": it, "time_s": round(time.time() - t0, 2),
                **{k: v / max(n, 1) for k, v in sums.items()}}
         if val_ds is not None:
