@@ -201,7 +201,7 @@ def add_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
     p.add_argument("--device")
     p.set_defaults(func=_det_predict)
 

@@ -28,7 +28,7 @@ def _read(path: Path) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
 
-def draw_detections(image: Image.Image, det: dict, class_names: list[str], score_thresh: float = 0.3) -> Image.Image:
+def draw_detections(image: Image.Image, det: dict, class_names: list[str], score_thresh: float = 0.5) -> Image.Image:
     keep = det["scores"] >= score_thresh
     img = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
     colours = palette(len(class_names) + 1)
@@ -48,7 +48,7 @@ def blend_mask(image: Image.Image, pred: np.ndarray, colours: np.ndarray, opacit
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
-def predict_detection(checkpoint: str, inputs: Iterable[str], output: str, score_thresh: float = 0.3,
+def predict_detection(checkpoint: str, inputs: Iterable[str], output: str, score_thresh: float = 0.5,
                       device: str | None = None) -> list[Path]:
     """Write ``OUTPUT/<name>.png`` per input image: boxes with class and score (and masks)."""
     ckpt = load_checkpoint(checkpoint, "detect")
