@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import urllib.parse
 import warnings
 import zipfile
@@ -57,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import atomic_write
 from .models.layers import ACTIVATIONS, NORMS
 from .models.mixers import TOKEN_MIXERS, PositionEmbedding
 from .models.registry import build_from_config, get_model_info, list_models
@@ -617,20 +617,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike, *, class_names: list
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     data = st_save(tensors, metadata=metadata)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
+from ..atomic import atomic_save
 from .data import IGNORE_INDEX, CocoDetection, SegmentationDataset, detection_collate
 from .detection import build_detector
 from .segmentation import build_segmenter
@@ -74,23 +74,6 @@ def autocast(rt: Runtime, amp: str | None):
     if amp not in AMP_DTYPES:
         raise ValueError(f"unknown --amp {amp!r}: use bf16 or fp16")
     return torch.autocast(rt.device.type, dtype=AMP_DTYPES[amp])
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """A crash mid-write leaves the previous checkpoint intact: write aside, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def load_checkpoint(path: str | os.PathLike, task: str) -> dict:
