@@ -321,7 +321,16 @@ def _rss_mib() -> float:
 
 
 def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's own peak RSS. Not ``ru_maxrss``: Linux carries that over fork and exec, so a
+    probe started by a large benchmark process would report its parent's high-water mark."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; macOS: bytes
 
 
 def train_memory(variant: str, mode: str, batch: int, img_size: int, device: str = "cpu", steps: int = 2,
@@ -342,8 +351,8 @@ def train_memory(variant: str, mode: str, batch: int, img_size: int, device: str
     x = torch.randn(batch, 3, img_size, img_size, device=dev)
     target = torch.randint(0, net.num_classes if hasattr(net, "num_classes") else 1000, (batch,), device=dev)
     step = _train_step_fn(net, x, target, mode in ("eager_cl", "fast", "fast_compile", "timm_cl"))
-    step()  # optimizer state exists after the first step; it is part of every mode's baseline
     if dev.type == "cuda":
+        step()  # optimizer state exists after the first step; it is part of every mode's baseline
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
@@ -351,13 +360,13 @@ def train_memory(variant: str, mode: str, batch: int, img_size: int, device: str
             step()
         torch.cuda.synchronize(dev)
         return (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20
-    base = _rss_mib()
-    # ru_maxrss is a high-water mark over the process life: the first step set it, so only
-    # growth beyond it shows; take the max of that and the first step's own growth.
-    before = _peak_rss_mib()
-    for _ in range(steps):
+    # The peak RSS is a high-water mark: read it with the model, optimizer and batch in
+    # memory and no step run yet, so the growth is the steps' own peak (activations, gradients,
+    # and the AdamW state the first step creates, the same for every mode).
+    base = _peak_rss_mib()
+    for _ in range(steps + 1):
         step()
-    return max(_peak_rss_mib(), before) - base
+    return _peak_rss_mib() - base
 
 
 def bench_training(variant: str, modes: list[str], batch: int, img_size: int, device: str = "cpu",
