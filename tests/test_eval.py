@@ -78,3 +78,18 @@ def test_imagenet_class_names():
 
     names = imagenet_class_names()
     assert len(names) == 1000 and names[0] == "tench"
+
+
+def test_fused_bf16_agrees_with_fp32_on_real_digits(demo):
+    """Issue 4's bf16 condition: top-1 of the fused bf16 model agrees with fp32 on >= 99% of real images."""
+    import metaformer
+    from metaformer.evaluate import load_for_inference
+
+    loaded = load_for_inference(None, str(demo / "best.pth"))
+    ds = D.Digits("val", loaded.img_size, loaded.transform)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        fp32 = loaded.model(x).argmax(1)
+        bf16 = metaformer.fuse(loaded.model).to(torch.bfloat16)(x.to(torch.bfloat16)).float().argmax(1)
+    agreement = (bf16 == fp32).float().mean().item()
+    assert agreement >= 0.99, f"fused bf16 agrees with fp32 on only {agreement:.1%} of the 360 digits"
