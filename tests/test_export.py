@@ -162,3 +162,13 @@ def test_predict_with_exported_onnx_matches_pytorch_and_fused(tmp_path, capsys):
         assert [n for n, _ in other] == [n for n, _ in plain]
         assert all(n.startswith("class_") for n, _ in other)  # the checkpoint's own class names
         assert max(abs(p - q) for (_, p), (_, q) in zip(other, plain)) < 1e-5
+
+
+def test_cam_says_when_the_last_map_is_too_small_to_localise(tmp_path, capsys):
+    ckpt = tmp_path / "tiny.safetensors"
+    torch.manual_seed(0)
+    metaformer.save_weights(metaformer.create_model("poolformer_s12", img_size=32, num_classes=3), ckpt)
+    photo = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8")).save(photo)
+    assert main(["cam", "poolformer_s12", str(photo), "--checkpoint", str(ckpt), "--out", str(tmp_path)]) == 0
+    assert "cannot localise" in capsys.readouterr().out

@@ -48,6 +48,10 @@ def run_cam(args) -> int:
 
     loaded = _load(args)
     target = resolve_target(args.target, loaded.class_names)
+    grid = getattr(loaded.model, "token_grid", None)
+    if grid is not None and min(grid) < 2:
+        print(f"note: at {loaded.img_size}px the last stage's map is {grid[0]}x{grid[1]}, so Grad-CAM cannot "
+              "localise (the heatmap is flat); use a model built for larger images (e.g. 224)")
     out_dir = Path(args.out)
     for image in args.images:
         try:
