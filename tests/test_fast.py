@@ -7,7 +7,7 @@ import torch
 
 import metaformer
 from metaformer import bench
-from metaformer.fast import fuse, set_backend
+from metaformer.fast import fuse
 from metaformer.fast.training import enable_fast_training
 
 VARIANTS = ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"]
