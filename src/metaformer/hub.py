@@ -12,8 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .models import build_from_config
-from .weights import WeightsError, _jsonable_config, load_weights, save_weights
+from .weights import WeightsError, _jsonable_config, rebuild, save_weights
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -77,9 +76,4 @@ def from_pretrained(source: str | os.PathLike, **overrides) -> nn.Module:
         config = dict(saved["config"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise WeightsError(f"{cfg_file}: not a valid metaformer config.json ({e})") from None
-    config.update(overrides)
-    model = build_from_config(config, saved.get("architecture"))
-    load_weights(model, weights_file, strict=True)
-    names = saved.get("class_names")
-    model.class_names = names if names and len(names) == config.get("num_classes") else None
-    return model
+    return rebuild(config, saved.get("architecture"), weights_file, saved.get("class_names"), **overrides)

@@ -58,7 +58,7 @@ from torch import nn
 
 from .atomic import atomic_write
 from .models.layers import ACTIVATIONS, NORMS
-from .models.mixers import TOKEN_MIXERS, PositionEmbedding
+from .models.mixers import TOKEN_MIXERS
 from .models.registry import build_from_config, get_model_info, list_models
 
 FORMAT_NAME = "metaformer"
@@ -655,10 +655,14 @@ def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     ``features_only=True`` or ``img_size=384``.
     """
     meta = read_metadata(path)
-    config = dict(meta["config"])
-    config.update(overrides)
-    model = build_from_config(config, meta["variant"])
-    load_weights(model, path, strict=True)
-    names = meta["class_names"]
-    model.class_names = names if names is not None and len(names) == config.get("num_classes") else None
+    return rebuild(meta["config"], meta["variant"], path, meta["class_names"], **overrides)
+
+
+def rebuild(config: dict, variant: str | None, weights: Any, class_names: list[str] | None = None,
+            **overrides: Any) -> nn.Module:
+    """Build ``config`` (with ``overrides``), load ``weights`` strictly, attach the class names."""
+    config = {**config, **overrides}
+    model = build_from_config(config, variant)
+    load_weights(model, weights, strict=True)
+    model.class_names = class_names if class_names and len(class_names) == config.get("num_classes") else None
     return model
