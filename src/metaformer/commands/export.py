@@ -17,9 +17,6 @@ def run_export(args) -> int:
 
     loaded = _load(args)
     model = loaded.model
-    if args.img_size and args.img_size != loaded.img_size:
-        raise UserError(f"--img-size {args.img_size}: this model is built for {loaded.img_size}; rebuild it for "
-                        "another size with a checkpoint trained or saved at that size")
     if args.fused:
         from ..fast import fuse
 
@@ -85,7 +82,6 @@ def add_parser(sub) -> None:
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
     p.add_argument("--dynamic-size", action="store_true", help="any image size at run time (pooling models only)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--img-size", type=int, help="must match the model's size (checked)")
     p.set_defaults(func=run_export)
 
     c = sub.add_parser("cam", help="Grad-CAM heatmaps over images (last stage, as the authors did)")
