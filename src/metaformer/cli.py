@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .fast.alloc import keep_freed_memory
+
+    keep_freed_memory()  # large activations are reused, not page-faulted in on every step
     try:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError, ValueError, KeyError) as e:
