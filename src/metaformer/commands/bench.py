@@ -54,7 +54,9 @@ def run(args) -> int:
             results += harness.bench_training(variant, args.train_modes, args.train_batch, size, args.device,
                                               repeats=max(3, args.repeats // 2), warmup=2,
                                               memory=not args.no_memory, log=log)
-    table = harness.markdown_table(results)
+    env = harness.environment()
+    table = (f"{env['cpu']}, {env['threads']} threads; torch {env['torch']}, timm {env['timm']}, onnxruntime "
+             f"{env['onnxruntime']}; malloc: {env['malloc']}\n\n" + harness.markdown_table(results))
     print(table)
     path = args.json or f"benchmarks/results/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     harness.save_json(results, path, sys.argv)
