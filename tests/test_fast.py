@@ -139,6 +139,53 @@ def test_training_20_steps_losses_match():
         assert abs(losses[0] - losses[1]) <= 1e-4 * max(1.0, abs(losses[0])), (step, losses)
 
 
+def test_training_under_bf16_autocast_matches_plain_autocast():
+    """Under autocast the fast path runs its convs in bf16 and the rest in fp32, as autocast runs
+    the plain model: the same loss, gradients as close to fp32's as the plain model's, in fp32."""
+    m = _model(num_classes=10, depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)).train()
+    f = enable_fast_training(copy.deepcopy(m))
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([3, 7])
+    losses, grads = [], []
+    for net, dtype in ((m, None), (m, torch.bfloat16), (f, torch.bfloat16)):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = net(x)
+            loss = torch.nn.functional.cross_entropy(out, y)
+        assert out.dtype == (dtype or torch.float32)
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in net.parameters())
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for n, p in net.named_parameters() if not n.endswith("norm1.bias")]))
+    assert losses[1] == pytest.approx(losses[2], rel=2e-3)
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, 0).item()  # noqa: E731
+    print("cos to fp32: plain autocast", cos(grads[0], grads[1]), "fast autocast", cos(grads[0], grads[2]))
+    assert cos(grads[0], grads[2]) >= cos(grads[0], grads[1]) - 0.005
+
+
+def test_keep_freed_memory_keeps_large_blocks(tmp_path):
+    """A freed 256 MB tensor stays in the process (reused by the next one) instead of being unmapped."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, torch\n"
+        "from metaformer.fast.alloc import keep_freed_memory, malloc_mode\n"
+        "applied = keep_freed_memory() if sys.argv[1] == 'keep' else False\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2 ** 20\n"
+        "base = rss(); t = torch.ones(64 * 2 ** 20); del t\n"
+        "print(applied, round(rss() - base), malloc_mode())\n")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MALLOC_")}
+    out = {}
+    for mode in ("keep", "default"):
+        r = subprocess.run([sys.executable, "-c", probe, mode], capture_output=True, text=True, env=env, check=True)
+        out[mode] = r.stdout.split(maxsplit=2)
+    assert out["keep"][0] == "True" and int(out["keep"][1]) >= 200 and "keep_freed_memory" in out["keep"][2]
+    assert out["default"][0] == "False" and int(out["default"][1]) < 50 and "glibc default" in out["default"][2]
+    r = subprocess.run([sys.executable, "-c", probe, "keep"], capture_output=True, text=True, check=True,
+                       env={**env, "METAFORMER_MALLOC": "default"})
+    assert r.stdout.startswith("False")
+
+
 def test_harness_smoke(tmp_path):
     res = bench.bench_inference("poolformer_s12", ["eager", "fused", "gemm_ceiling"], batch=2, img_size=64,
                                 repeats=2, warmup=1, log=lambda s: None)

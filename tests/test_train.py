@@ -170,3 +170,21 @@ def test_speed_and_memory_options_run(tmp_path):
     ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
     assert ckpt["ema"] is not None and ckpt["step"] == 1436 // 128
     assert "ema_top1" in ckpt["history"][0]
+
+
+def test_fast_training_flag_follows_the_plain_run(tmp_path):
+    """--fast-training (metaformer.fast.training) gives the plain run's losses, drop path and Mixup on."""
+    hist = {}
+    for name, extra in (("plain", []), ("fast", ["--fast-training"])):
+        out = tmp_path / name
+        assert main(["train", "--epochs", "2", "--output", str(out), *TINY, "--batch-size", "64", *extra]) == 0
+        hist[name] = torch.load(out / "last.pth", weights_only=True)["history"]
+    for a, b in zip(hist["plain"], hist["fast"]):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
+
+
+def test_fast_training_flag_refuses_a_model_it_cannot_speed_up(tmp_path, capsys):
+    code = main(["train", "--epochs", "1", "--output", str(tmp_path), *TINY, "--model-kwargs",
+                 "{token_mixers: identity}", "--fast-training"])
+    assert code == 2 and "--fast-training covers PoolFormer blocks" in capsys.readouterr().err

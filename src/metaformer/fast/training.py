@@ -72,43 +72,48 @@ class PoolMixer(torch.autograd.Function):
 
 
 class MlpBranch(torch.autograd.Function):
+    """``cdt``: the dtype of the GEMMs (fc1, GELU, fc2 and their gradients), autocast's dtype
+    under autocast; the norm and the residual stream stay in ``y``'s dtype, as autocast keeps them."""
+
     @staticmethod
-    def forward(ctx, y, nw, nb, w1, b1, w2, b2, scale, keep, eps: float):
+    def forward(ctx, y, nw, nb, w1, b1, w2, b2, scale, keep, eps: float, cdt: torch.dtype):
         bsz, c, h, w = y.shape
         n, mean, rstd = torch.native_group_norm(y, nw, nb, bsz, c, h * w, 1, eps)
-        a = F.conv2d(n, w1, b1)
+        a = F.conv2d(n.to(cdt), w1.to(cdt), b1.to(cdt))
         hid = F.gelu(a)
         sk = (scale.view(1, -1, 1, 1) * keep.view(-1, 1, 1, 1))
-        z = F.conv2d(hid, w2, b2).mul_(sk).add_(y)
+        z = F.conv2d(hid, w2.to(cdt), b2.to(cdt)).to(y.dtype).mul_(sk).add_(y)
         ctx.save_for_backward(y, nw, nb, w1, w2, b2, scale, keep, a, mean, rstd)
-        ctx.eps = eps
+        ctx.eps, ctx.cdt = eps, cdt
         return z
 
     @staticmethod
     def backward(ctx, dz):
         y, nw, nb, w1, w2, b2, scale, keep, a, mean, rstd = ctx.saved_tensors
+        cdt = ctx.cdt
         bsz, c, h, w = y.shape
         dz = dz.contiguous(memory_format=CL)
         dk = dz * keep.view(-1, 1, 1, 1)  # gradient reaching the branch output (stochastic depth)
+        dkc = dk.to(cdt)
         hid = F.gelu(a)  # recomputed, not stored
         hf = _flat(hid)
-        dkf = _flat(dk)
-        m0 = dkf.t() @ hf  # [C, 4C]; also yields LayerScale2's gradient for free
-        sum_dk = dkf.sum(0)
+        dkf = _flat(dkc)
+        m0 = (dkf.t() @ hf).to(w2.dtype)  # [C, 4C]; also yields LayerScale2's gradient for free
+        sum_dk = _flat(dk).sum(0)
         dw2 = (scale[:, None] * m0).view_as(w2)
         db2 = scale * sum_dk
         dscale = (w2.flatten(1) * m0).sum(1) + b2 * sum_dk
-        dhid = F.conv2d(dk, (w2 * scale.view(-1, 1, 1, 1)).transpose(0, 1))
+        dhid = F.conv2d(dkc, (w2 * scale.view(-1, 1, 1, 1)).transpose(0, 1).to(cdt))
         da = torch.ops.aten.gelu_backward(dhid, a)
         del dhid, hid, hf
         n = torch.native_group_norm(y, nw, nb, bsz, c, h * w, 1, ctx.eps)[0]  # recomputed
         daf = _flat(da)
-        dw1 = (daf.t() @ _flat(n)).view_as(w1)
-        db1 = daf.sum(0)
-        dn = F.conv2d(da, w1.transpose(0, 1))
+        dw1 = (daf.t() @ _flat(n.to(cdt))).view_as(w1).to(w1.dtype)
+        db1 = daf.sum(0, dtype=torch.float32).to(w1.dtype)
+        dn = F.conv2d(da, w1.to(cdt).transpose(0, 1)).to(y.dtype)
         dy, dnw, dnb = torch.ops.aten.native_group_norm_backward(dn, y, mean, rstd, nw, bsz, c, h * w, 1,
                                                                  [True, True, True])
-        return dy.add_(dz), dnw, dnb, dw1, db1, dw2, db2, dscale, None, None
+        return dy.add_(dz), dnw, dnb, dw1, db1, dw2, db2, dscale, None, None, None
 
 
 def _keep_mask(block: MetaFormerBlock, x: torch.Tensor) -> torch.Tensor:
@@ -120,14 +125,19 @@ def _keep_mask(block: MetaFormerBlock, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fast_forward(self: MetaFormerBlock, x: torch.Tensor) -> torch.Tensor:
-    x = x.contiguous(memory_format=CL)
-    y = PoolMixer.apply(x, self.norm1.weight, self.norm1.bias, self.layer_scale1.scale,
-                        _keep_mask(self, x), float(self.norm1.eps), self.token_mixer.pool_size)
-    if not self.use_mlp:
-        return y
-    return MlpBranch.apply(y, self.norm2.weight, self.norm2.bias, self.mlp.fc1.weight, self.mlp.fc1.bias,
-                           self.mlp.fc2.weight, self.mlp.fc2.bias, self.layer_scale2.scale,
-                           _keep_mask(self, y), float(self.norm2.eps))
+    dev = x.device.type
+    # Under autocast the 1x1 convs run in autocast's dtype and the rest in fp32, as autocast
+    # would run the plain block; autocast itself is off inside (the Functions cast explicitly).
+    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    with torch.autocast(dev, enabled=False):
+        x = x.to(self.norm1.weight.dtype).contiguous(memory_format=CL)
+        y = PoolMixer.apply(x, self.norm1.weight, self.norm1.bias, self.layer_scale1.scale,
+                            _keep_mask(self, x), float(self.norm1.eps), self.token_mixer.pool_size)
+        if not self.use_mlp:
+            return y
+        return MlpBranch.apply(y, self.norm2.weight, self.norm2.bias, self.mlp.fc1.weight, self.mlp.fc1.bias,
+                               self.mlp.fc2.weight, self.mlp.fc2.bias, self.layer_scale2.scale,
+                               _keep_mask(self, y), float(self.norm2.eps), cdt)
 
 
 def _supported(block: MetaFormerBlock) -> bool:
