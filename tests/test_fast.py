@@ -115,6 +115,7 @@ def test_training_gradients_match():
             assert scale < 1e-6 and q.grad.abs().max() == 0
             continue
         assert (p.grad - q.grad).abs().max().item() <= 1e-4 * scale + 1e-7, name
+        assert q.grad.stride() == q.stride(), name  # DDP's gradient buckets expect the parameter's layout
     assert m.state_dict().keys() == f.state_dict().keys()
 
 

@@ -31,6 +31,13 @@ from ..models.mixers import Pooling
 from .fuse import CL, gn1_stats
 
 
+def _like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` shaped and strided as ``param`` (DDP's buckets expect the parameter's layout; a
+    channels_last 1x1 weight has other strides than the GEMM's contiguous result)."""
+    grad = grad.reshape(param.shape).to(param.dtype)
+    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] channels_last -> [B*H*W, C] view (tokens by channels)."""
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
@@ -100,7 +107,7 @@ class MlpBranch(torch.autograd.Function):
         dkf = _flat(dkc)
         m0 = (dkf.t() @ hf).to(w2.dtype)  # [C, 4C]; also yields LayerScale2's gradient for free
         sum_dk = _flat(dk).sum(0)
-        dw2 = (scale[:, None] * m0).view_as(w2)
+        dw2 = _like(scale[:, None] * m0, w2)
         db2 = scale * sum_dk
         dscale = (w2.flatten(1) * m0).sum(1) + b2 * sum_dk
         dhid = F.conv2d(dkc, (w2 * scale.view(-1, 1, 1, 1)).transpose(0, 1).to(cdt))
@@ -108,7 +115,7 @@ class MlpBranch(torch.autograd.Function):
         del dhid, hid, hf
         n = torch.native_group_norm(y, nw, nb, bsz, c, h * w, 1, ctx.eps)[0]  # recomputed
         daf = _flat(da)
-        dw1 = (daf.t() @ _flat(n.to(cdt))).view_as(w1).to(w1.dtype)
+        dw1 = _like(daf.t() @ _flat(n.to(cdt)), w1)
         db1 = daf.sum(0, dtype=torch.float32).to(w1.dtype)
         dn = F.conv2d(da, w1.to(cdt).transpose(0, 1)).to(y.dtype)
         dy, dnw, dnb = torch.ops.aten.native_group_norm_backward(dn, y, mean, rstd, nw, bsz, c, h * w, 1,
