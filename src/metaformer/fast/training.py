@@ -16,7 +16,12 @@ norm statistics, and recompute the rest in backward:
 
 ``keep`` is the stochastic-depth mask, drawn in the same order as the plain block draws it,
 so with a seeded generator the fast path follows the plain model step for step.
-Everything runs channels_last (oneDNN's preferred layout for the 1x1 convs).
+Everything runs channels_last (oneDNN's preferred layout for the 1x1 convs). Under autocast
+the 1x1 convs and GELU run in autocast's dtype and the norms, pooling and residual stream in
+fp32, as autocast runs the plain block. ``metaformer train --fast-training`` switches it on.
+
+On the 2-core CPU of ``benchmarks/README.md`` this is a memory path: S12 at batch 32 peaks at
+0.53x the plain model's training memory at 0.98x timm channels_last's speed.
 """
 from __future__ import annotations
 
