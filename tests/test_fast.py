@@ -143,8 +143,16 @@ def test_training_20_steps_losses_match():
 def test_training_under_bf16_autocast_matches_plain_autocast():
     """Under autocast the fast path runs its convs in bf16 and the rest in fp32, as autocast runs
     the plain model: the same loss, gradients as close to fp32's as the plain model's, in fp32."""
-    m = _model(num_classes=10, depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)).train()
+    # no stochastic depth: the three runs below must see the same network
+    m = _model(num_classes=10, depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), drop_path_rate=0.0).train()
     f = enable_fast_training(copy.deepcopy(m))
+    block, fast_block = m.stages[2].blocks[0], f.stages[2].blocks[0]
+    h = torch.randn(2, 64, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_ac, fast_ac = block(h), fast_block(h)
+    # The block's convs ran in bf16 like autocast's (a block left in fp32 would sit at fp32's
+    # distance from plain autocast instead of matching it).
+    assert (fast_ac - plain_ac).abs().max() <= 0.05 * (plain_ac - block(h)).abs().max()
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([3, 7])
     losses, grads = [], []
     for net, dtype in ((m, None), (m, torch.bfloat16), (f, torch.bfloat16)):

@@ -172,13 +172,20 @@ def test_speed_and_memory_options_run(tmp_path):
     assert "ema_top1" in ckpt["history"][0]
 
 
-def test_fast_training_flag_follows_the_plain_run(tmp_path):
+def test_fast_training_flag_follows_the_plain_run(tmp_path, monkeypatch):
     """--fast-training (metaformer.fast.training) gives the plain run's losses, drop path and Mixup on."""
-    hist = {}
+    from metaformer.fast import training
+
+    calls = []
+    for fn in (training.PoolMixer, training.MlpBranch):  # count the fast path's autograd Functions
+        monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply: calls.append(1) or _apply(*a))
+    hist, used = {}, {}
     for name, extra in (("plain", []), ("fast", ["--fast-training"])):
         out = tmp_path / name
+        calls.clear()
         assert main(["train", "--epochs", "2", "--output", str(out), *TINY, "--batch-size", "64", *extra]) == 0
-        hist[name] = torch.load(out / "last.pth", weights_only=True)["history"]
+        hist[name], used[name] = torch.load(out / "last.pth", weights_only=True)["history"], len(calls)
+    assert used["plain"] == 0 and used["fast"] > 0  # the flag switched the blocks to the fast path
     for a, b in zip(hist["plain"], hist["fast"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
