@@ -137,16 +137,13 @@ def _gemm_fn(dtype: torch.dtype, device) -> tuple[Callable, float]:
     ``benchmarks/README.md``), so the ceiling is the strict one. Elsewhere: ``torch.mm``
     into a preallocated output.
     """
-    from .fast.fuse import mkldnn_available
+    from .fast.fuse import FusedConv, mkldnn_available
 
     g = torch.Generator().manual_seed(0)
     if mkldnn_available(device) and dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(8, 1024, 16, 16, generator=g).to(dtype).contiguous(memory_format=CL)
-        w = torch.randn(1024, 1024, 1, 1, generator=g).to(dtype)
-        wp = torch.ops.mkldnn._reorder_convolution_weight(w, [0, 0], [1, 1], [1, 1], 1, list(x.shape))
-        fn = lambda _x: torch.ops.mkldnn._convolution_pointwise(  # noqa: E731
-            x, wp, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
-        return fn, 2 * 2048 * 1024 * 1024 / 1e9
+        conv = FusedConv(nn.Conv2d(1024, 1024, 1, bias=False)).to(dtype)  # fuse()'s packed oneDNN call
+        return torch.no_grad()(lambda _x: conv(x)), 2 * 2048 * 1024 * 1024 / 1e9
     n = 2048
     a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
     b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
