@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/metaformer train --output runs/digits
+.venv/bin/metaformer train --output runs/digits --overwrite
 .venv/bin/metaformer eval --checkpoint runs/digits/best.pth

@@ -1,8 +1,14 @@
 """The ablation grid: a two-row micro grid, resume of a partly finished grid, a diverging row."""
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+from PIL import Image
 
 from metaformer.ablate import ROW_RESULT, row_dir, spearman, summarise
 from metaformer.cli import main
@@ -32,19 +38,50 @@ def test_two_row_micro_grid_writes_the_report(tmp_path, capsys):
     assert "done in" in out
 
 
-def test_restarted_grid_skips_finished_rows_and_resumes_the_running_one(tmp_path, capsys):
-    assert grid(tmp_path, "--set", "epochs=1") == 0
+def test_interrupted_grid_says_how_to_continue_and_the_same_command_resumes(tmp_path):
+    """Ctrl-C in the middle of a row: exit 130 and the command to continue; running it again skips the
+    finished row and resumes the interrupted one from its checkpoint."""
+    cmd = [sys.executable, "-m", "metaformer", "ablate", "--rows", "baseline,identity", "--output", str(tmp_path),
+           *TINY, "--set", "epochs=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    running = row_dir(tmp_path, "identity", 0) / "last.pth"
+    t0 = time.time()
+    while not running.exists():  # identity has finished its first epoch
+        assert p.poll() is None, p.communicate()
+        assert time.time() - t0 < 300
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate()
+    assert p.returncode == 130, err
+    assert "Continue with the same command" in err and "metaformer ablate --rows baseline,identity" in err
     finished = row_dir(tmp_path, "baseline", 0) / ROW_RESULT
     before = finished.read_text()
-    # The grid was killed while training `identity`: its epoch-1 checkpoint exists, its result does not.
-    (row_dir(tmp_path, "identity", 0) / ROW_RESULT).unlink()
-    capsys.readouterr()
-    assert grid(tmp_path, "--set", "epochs=2") == 0
-    log = capsys.readouterr()
+    assert not (row_dir(tmp_path, "identity", 0) / ROW_RESULT).exists()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
     assert finished.read_text() == before  # not retrained
-    assert "resumed from" in log.out + log.err and "rows/identity/seed0/last.pth" in log.out + log.err
+    assert "resumed from" in out.stdout + out.stderr
     metrics = list(csv.DictReader(open(row_dir(tmp_path, "identity", 0) / "metrics.csv")))
-    assert [int(m["epoch"]) for m in metrics] == [1, 2]  # epoch 1 from before, epoch 2 added
+    assert [int(m["epoch"]) for m in metrics] == [1, 2]
+
+
+def test_a_grid_folder_refuses_another_budget_data_or_recipe(tmp_path, capsys):
+    assert grid(tmp_path, "--rows", "baseline", "--set", "epochs=1") == 0
+    capsys.readouterr()
+    # The reported bug: --budget paper with missing data exited 0 and printed the digits rows as "paper".
+    assert main(["ablate", "--budget", "paper", "--data", str(tmp_path / "missing"), "--output", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        (data / split / "a").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(data / split / "a" / "x.png")
+    assert main(["ablate", "--rows", "baseline", "--data", str(data), "--output", str(tmp_path), *TINY,
+                 "--set", "epochs=1"]) == 2
+    assert "already holds a grid run with other settings (data: the built-in digits then" in capsys.readouterr().err
+    assert grid(tmp_path, "--rows", "baseline", "--set", "epochs=5") == 2
+    assert "train options" in capsys.readouterr().err
+    assert grid(tmp_path, "--set", "epochs=1") == 0  # another row, same recipe: the grid grows
 
 
 def test_a_diverging_row_is_recorded_and_the_grid_goes_on(tmp_path):
@@ -61,7 +98,7 @@ def test_bad_rows_and_budget_give_clear_errors(tmp_path, capsys):
     assert main(["ablate", "--budget", "paper", "--output", str(tmp_path)]) == 2
     assert "--data" in capsys.readouterr().err
     assert main(["ablate", "--set", "epoch=3", "--output", str(tmp_path)]) == 2
-    assert "unknown train option(s) epoch" in capsys.readouterr().err
+    assert "unknown train option 'epoch'" in capsys.readouterr().err
 
 
 def test_summary_mean_std_and_spearman():

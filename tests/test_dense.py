@@ -121,7 +121,7 @@ def test_detect_train_eval_resume_predict_cli(toy, tmp_path):
     assert rows[-1]["iteration"] == 24
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"], [r["loss"] for r in rows]
     ckpt = load_checkpoint(run / "last.pth", "detect")
-    assert ckpt["epoch"] == 5 and len(ckpt["history"]) == 6
+    assert ckpt["epoch"] == 6 and ckpt["step_in_epoch"] == 0 and len(ckpt["history"]) == 6
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -264,16 +264,16 @@ def test_segmentation_resume_is_exact(toy, tmp_path, monkeypatch):
                                   log_every=1000)
 
     train_segmentation(cfg(tmp_path / "a"))
-    real_save = engine.atomic_save
+    real_save = engine.save_checkpoint
 
     def save_then_crash(obj, path):
         real_save(obj, path)
         raise KeyboardInterrupt  # killed right after the checkpoint at iteration 3, mid-pass (2 batches a pass)
 
-    monkeypatch.setattr(engine, "atomic_save", save_then_crash)
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train_segmentation(cfg(tmp_path / "b"))
-    monkeypatch.setattr(engine, "atomic_save", real_save)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
     assert load_checkpoint(tmp_path / "b/last.pth", "segment")["iteration"] == 3
     train_segmentation(cfg(tmp_path / "b", resume="auto"))
     a = load_checkpoint(tmp_path / "a/last.pth", "segment")

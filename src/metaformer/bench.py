@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .models import create_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -184,7 +185,7 @@ def build_infer_mode(mode: str, model: nn.Module, dtype: torch.dtype, device, x:
             if device.type != "cpu" or dtype != torch.float32:
                 raise RuntimeError("ONNX Runtime mode is CPU fp32 only here")
             return _ort_session(ref, x), "timm_fp32"
-    raise ValueError(f"unknown inference mode {mode!r}; choose from {INFER_MODES}")
+    raise ConfigError(f"unknown inference mode {mode!r}; choose from {INFER_MODES}")
 
 
 def interleaved_timing(fns: dict[str, Callable], x: torch.Tensor, device, repeats: int, warmup: int,
@@ -304,7 +305,7 @@ def build_train_mode(mode: str, model: nn.Module, device):
             raise RuntimeError("timm is not installed or has no such variant")
         ref = ref.to(device).train()
         return ref.to(memory_format=CL) if mode == "timm_cl" else ref
-    raise ValueError(f"unknown training mode {mode!r}; choose from {TRAIN_MODES}")
+    raise ConfigError(f"unknown training mode {mode!r}; choose from {TRAIN_MODES}")
 
 
 def _train_step_fn(net: nn.Module, x: torch.Tensor, target: torch.Tensor, channels_last: bool):

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .errors import ConfigError
+
 
 @dataclass
 class CamResult:
@@ -46,7 +48,7 @@ def grad_cam(model: nn.Module, pil: Image.Image, transform, target: int | None =
     if target is None:
         target = int(probs.argmax())
     if not 0 <= target < probs.numel():
-        raise ValueError(f"--target {target} is out of range for a {probs.numel()}-class model")
+        raise ConfigError(f"--target {target} is out of range for a {probs.numel()}-class model")
     with GradCAM(model=model, target_layers=[model.stages[-1]]) as cam:
         heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
     rgb = _display_image(pil, transform)
@@ -63,7 +65,7 @@ def resolve_target(target: str | None, class_names: list[str]) -> int | None:
     lowered = [c.lower() for c in class_names]
     if target.lower() in lowered:
         return lowered.index(target.lower())
-    raise ValueError(f"unknown target class {target!r}: give a class index or one of the model's class names "
+    raise ConfigError(f"unknown target class {target!r}: give a class index or one of the model's class names "
                      f"(e.g. {', '.join(class_names[:5])} ...)")
 
 

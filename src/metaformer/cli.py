@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+
+from .errors import MetaFormerError as UserError  # the one error class printed as a line
 
 COMMANDS = [
     "metaformer.commands.info",
@@ -22,10 +25,6 @@ COMMANDS = [
 ]
 
 
-class UserError(Exception):
-    """A problem with the user's input: printed as one clear line, no traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaformer", description="MetaFormer / PoolFormer models: "
                                      "build, train, evaluate, predict, benchmark, export.")
@@ -36,7 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # Our warnings are sentences for the user; the file and line of the warn() call only distract.
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     from .fast.alloc import keep_freed_memory
@@ -44,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # large activations are reused, not page-faulted in on every step
     try:
         return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"metaformer {args.command}: error: {msg}", file=sys.stderr)
+    except UserError as e:
+        print(f"metaformer {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

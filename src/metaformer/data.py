@@ -19,6 +19,7 @@ import itertools
 import os
 import random
 import signal
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,6 +30,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_co
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .errors import MetaFormerError
+
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
@@ -38,7 +41,7 @@ class Unreadable(NamedTuple):
     error: str
 
 
-class DataError(ValueError):
+class DataError(MetaFormerError):
     """A data problem the user must fix (layout, class sets, an unreadable file under --strict-data)."""
 
 
@@ -101,20 +104,105 @@ def find_eval_dir(data: str | os.PathLike) -> Path:
     return d
 
 
+# ----- decoding -----
+
+def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
+    """8-bit RGB, scaled by the image's real value range.
+
+    ``Image.convert('RGB')`` clips instead of scaling: a 16-bit PNG (0..65535) comes out
+    saturated white and a float TIFF in [0, 1] black. 16-bit images are divided by 257; float
+    images in [0, 1] are multiplied by 255 and those in [0, 255] kept; any other range has no
+    known meaning and is refused rather than guessed.
+    """
+    mode = img.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return img.convert("RGB")
+    a = np.asarray(img, dtype=np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise DataError(f"{name}: a float image holding NaN or inf values; fix or remove it")
+    if mode.startswith("I;16") or (mode == "I" and 0 <= lo and 255 < hi <= 65535):
+        a = a / 257.0  # 16-bit range onto 8 bits
+    elif mode == "F" and 0 <= lo and hi <= 1:
+        a = a * 255.0
+    elif not (0 <= lo and hi <= 255):
+        kind = "float" if mode == "F" else "32-bit integer"
+        raise DataError(f"{name}: a {kind} image with values in [{lo:g}, {hi:g}], which is neither an 8-bit, a "
+                        f"16-bit nor a [0, 1] range; convert it to an 8-bit image")
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file fully into 8-bit RGB (:func:`to_rgb`); :class:`DataError` names the problem."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # the full decode, inside the try
+            return to_rgb(img, str(path))
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory, not an image") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({e}); if you trust the file, raise "
+                        "PIL.Image.MAX_IMAGE_PIXELS or resize it") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # UnidentifiedImageError is an OSError
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
 class SafeImageFolder(ImageFolder):
-    """``ImageFolder`` that returns :class:`Unreadable` for a file PIL cannot decode."""
+    """``ImageFolder`` that returns :class:`Unreadable` for a file it cannot decode, decodes by the real
+    value range (:func:`to_rgb`), and does not follow directory links back into its own tree."""
 
     def __init__(self, root, transform=None, allow_empty: bool = False):
+        self.skipped_links: list[tuple[str, str]] = []
         super().__init__(str(root), transform=transform, allow_empty=allow_empty)
+        if self.skipped_links:
+            shown = ", ".join(f"{a} -> {b}" for a, b in self.skipped_links[:3])
+            more = f" (+{len(self.skipped_links) - 3} more)" if len(self.skipped_links) > 3 else ""
+            warnings.warn(f"{root}: skipped {len(self.skipped_links)} directory link(s) that lead back into the "
+                          f"folder and would list its images again, under another class or forever: {shown}{more}",
+                          stacklevel=2)
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        # torchvision walks with followlinks=True: a link to an ancestor repeats the tree until the path is too
+        # long (33 images became 1,353, mislabelled). Links to folders outside the tree are still followed.
+        tree = os.path.realpath(directory)
+        samples = []
+        for cls in sorted(class_to_idx):
+            found, visited, stack = [], set(), [os.path.join(directory, cls)]
+            while stack:
+                d = stack.pop()
+                visited.add(os.path.realpath(d))
+                for e in os.scandir(d):
+                    if e.is_dir():
+                        target = os.path.realpath(e.path)
+                        if e.is_symlink() and (target == tree or target.startswith(tree + os.sep) or target in visited):
+                            self.skipped_links.append((e.path, target))
+                        else:
+                            stack.append(e.path)
+                    elif e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS):
+                        found.append((d, e.name))
+            samples += [(os.path.join(d, f), class_to_idx[cls]) for d, f in sorted(found)]
+        empty = sorted(set(class_to_idx) - {self._class_of(p, directory) for p, _ in samples})
+        if empty and not allow_empty:
+            raise DataError(f"{directory}: no images in class folder(s) {', '.join(empty[:5])}"
+                            f"{' ...' if len(empty) > 5 else ''} (extensions: {', '.join(IMG_EXTENSIONS)})")
+        return samples
+
+    @staticmethod
+    def _class_of(path: str, directory) -> str:
+        return os.path.relpath(path, directory).split(os.sep, 1)[0]
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         try:
-            with open(path, "rb") as f:
-                img = Image.open(f)
-                img = img.convert("RGB")  # forces the full decode inside the try
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            return Unreadable(path, f"{type(e).__name__}: {e}")
+            img = open_rgb(path)
+        except DataError as e:
+            return Unreadable(path, str(e))
+        if self.target_transform is not None:
+            target = self.target_transform(target)
         return (self.transform(img) if self.transform else img), target
 
 
@@ -127,7 +215,7 @@ class Digits(Dataset):
 
     def __init__(self, split: str, img_size: int = 32, transform=None):
         if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+            raise DataError(f"split must be 'train' or 'val', not {split!r}")
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -247,20 +335,38 @@ def seed_everything(seed: int) -> None:
 
 
 class UnreadableLog:
-    """Collects unreadable files per epoch; under ``strict`` the first one is an error naming it."""
+    """Collects unreadable files per epoch; under ``strict`` the first one is an error naming it.
+
+    Skipping is for the odd broken file. When the first :attr:`ALL_BAD_LIMIT` samples read are all
+    unreadable, the data is in the wrong form (RGB label PNGs, another format): that is an error
+    naming the first file, not a run that trains on nothing.
+    """
+
+    ALL_BAD_LIMIT = 10
 
     def __init__(self, strict: bool = False):
         self.strict = strict
         self.epoch: list[Unreadable] = []
+        self.readable = self.unreadable = 0
 
-    def add(self, bad: list[Unreadable]) -> None:
+    def add(self, bad: list[Unreadable], readable: int = 0) -> None:
         if bad and self.strict:
             raise DataError(f"unreadable image {bad[0].path} ({bad[0].error}); remove or replace it, "
                             f"or drop --strict-data to skip unreadable files")
         self.epoch.extend(bad)
+        self.readable += readable
+        self.unreadable += len(bad)
+        if bad and self.readable == 0 and self.unreadable >= self.ALL_BAD_LIMIT:
+            self._all_bad(bad[0])
+
+    def _all_bad(self, first: Unreadable) -> None:
+        raise DataError(f"the first {self.unreadable} images read were all unreadable, so the data is not in the "
+                        f"expected form; the first: {first.error}")
 
     def end_epoch(self) -> list[Unreadable]:
         """This epoch's unreadable files (from every rank when distributed), and start afresh."""
+        if self.epoch and self.readable == 0:
+            self._all_bad(self.epoch[0])
         bad, self.epoch = self.epoch, []
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered = [None] * torch.distributed.get_world_size()

@@ -7,6 +7,7 @@ with the PyTorch model; a difference over the tolerance (1e-4 in fp32) is an err
 from __future__ import annotations
 
 import copy
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -17,14 +18,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import MetaFormerError
+
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |logit difference| allowed, relative to the largest |logit| for the low-precision dtypes
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
 
 
-class ExportError(ValueError):
-    pass
+class ExportError(MetaFormerError):
+    """An export that cannot be made, or whose file disagrees with the model."""
 
 
 def size_bound_parts(model: nn.Module) -> list[str]:
@@ -45,8 +48,8 @@ def check_combination(model: nn.Module, fmt: str, dynamic_size: bool, dtype: str
             raise ExportError(
                 f"--dynamic-size cannot work for this model: {bound[0]} (and {len(bound) - 1} more) "
                 f"has parameters sized for a {model.img_size[0]}x{model.img_size[1]} input (random mixing, spatial "
-                "MLP or a position embedding). Export at a fixed size instead: drop --dynamic-size and pass "
-                "--img-size")
+                f"MLP or a position embedding). Drop --dynamic-size: the file then takes "
+                f"{model.img_size[0]}x{model.img_size[1]} images (--dynamic-batch still works)")
     if fmt == "onnx" and dtype == "bf16":
         raise ExportError("ONNX Runtime has no bfloat16 kernels for these operators on CPU; export onnx as fp32 "
                           "or fp16, or use --format torchscript/exported for bf16")
@@ -68,8 +71,14 @@ class ExportResult:
         return max(self.max_diff_random, self.max_diff_image) <= self.tolerance and self.top1_agrees
 
 
+META_KEY = "metaformer"  # ONNX metadata_props key / extra-file name holding the JSON metadata
+
+
 def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool,
-           dynamic_size: bool) -> None:
+           dynamic_size: bool, metadata: dict | None = None) -> None:
+    """Write the file; ``metadata`` (class names, input size, preprocessing) travels inside it, so a file
+    is never run with another model's labels: ONNX ``metadata_props``, TorchScript/torch.export extra files."""
+    extra = {META_KEY: json.dumps(metadata)} if metadata else {}
     if fmt == "onnx":
         axes = {}
         if dynamic_batch:
@@ -80,10 +89,16 @@ def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynami
         torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
                           output_names=["logits"], opset_version=17,
                           dynamic_axes={"input": axes, "logits": {0: "batch"} if dynamic_batch else {}})
+        if extra:
+            import onnx
+
+            proto = onnx.load(str(path))
+            onnx.helper.set_model_props(proto, extra)
+            onnx.save(proto, str(path))
     elif fmt == "torchscript":
         with torch.no_grad():
             traced = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(traced, str(path))
+        torch.jit.save(traced, str(path), _extra_files=extra)
     else:
         dims = {}
         if dynamic_batch:
@@ -93,15 +108,53 @@ def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynami
             dims[2] = torch.export.Dim("height", min=64, max=4096)
             dims[3] = torch.export.Dim("width", min=64, max=4096)
         ep = torch.export.export(model, (example,), dynamic_shapes=({**dims} if dims else None,) if dims else None)
-        torch.export.save(ep, str(path))
+        torch.export.save(ep, str(path), extra_files=extra)
 
 
-def load_runtime(path: str | os.PathLike, fmt: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A callable ``images [B, C, H, W] -> logits`` running the exported file in its runtime."""
+class Runtime:
+    """An exported file loaded in its own runtime: ``runtime(images [B, C, H, W]) -> logits``.
+
+    ``metadata`` is what ``metaformer export`` stored in the file (class names, input size,
+    preprocessing), or None for a file written by another tool.
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], metadata: dict | None, fmt: str):
+        self.fn, self.metadata, self.format = fn, metadata, fmt
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _parse_metadata(text: str | bytes | None, path: Path) -> dict | None:
+    if not text:
+        return None
+    try:
+        meta = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise ExportError(f"{path}: its metaformer metadata is not valid JSON; export the model again") from None
+    return meta if isinstance(meta, dict) and meta.get("format") == "metaformer" else None
+
+
+def load_runtime(path: str | os.PathLike, fmt: str | None = None) -> Runtime:
+    """The exported file at ``path`` ready to run (see :class:`Runtime`); corrupt files are an ExportError."""
     path = Path(path)
     if not path.is_file():
-        raise ExportError(f"{path} does not exist")
+        raise ExportError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     fmt = fmt or {".onnx": "onnx", ".pt": "torchscript", ".pt2": "exported"}.get(path.suffix)
+    if fmt not in FORMATS:
+        raise ExportError(f"cannot tell the format of {path}: use a .onnx, .pt (TorchScript) or .pt2 "
+                          "(torch.export) file, or name the format")
+    try:
+        return _load_runtime(path, fmt)
+    except ExportError:
+        raise
+    except Exception as e:  # protobuf, zip and pickle errors from three runtimes
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ExportError(f"{path}: not a readable {fmt} file ({type(e).__name__}: {first}); it is probably "
+                          "truncated or corrupt: export it again") from None
+
+
+def _load_runtime(path: Path, fmt: str) -> Runtime:
     if fmt == "onnx":
         try:
             import onnxruntime as ort
@@ -115,14 +168,13 @@ def load_runtime(path: str | os.PathLike, fmt: str | None = None) -> Callable[[t
             out = session.run(None, {inp.name: x.detach().cpu().numpy().astype(np_dtype)})[0]
             return torch.from_numpy(out.astype(np.float32))
 
-        return run_onnx
+        meta = session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        return Runtime(run_onnx, _parse_metadata(meta, path), fmt)
+    extra = {META_KEY: ""}
     if fmt == "torchscript":
-        module = torch.jit.load(str(path), map_location="cpu")
-    elif fmt == "exported":
-        module = torch.export.load(str(path)).module()
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     else:
-        raise ExportError(f"cannot tell the format of {path}: use a .onnx, .pt (TorchScript) or .pt2 "
-                          "(torch.export) file, or name the format")
+        module = torch.export.load(str(path), extra_files=extra).module()
     dtype = next((p.dtype for p in module.parameters()), None) if fmt == "torchscript" else None
     if dtype is None:
         dtype = next((t.dtype for t in module.state_dict().values() if t.is_floating_point()), torch.float32)
@@ -131,7 +183,7 @@ def load_runtime(path: str | os.PathLike, fmt: str | None = None) -> Callable[[t
         with torch.no_grad():
             return module(x.to(dtype)).float()
 
-    return run_torch
+    return Runtime(run_torch, _parse_metadata(extra[META_KEY], path), fmt)
 
 
 def sample_image(img_size: int, transform) -> torch.Tensor:
@@ -152,8 +204,12 @@ def sample_image(img_size: int, transform) -> torch.Tensor:
 
 def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int | None = None,
            image: torch.Tensor | None = None, dynamic_batch: bool = False, dynamic_size: bool = False,
-           dtype: str = "fp32") -> ExportResult:
-    """Write ``model`` to ``path`` in ``fmt`` and verify it (see the module docstring)."""
+           dtype: str = "fp32", metadata: dict | None = None) -> ExportResult:
+    """Write ``model`` to ``path`` in ``fmt`` and verify it (see the module docstring).
+
+    ``metadata`` (JSON-serialisable; see :func:`metaformer.evaluate.export_metadata`) is stored in the
+    file, so ``metaformer predict --exported`` runs it with its own class names and preprocessing.
+    """
     model = model.eval()
     check_combination(model, fmt, dynamic_size, dtype)
     size = img_size or model.img_size[0]
@@ -171,7 +227,7 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int
     os.close(fd)
     try:
         try:
-            _write(cast, example.to(torch_dtype), Path(tmp), fmt, dynamic_batch, dynamic_size)
+            _write(cast, example.to(torch_dtype), Path(tmp), fmt, dynamic_batch, dynamic_size, metadata)
             run = load_runtime(tmp, fmt)
         except ExportError:
             raise

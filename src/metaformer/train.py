@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,11 @@ import torch.distributed as dist
 import yaml
 
 from . import data as D
-from .atomic import atomic_save
+from . import yaml12
+from .engine.checkpoint import check_output, prepare_output, reconcile_best, save_pair
+from .engine.runtime import on_main
+from .engine.stop import GracefulStop, Interrupted, TrainingDiverged
+from .errors import ConfigError
 from .evaluate import evaluate
 from .fast.training import enable_fast_training
 from .models import create_model, get_model_info
@@ -102,7 +105,10 @@ class TrainConfig:
     # bookkeeping
     seed: int = field(default=0, metadata={"help": "random seed (each rank and epoch derives its own)"})
     output: str = field(default="runs/train", metadata={"help": "directory for checkpoints, logs and plots"})
-    resume: str | None = field(default=None, metadata={"help": "checkpoint to resume, or 'auto' for OUTPUT/last.pth"})
+    resume: str | None = field(default=None, metadata={
+        "help": "checkpoint to resume, or 'auto' for OUTPUT/last.pth (options that change the network or the data "
+                "order are refused; the others apply from here on, and the change is logged)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an earlier run in --output instead of refusing"})
     log_interval: int = field(default=20, metadata={"help": "optimizer steps between TensorBoard points"})
 
 
@@ -115,25 +121,102 @@ DEMO = dict(model="poolformer_s12", depths=[1, 1, 3, 1], dims=[32, 64, 128, 256]
             workers=0, output="runs/digits")
 
 
+def coerce_option(name: str, value, annotation: str, source: str):
+    """``value`` as the option's declared type, or a ConfigError naming the option and the type."""
+    optional = annotation.endswith("| None")
+    kind = annotation.replace("| None", "").strip()
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {name} needs a value ({kind})")
+
+    def number(v, integer):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+            raise TypeError
+        return int(v) if integer else float(v)
+
+    try:
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind in ("int", "float"):
+            return number(value, kind == "int")
+        if kind.startswith("list["):
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [number(v, kind == "list[int]") for v in value]
+        if kind == "dict":
+            if not isinstance(value, dict):
+                raise TypeError
+            return value
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    except TypeError:
+        kinds = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                 "dict": "a mapping", "list[int]": "a list of integers", "list[float]": "a list of numbers"}
+        raise ConfigError(f"{source}: {name} must be {kinds.get(kind, kind)}{' or null' if optional else ''}, got "
+                          f"{value!r} ({type(value).__name__})") from None
+
+
 def resolve_config(flags: dict | None = None, config_file: str | None = None) -> TrainConfig:
-    """Defaults (the paper's, or :data:`DEMO` for the built-in data) < YAML file < flags."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    """Defaults (the paper's, or :data:`DEMO` for the built-in data) < YAML file < flags; every value
+    checked against its option's type (so ``lr: 1e-3`` is a number, and ``epochs: ten`` an error)."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
     from_file = {}
     if config_file:
-        try:
-            with open(config_file) as f:
-                from_file = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ValueError(f"cannot read config file {config_file}: {e.strerror}") from None
+        from_file = yaml12.load_file(config_file) or {}
         if not isinstance(from_file, dict):
-            raise ValueError(f"config file {config_file} must be a YAML mapping of option: value")
-        from_file = {k.replace("-", "_"): v for k, v in from_file.items()}
-        unknown = sorted(set(from_file) - known)
+            raise ConfigError(f"config file {config_file} must be a YAML mapping of option: value")
+        from_file = {str(k).replace("-", "_"): v for k, v in from_file.items()}
+        unknown = sorted(set(from_file) - set(fields))
         if unknown:
-            raise ValueError(f"unknown option(s) in {config_file}: {', '.join(unknown)}")
-    user = {**from_file, **{k: v for k, v in (flags or {}).items() if v is not None}}
+            raise ConfigError(f"unknown option(s) in {config_file}: {', '.join(unknown)} (see `metaformer train "
+                              "--help`)")
+        from_file = {k: coerce_option(k, v, fields[k], config_file) for k, v in from_file.items()}
+    cli = {k: coerce_option(k, v, fields[k], f"--{k.replace('_', '-')}") for k, v in (flags or {}).items() if v is not None}
+    user = {**from_file, **cli}
     base = dict(DEMO) if D.is_builtin(user.get("data")) else {}
     return TrainConfig(**{**base, **user})
+
+
+# Options a resumed run may not change: they define the network, or the data order and the
+# number of steps per epoch that the checkpoint's position (epoch, step) refers to. Every other
+# option applies from the resumed step on (the schedule is re-planned), and the change is logged.
+FIXED_ON_RESUME = ("model", "depths", "dims", "model_kwargs", "img_size", "seed", "batch_size", "accum_steps")
+_NOT_COMPARED = ("resume", "output", "overwrite")
+
+
+def resume_changes(saved: dict, cfg: TrainConfig, world: int, saved_world: int) -> dict[str, tuple]:
+    """``{option: (checkpoint's value, this run's)}`` for options that changed; refuses the fixed ones."""
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as stored
+    same_data = D.is_builtin(saved.get("data")) and D.is_builtin(now.get("data"))
+    changed = {k: (saved[k], v) for k, v in now.items()
+               if k in saved and k not in _NOT_COMPARED and saved[k] != v and not (k == "data" and same_data)}
+    fixed = [k for k in FIXED_ON_RESUME if k in changed]
+    if fixed:
+        shown = "; ".join(f"--{k.replace('_', '-')} {changed[k][0]!r} -> {changed[k][1]!r}" for k in fixed)
+        raise ConfigError(f"--resume: {shown}. These options define the network or the data order the checkpoint's "
+                          "position refers to, so a run cannot change them midway: resume with the checkpoint's "
+                          "values, or start a new run in another --output")
+    if saved_world != world:
+        raise ConfigError(f"--resume: the checkpoint was trained by {saved_world} process(es), this run has {world}; "
+                          "the per-process data shards and random streams would not line up: resume with "
+                          f"{saved_world} process(es)")
+    return changed
+
+
+def _keep_previous_config(out: Path) -> Path | None:
+    """Rename ``config.yaml`` to the next free ``config.N.yaml`` (a resumed run never loses the original)."""
+    current = out / "config.yaml"
+    if not current.exists():
+        return None
+    n = 1
+    while (out / f"config.{n}.yaml").exists():
+        n += 1
+    current.rename(out / f"config.{n}.yaml")
+    return out / f"config.{n}.yaml"
 
 
 # ----- distributed helpers -----
@@ -143,7 +226,7 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is visible")
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible")
     if world > 1:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if world > 1 else 0
@@ -188,24 +271,22 @@ def set_rng_state(state: dict) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
+    if Path(path).is_dir():
+        raise ConfigError(f"--resume {path} is a folder: pass its last.pth, or --resume auto with --output {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f"checkpoint {path} does not exist") from None
+        raise ConfigError(f"checkpoint {path} does not exist") from None
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from None
+        raise ConfigError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0][:200]}; it is probably "
+                          "truncated or corrupt (an older one may be in the same folder)") from None
+    if isinstance(ckpt, dict) and ckpt.get("task") in ("detect", "segment"):
+        raise ConfigError(f"{path} is a `metaformer {ckpt['task']}` checkpoint: resume it with "
+                          f"`metaformer {ckpt['task']} train --resume {path} ...`")
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a training checkpoint of `metaformer train`: --resume needs its "
-                         f"last.pth or best.pth (weights alone hold no optimizer or schedule state)")
+        raise ConfigError(f"{path} is not a training checkpoint of `metaformer train`: --resume needs its "
+                          f"last.pth or best.pth (weights alone hold no optimizer or schedule state)")
     return ckpt
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf."""
-
-
-class Interrupted(RuntimeError):
-    """Ctrl-C or SIGTERM: a checkpoint was saved."""
 
 
 # ----- feedback -----
@@ -258,13 +339,15 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
 
     if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.epochs < 1:
-        raise ValueError("--batch-size, --accum-steps and --epochs must be at least 1")
+        raise ConfigError("--batch-size, --accum-steps and --epochs must be at least 1")
     if cfg.amp not in ("auto", "none", "bf16", "fp16"):
-        raise ValueError(f"--amp must be auto, none, bf16 or fp16, not {cfg.amp!r}")
+        raise ConfigError(f"--amp must be auto, none, bf16 or fp16, not {cfg.amp!r}")
     rank, world, device = setup_distributed(cfg.device)
     ddp, master = world > 1, rank == 0
     out = Path(cfg.output)
     log = tqdm.write if master else (lambda *a, **k: None)
+    # The output folder is checked before any work (an earlier run is replaced only with --overwrite).
+    on_main(lambda: check_output(out, resume=bool(cfg.resume), overwrite=cfg.overwrite), master)
     amp = ("bf16" if device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
@@ -284,7 +367,7 @@ def train(cfg: TrainConfig) -> dict:
                                                   seed=cfg.seed, drop_last=True)
     steps_per_epoch = len(train_sampler) // (cfg.batch_size * cfg.accum_steps)
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_sampler)} training images per process are fewer than one optimizer step "
+        raise ConfigError(f"{len(train_sampler)} training images per process are fewer than one optimizer step "
                          f"(batch {cfg.batch_size} x accum {cfg.accum_steps}); lower --batch-size or --accum-steps")
     loader_gen = torch.Generator()
     pin = device.type == "cuda"
@@ -294,6 +377,7 @@ def train(cfg: TrainConfig) -> dict:
     val_loader = D.make_loader(val_ds, cfg.batch_size, list(range(rank, len(val_ds), world)), cfg.workers,
                                pin_memory=pin)
     unreadable = D.UnreadableLog(strict=cfg.strict_data)
+    on_main(lambda: prepare_output(out, resume=bool(cfg.resume), overwrite=cfg.overwrite), master)
 
     # --- model ---
     overrides = dict(cfg.model_kwargs, img_size=cfg.img_size)
@@ -304,7 +388,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         raw_model = create_model(cfg.model, num_classes=len(class_names), **overrides)
     except TypeError as e:
-        raise ValueError(f"bad model option: {e}") from None
+        raise ConfigError(f"bad model option: {e}") from None
     if cfg.grad_checkpointing:
         raw_model.set_grad_checkpointing()
     raw_model.to(device)
@@ -313,7 +397,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.fast_training:
         enable_fast_training(raw_model)
         if not any(getattr(m, "fast_training", False) for m in raw_model.modules()):
-            raise ValueError(f"--fast-training covers PoolFormer blocks (pooling mixer, GroupNorm(1), layer "
+            raise ConfigError(f"--fast-training covers PoolFormer blocks (pooling mixer, GroupNorm(1), layer "
                              f"scales, GELU MLP); {cfg.model} with these options has none: drop the flag")
     model = torch.compile(raw_model) if cfg.compile else raw_model
     if ddp:
@@ -341,37 +425,62 @@ def train(cfg: TrainConfig) -> dict:
     ema = ModelEmaV3(raw_model, decay=cfg.ema_decay) if cfg.ema else None
 
     # --- resume ---
-    start_epoch, start_step, step, best_top1, history, resume_rng = 0, 0, 0, -1.0, [], None
-    resume = cfg.resume
+    start_epoch, start_step, step, best_top1, best_epoch, history, resume_rng = 0, 0, 0, -1.0, None, [], None
+    resume, changed = cfg.resume, {}
     if resume == "auto":
         resume = str(out / "last.pth") if (out / "last.pth").exists() else None
         if resume is None:
             log(f"--resume auto: no {out / 'last.pth'} yet, starting from scratch")
     if resume:
         ckpt = load_checkpoint(resume)
+        if list(ckpt.get("class_names") or class_names) != list(class_names):
+            raise ConfigError(f"--resume: {resume} was trained on other classes ({len(ckpt['class_names'])}: "
+                              f"{', '.join(ckpt['class_names'][:5])}...) than --data has ({len(class_names)}: "
+                              f"{', '.join(class_names[:5])}...); resume on the same classes, or start a new run")
+        changed = resume_changes(ckpt.get("train_config") or {}, cfg, world, len(ckpt["rng"]))
         try:
             raw_model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise ValueError(f"{resume} does not fit this model ({str(e).splitlines()[0]}); "
-                             f"resume with the options it was trained with (see {Path(resume).parent}/config.yaml)") from None
+            raise ConfigError(f"{resume} does not fit this model ({str(e).splitlines()[0]}); resume with the options "
+                              f"it was trained with (see {Path(resume).parent}/config.yaml)") from None
+        # The optimizer's state (moments, step counts) comes from the checkpoint; its hyperparameters and the
+        # schedule come from this run's options, so a changed --lr or --epochs takes effect (as timm's train.py).
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        for group, h in zip(optimizer.param_groups, hyper):
+            group.update(h)
         scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.module.load_state_dict(ckpt["ema"])
+        if ema is not None:
+            if ckpt.get("ema") is not None:
+                ema.module.load_state_dict(ckpt["ema"])
+            else:  # EMA switched on at resume: it starts from the resumed weights, not the initial ones
+                ema = ModelEmaV3(raw_model, decay=cfg.ema_decay)
         start_epoch, start_step, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
-        best_top1, history = ckpt["best_top1"], list(ckpt["history"])
-        if len(ckpt["rng"]) == world:
-            resume_rng = ckpt["rng"][rank]
+        history = list(ckpt["history"])
+        if "best_epoch" not in ckpt and history:  # checkpoints of earlier versions
+            ckpt["best_epoch"] = max(history, key=lambda h: h["val_top1"])["epoch"]
+        if master and Path(resume).resolve() == (out / "last.pth").resolve():
+            fixed = reconcile_best(out / "last.pth", ckpt, "best_top1")
+            if fixed:
+                log(f"resume: {fixed}")
+        best_top1, best_epoch = ckpt["best_top1"], ckpt.get("best_epoch")
+        resume_rng = ckpt["rng"][rank]
         scheduler.step_update(num_updates=step)
         log(f"resumed from {resume}: epoch {start_epoch + 1}, step {step}")
+        if changed:
+            log("resume: options changed since the checkpoint, applied from here on: " + ", ".join(
+                f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     if start_epoch >= cfg.epochs:
-        raise ValueError(f"{resume} already finished {start_epoch} of {cfg.epochs} epochs; raise --epochs to continue")
+        raise ConfigError(f"{resume} already finished {start_epoch} of {cfg.epochs} epochs; raise --epochs to "
+                          "continue")
 
     # --- outputs (rank 0 only) ---
     writer = None
     if master:
-        out.mkdir(parents=True, exist_ok=True)
+        if changed:
+            kept = _keep_previous_config(out)
+            if kept:
+                log(f"resume: the previous config is kept as {kept}")
         with open(out / "config.yaml", "w") as f:
             yaml.safe_dump(dict(dataclasses.asdict(cfg), resolved_lr=lr, global_batch=global_batch, world_size=world,
                                 amp_resolved=amp), f, sort_keys=False)
@@ -379,7 +488,7 @@ def train(cfg: TrainConfig) -> dict:
 
         writer = SummaryWriter(str(out / "tb"), purge_step=step if resume else None)
 
-    def checkpoint(epoch: int, step_in_epoch: int, names: tuple[str, ...]) -> Path | None:
+    def checkpoint(epoch: int, step_in_epoch: int, is_best: bool = False) -> Path | None:
         """Save on rank 0 (collective: every rank must call it, for the RNG gather)."""
         rngs = [None] * world
         if ddp:
@@ -392,22 +501,13 @@ def train(cfg: TrainConfig) -> dict:
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                  "ema": ema.module.state_dict() if ema is not None else None,
                  "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "rng": rngs,
-                 "best_top1": best_top1, "history": history, "class_names": list(class_names),
-                 "model_config": raw_model.config, "variant": cfg.model, "train_config": dataclasses.asdict(cfg)}
-        for name in names:
-            atomic_save(state, out / name)
-        return out / names[0]
+                 "best_top1": best_top1, "best_epoch": best_epoch, "history": history,
+                 "class_names": list(class_names), "model_config": raw_model.config, "variant": cfg.model,
+                 "train_config": dataclasses.asdict(cfg), "world_size": world}
+        return save_pair(state, out, is_best)
 
     # Ctrl-C / SIGTERM only raise a flag; the loop agrees on it across ranks and stops between steps.
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        if stop["signal"] is not None:  # a second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
-        log(f"\n{stop['signal']}: saving a checkpoint after this step (Ctrl-C again to abort without saving)")
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = GracefulStop(log).__enter__()
 
     log(f"data: {data_name}, {len(class_names)} classes | model: {cfg.model} {overrides} | "
         f"{world} process(es) on {device.type}, amp {amp} | global batch {global_batch} "
@@ -435,7 +535,7 @@ def train(cfg: TrainConfig) -> dict:
                 batch_loss = torch.zeros(2, device=device)  # [sum of micro-step losses, stop flag]
                 for micro in range(cfg.accum_steps):
                     x, y, bad = next(data_iter)
-                    unreadable.add(bad)
+                    unreadable.add(bad, len(x))
                     if mixup is not None and len(x) % 2:  # Mixup pairs images; an odd batch lost one to a bad file
                         x, y = x[:-1], y[:-1]
                     x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
@@ -452,7 +552,7 @@ def train(cfg: TrainConfig) -> dict:
                         scaler.scale(loss / cfg.accum_steps).backward()
                     batch_loss[0] += loss.detach().float()
                     epoch_images += len(x)
-                batch_loss[1] = float(stop["signal"] is not None)
+                batch_loss[1] = float(stop.requested)
                 batch_loss = all_reduce_sum(batch_loss)
                 loss_value = batch_loss[0].item() / (cfg.accum_steps * world)
                 if not math.isfinite(loss_value):
@@ -480,8 +580,8 @@ def train(cfg: TrainConfig) -> dict:
                     writer.add_scalar("train/lr", lr_now, step)
                 if batch_loss[1] > 0:
                     bar.close()
-                    path = checkpoint(epoch, it + 1, ("last.pth",))
-                    raise Interrupted(f"stopped by {stop['signal'] or 'another rank'} at epoch {epoch + 1}, step "
+                    path = checkpoint(epoch, it + 1)
+                    raise Interrupted(f"stopped by {stop.signal or 'another rank'} at epoch {epoch + 1}, step "
                                       f"{step}; saved {path}. Continue with the same command plus --resume auto")
             bar.close()
             start_step = 0
@@ -500,8 +600,9 @@ def train(cfg: TrainConfig) -> dict:
             row["unreadable"] = len(bad_files)
             history.append(row)
             is_best = val["top1"] > best_top1
-            best_top1 = max(best_top1, val["top1"])
-            last_good = checkpoint(epoch + 1, 0, ("last.pth", "best.pth") if is_best else ("last.pth",))
+            if is_best:
+                best_top1, best_epoch = val["top1"], epoch + 1
+            last_good = checkpoint(epoch + 1, 0, is_best)
             if master:
                 for k, v in row.items():
                     if k not in ("epoch", "step"):
@@ -516,8 +617,7 @@ def train(cfg: TrainConfig) -> dict:
                     for b in bad_files:
                         log(f"    {b.path}: {b.error}")
     finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+        stop.__exit__()
         if writer is not None:
             writer.close()
 

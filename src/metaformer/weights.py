@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic import atomic_write
+from .errors import MetaFormerError
 from .models.layers import ACTIVATIONS, NORMS
 from .models.mixers import TOKEN_MIXERS
 from .models.registry import build_from_config, get_model_info, list_models
@@ -67,7 +68,7 @@ EXTENSIONS = (".pth", ".pth.tar", ".pt", ".bin", ".safetensors")
 _LIST_LIMIT = 10  # keys shown per list in an error message
 
 
-class WeightsError(ValueError):
+class WeightsError(MetaFormerError):
     """A weights file that cannot be read, or does not fit the model it is loaded into."""
 
 
@@ -405,7 +406,17 @@ def _adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return adapt_input_conv(in_chans, weight)
 
 
-def load_weights(model: nn.Module, source: Any, strict: bool = True) -> LoadReport:
+def check_finite(sd: dict[str, torch.Tensor], path: Any) -> None:
+    """Refuse weights holding NaN or inf: they load without complaint and every output is then NaN."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(
+            f"{path}: {len(bad)} tensor(s) hold NaN or inf values: {_fmt_list(bad)}. These weights are broken "
+            "(saved from a diverged run?): use a checkpoint from before the divergence, or pass "
+            "allow_nonfinite=True (command line: --allow-nonfinite) to load them anyway")
+
+
+def load_weights(model: nn.Module, source: Any, strict: bool = True, allow_nonfinite: bool = False) -> LoadReport:
     """Load a checkpoint of any supported layout into ``model``; see the module docstring.
 
     Args:
@@ -413,8 +424,11 @@ def load_weights(model: nn.Module, source: Any, strict: bool = True) -> LoadRepo
         source: a path (``str``/``Path``) or an ``http(s)://``/``file://`` URL (cached).
         strict: raise :class:`WeightsError` on any missing, unexpected or mismatched key
             (besides the four expected differences). ``False`` loads what fits and reports the rest.
+        allow_nonfinite: load tensors holding NaN or inf instead of refusing the file.
     """
     sd, metadata, path = read_state_dict(source)
+    if not allow_nonfinite:
+        check_finite(sd, path)
     layout = detect_layout(sd, metadata)
     if layout is None:
         raise WeightsError(
@@ -526,14 +540,14 @@ def _warn_config_difference(model: nn.Module, metadata: dict, path: Path) -> Non
                       "differ. metaformer.load_model(path) rebuilds the saved model.", stacklevel=3)
 
 
-def load_pretrained(model: nn.Module, source: Any, name: str | None = None) -> LoadReport:
+def load_pretrained(model: nn.Module, source: Any, name: str | None = None, allow_nonfinite: bool = False) -> LoadReport:
     """What ``create_model(..., pretrained=...)`` calls: strict :func:`load_weights` with a clear error for
     variants without published weights."""
     if source is None:
         raise WeightsError(f"{name or 'this model'} has no published weights to download: pass the path of a "
                            f"checkpoint instead, e.g. create_model({name or 'name'!r}, pretrained='/path/to/weights."
                            "pth'), or call metaformer.load_weights(model, path).")
-    return load_weights(model, source, strict=True)
+    return load_weights(model, source, strict=True, allow_nonfinite=allow_nonfinite)
 
 
 # --------------------------------------------------------------------------------------
@@ -648,21 +662,22 @@ def read_metadata(path: str | os.PathLike) -> dict:
     }
 
 
-def load_model(path: str | os.PathLike, **overrides: Any) -> nn.Module:
+def load_model(path: str | os.PathLike, allow_nonfinite: bool = False, **overrides: Any) -> nn.Module:
     """Rebuild the model saved by :func:`save_weights` and load its weights strictly.
 
     ``overrides`` change config entries, e.g. ``num_classes=10`` (classifier re-initialised),
     ``features_only=True`` or ``img_size=384``.
     """
     meta = read_metadata(path)
-    return rebuild(meta["config"], meta["variant"], path, meta["class_names"], **overrides)
+    return rebuild(meta["config"], meta["variant"], path, meta["class_names"], allow_nonfinite=allow_nonfinite,
+                   **overrides)
 
 
 def rebuild(config: dict, variant: str | None, weights: Any, class_names: list[str] | None = None,
-            **overrides: Any) -> nn.Module:
+            allow_nonfinite: bool = False, **overrides: Any) -> nn.Module:
     """Build ``config`` (with ``overrides``), load ``weights`` strictly, attach the class names."""
     config = {**config, **overrides}
     model = build_from_config(config, variant)
-    load_weights(model, weights, strict=True)
+    load_weights(model, weights, strict=True, allow_nonfinite=allow_nonfinite)
     model.class_names = class_names if class_names and len(class_names) == config.get("num_classes") else None
     return model

@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
-import yaml
-
+from .. import yaml12
 from ..cli import UserError
 
 
 def _parse_set(items: list[str]) -> dict:
-    """``KEY=VALUE`` pairs, each VALUE parsed as YAML and coerced to the train option's number type
-    (YAML alone reads ``1e-3`` as a string)."""
+    """``KEY=VALUE`` pairs of `metaformer train` options, each VALUE read as YAML and checked against the
+    option's type (``--set lr=1e-3`` is a number)."""
     import dataclasses
 
-    from ..train import TrainConfig
+    from ..train import TrainConfig, coerce_option
 
     types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
     out = {}
@@ -24,27 +24,44 @@ def _parse_set(items: list[str]) -> dict:
         if not sep:
             raise UserError(f"--set takes KEY=VALUE (a `metaformer train` option), got {item!r}")
         key = key.strip().replace("-", "_")
-        parsed = yaml.safe_load(value)
-        kind = types.get(key, "")
-        try:
-            if isinstance(parsed, str) and kind.startswith("float"):
-                parsed = float(parsed)
-            elif isinstance(parsed, str) and kind.startswith("int"):
-                parsed = int(parsed)
-        except ValueError:
-            raise UserError(f"--set {key}: {value!r} is not a number") from None
-        out[key] = parsed
+        if key not in types:
+            raise UserError(f"--set: unknown train option {key!r} (see `metaformer train --help`)")
+        out[key] = coerce_option(key, yaml12.load(value, f"--set {key}"), types[key], f"--set {key}")
     return out
 
 
-def run(args) -> int:
-    import dataclasses
+def check_same_grid(output: Path, grid: dict) -> None:
+    """A grid folder holds one experiment: the budget, data, flags and config it was started with.
+    Rows and seeds may be added; anything else would mix runs of two recipes in one report."""
+    path = output / "grid.json"
+    if not path.is_file():
+        if output.is_dir() and (output / "rows").is_dir():
+            raise UserError(f"{output} holds ablation rows but no grid.json, so what they were trained with is "
+                            "unknown: use another --output")
+        return
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{path} is unreadable: use another --output, or delete that folder to start over") from None
 
+    def data(g):
+        return g.get("flags", {}).get("data") or "the built-in digits"
+
+    diffs = [f"{what}: {a} then, {b} now" for what, a, b in (
+        ("budget", before.get("budget"), grid["budget"]), ("data", data(before), data(grid)),
+        ("config", before.get("config"), grid["config"]),
+        ("train options", json.dumps(before.get("flags")), json.dumps(grid["flags"]))) if a != b]
+    if diffs:
+        raise UserError(f"{output} already holds a grid run with other settings ({'; '.join(diffs)}). Its finished "
+                        "rows would be reported as results of this one: use another --output")
+
+
+def run(args) -> int:
     import torch
 
     from ..ablate import BUDGETS, command_line, run_grid, summarise, write_report
     from ..models import ABLATIONS
-    from ..train import TrainConfig
+    from ..train import Interrupted
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else list(ABLATIONS)
     unknown = [r for r in rows if r not in ABLATIONS]
@@ -54,14 +71,14 @@ def run(args) -> int:
         raise UserError("--seeds must be at least 1")
     flags = dict(BUDGETS[args.budget])
     if args.data:
+        from ..data import check_image_folder, is_builtin
+
+        if not is_builtin(args.data):
+            check_image_folder(args.data)  # a missing or mislaid folder fails now, not after the first rows
         flags["data"] = args.data
     elif args.budget == "paper":
         raise UserError("--budget paper is the paper's ImageNet recipe: pass --data with an ImageNet-layout root")
     extra = _parse_set(args.set)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    bad = sorted(set(extra) - known - {"data"})
-    if bad:
-        raise UserError(f"--set: unknown train option(s) {', '.join(bad)} (see `metaformer train --help`)")
     if any(k in extra for k in ("model", "output", "resume")):
         raise UserError("--set cannot change model, output or resume: the grid sets them per row")
     flags.update(extra)
@@ -73,12 +90,18 @@ def run(args) -> int:
     else:
         devices = None
     output = Path(args.output)
+    grid = {"command": command_line(), "budget": args.budget, "rows": rows, "seeds": args.seeds, "flags": flags,
+            "config": args.config}
+    check_same_grid(output, grid)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "grid.json").write_text(json.dumps({"command": command_line(), "budget": args.budget, "rows": rows,
-                                                  "seeds": args.seeds, "flags": flags, "config": args.config},
-                                                 indent=2))
+    (output / "grid.json").write_text(json.dumps(grid, indent=2))
     t0 = time.time()
-    results = run_grid(rows, args.seeds, flags, output, args.config, devices)
+    try:
+        results = run_grid(rows, args.seeds, flags, output, args.config, devices)
+    except (KeyboardInterrupt, Interrupted):
+        print(f"metaformer ablate: interrupted; finished rows are kept and the running one saved its progress. "
+              f"Continue with the same command:\n  {command_line()}", file=sys.stderr)
+        return 130
     table = summarise(results)
     md = write_report(table, output, command_line(), flags, args.budget, args.config)
     print(md.read_text())

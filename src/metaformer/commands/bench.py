@@ -6,6 +6,7 @@ import sys
 import time
 
 from .. import bench as harness
+from ..cli import UserError
 
 
 def _csv(kind=str):
@@ -40,7 +41,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     for d in args.dtype:
         if d not in harness.DTYPES:
-            raise ValueError(f"unknown dtype {d!r}; choose from {', '.join(harness.DTYPES)}")
+            raise UserError(f"unknown dtype {d!r}; choose from {', '.join(harness.DTYPES)}")
     results = []
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if not args.train_only:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 
-import yaml
+from .. import yaml12
+from ..cli import UserError
 
 
 def _key_values(items: list[str] | None, what: str) -> dict:
@@ -18,23 +20,31 @@ def _key_values(items: list[str] | None, what: str) -> dict:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"{what} {item!r} is not KEY=VALUE (e.g. depths=[2,2,6,2])")
-        out[key.strip()] = yaml.safe_load(value)
+            raise UserError(f"{what} {item!r} is not KEY=VALUE (e.g. depths=[2,2,6,2])")
+        out[key.strip()] = yaml12.load(value, f"{what} {key.strip()}")
     return out
 
 
 def _one_line(func):
-    """An input error raised inside a DataLoader worker comes back with the worker's traceback
-    in its message; keep the original one-line message."""
+    """The training verbs' outcomes as the command line reports them: an input error raised inside a
+    DataLoader worker keeps its one-line message (not the worker's traceback), a diverged run is an
+    error line, and Ctrl-C (after saving) exits 130 saying how to continue."""
     @functools.wraps(func)
     def run(args):
+        from ..engine.stop import Interrupted, TrainingDiverged
+
         try:
             return func(args)
+        except TrainingDiverged as e:
+            raise UserError(str(e)) from None
+        except Interrupted as e:
+            print(f"metaformer {args.command}: {e}", file=sys.stderr)
+            return 130
         except ValueError as e:
             msg = str(e)
             if "Original Traceback" not in msg:
                 raise
-            raise type(e)(msg.strip().splitlines()[-1].split(": ", 1)[-1]) from None
+            raise UserError(msg.strip().splitlines()[-1].split(": ", 1)[-1]) from None
     return run
 
 
@@ -60,6 +70,8 @@ def _add_toy(sub) -> None:
 
 def _add_common_train(p) -> None:
     p.add_argument("--output", required=True, help="run folder: last.pth (written each epoch/save) and metrics.jsonl")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output (else refused "
+                   "unless --resume)")
     p.add_argument("--backbone", default="poolformer_s12", help="any variant from `metaformer info`")
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="backbone config override, repeatable (e.g. depths=[1,1,1,1] dims=[16,32,48,64])")
@@ -89,10 +101,10 @@ def _det_train(args) -> int:
         detector_options=_key_values(args.detector_opt, "--detector-opt"), min_size=args.min_size,
         max_size=args.max_size, epochs=args.epochs, lr_steps=args.lr_steps, lr=args.lr or 1e-4,
         weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, batch_size=args.batch_size or 2,
-        workers=args.workers, amp=args.amp, seed=args.seed, resume=args.resume, log_every=args.log_every,
-        device=args.device)
+        workers=args.workers, amp=args.amp, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+        log_every=args.log_every, device=args.device)
     if (args.val_images is None) != (args.val_ann is None):
-        raise ValueError("give both --val-images and --val-ann, or neither")
+        raise UserError("give both --val-images and --val-ann, or neither")
     train_detection(cfg)
     return 0
 
@@ -105,13 +117,21 @@ def _det_eval(args) -> int:
     ckpt = load_checkpoint(args.checkpoint, "detect")
     ds = CocoDetection(args.images, args.ann, masks=ckpt["arch"] == "mask_rcnn")
     if ds.class_names != ckpt["class_names"]:
-        raise ValueError(f"{args.ann} has categories {ds.class_names}, the checkpoint {ckpt['class_names']}")
+        raise UserError(f"{args.ann} has categories {ds.class_names}, the checkpoint {ckpt['class_names']}")
     rt = setup_runtime(args.device)
     model = build_detector_from_checkpoint(ckpt).to(rt.device)
     res = evaluate_detection(model, ds, rt, args.amp, args.workers)
     if rt.main:
         print(json.dumps(res["metrics"]) if args.json else res["summary"])
+        _print_skipped(res["unreadable"])
     return 0
+
+
+def _print_skipped(bad) -> None:
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s), left out of the scores:", file=sys.stderr)
+        for b in bad:
+            print(f"  {b.path}: {b.error}", file=sys.stderr)
 
 
 def _det_predict(args) -> int:
@@ -132,7 +152,8 @@ def _seg_train(args) -> int:
         reduce_zero_label=args.reduce_zero_label, fpn_channels=args.fpn_channels, img_scale=args.img_scale,
         crop_size=args.crop_size, ratio_range=args.ratio_range, iters=args.iters, lr=args.lr or 2e-4,
         weight_decay=args.weight_decay, power=args.power, batch_size=args.batch_size or 4, workers=args.workers,
-        amp=args.amp, seed=args.seed, resume=args.resume, ckpt_every=args.ckpt_every, eval_every=args.eval_every,
+        amp=args.amp, seed=args.seed, resume=args.resume, overwrite=args.overwrite, ckpt_every=args.ckpt_every,
+        eval_every=args.eval_every,
         mode=args.mode, log_every=args.log_every, device=args.device)
     train_segmentation(cfg)
     return 0
@@ -150,8 +171,9 @@ def _seg_eval(args) -> int:
     model = build_segmenter_from_checkpoint(ckpt).to(rt.device)
     res = evaluate_segmentation(model, ds, rt, args.mode, args.crop_size or ckpt["crop_size"], args.amp)
     if rt.main:
-        per_class = res.pop("IoU_per_class")
+        per_class, bad = res.pop("IoU_per_class"), res.pop("unreadable")
         print(json.dumps(res if not args.json else {**res, "IoU_per_class": per_class}))
+        _print_skipped(bad)
     return 0
 
 

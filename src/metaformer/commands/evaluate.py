@@ -23,6 +23,11 @@ def add_parser(subparsers) -> None:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--fused", action="store_true", help="run the fused inference model (metaformer.fuse: same "
                                                         "numbers, faster)")
+    e.add_argument("--positional", action="store_true", help="map the i-th class folder (sorted) to class i, as "
+                   "torchvision's ImageFolder does, instead of matching folders to the model's classes by name "
+                   "(for a checkpoint without class names)")
+    e.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN or inf instead of "
+                   "refusing them")
     e.set_defaults(func=run_eval)
 
     p = subparsers.add_parser(
@@ -39,7 +44,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--fused", action="store_true", help="run the fused inference model (metaformer.fuse)")
     p.add_argument("--exported", metavar="FILE", help="run this file from `metaformer export` instead of PyTorch: "
                    ".onnx in ONNX Runtime, .pt in TorchScript, .pt2 with torch.export (same preprocessing; class "
-                   "names from --checkpoint or the variant)")
+                   "names and preprocessing stored in the file; --checkpoint or MODEL must agree with them)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN or inf instead of "
+                   "refusing them")
     p.set_defaults(func=run_predict)
 
 
@@ -54,12 +61,12 @@ def run_eval(args) -> int:
     from ..evaluate import eval_dataset, evaluate, load_for_inference
 
     device = _device(args.device)
-    loaded = load_for_inference(args.model, args.checkpoint, args.num_classes, device)
+    loaded = load_for_inference(args.model, args.checkpoint, args.num_classes, device, args.allow_nonfinite)
     if args.fused:
         from ..fast import fuse
 
         loaded.model = fuse(loaded.model)
-    ds = eval_dataset(loaded, args.data)
+    ds = eval_dataset(loaded, args.data, args.positional)
     loader = D.make_loader(ds, args.batch_size, None, args.workers)
     unreadable = D.UnreadableLog(strict=args.strict_data)
     result = evaluate(loaded.model, loader, device, unreadable=unreadable, progress=True)
@@ -76,19 +83,28 @@ def run_eval(args) -> int:
     return 0
 
 
+def split_model_and_images(inputs: list[str], has_weights, verb: str) -> tuple[str | None, list[str]]:
+    """``[MODEL] IMAGE...``: the model name is optional when the weights say what they are."""
+    from ..cli import UserError
+    from ..models import list_models
+
+    model, images = None, list(inputs)
+    if images[0] in list_models():
+        model, images = images[0], images[1:]
+    elif not has_weights:
+        raise UserError(f"{images[0]!r} is not a model name; usage: metaformer {verb} MODEL IMAGE... (or "
+                        f"--checkpoint F IMAGE... for a checkpoint trained here"
+                        + (", or --exported FILE IMAGE...)" if verb == "predict" else ")"))
+    if not images:
+        raise UserError(f"no images given: metaformer {verb} [MODEL] IMAGE...")
+    return model, images
+
+
 def run_predict(args) -> int:
     from ..cli import UserError
     from ..evaluate import load_for_inference, predict
-    from ..models import list_models
 
-    model, images = None, list(args.inputs)
-    if images[0] in list_models():
-        model, images = images[0], images[1:]
-    elif not args.checkpoint:
-        raise UserError(f"{images[0]!r} is not a model name; usage: metaformer predict MODEL IMAGE... "
-                        f"(or --checkpoint F IMAGE... for a checkpoint trained here)")
-    if not images:
-        raise UserError("no images given: metaformer predict MODEL IMAGE...")
+    model, images = split_model_and_images(args.inputs, args.checkpoint or args.exported, "predict")
     if args.topk < 1:
         raise UserError("--topk must be at least 1")
     device = _device(args.device)
@@ -99,7 +115,7 @@ def run_predict(args) -> int:
 
         loaded, device = load_exported(args.exported, model, args.checkpoint), "cpu"
     else:
-        loaded = load_for_inference(model, args.checkpoint, args.num_classes, device)
+        loaded = load_for_inference(model, args.checkpoint, args.num_classes, device, args.allow_nonfinite)
         if args.fused:
             from ..fast import fuse
 

@@ -9,10 +9,12 @@ from ..cli import UserError
 def _load(args):
     from ..evaluate import load_for_inference
 
-    return load_for_inference(args.model, args.checkpoint, num_classes=getattr(args, "num_classes", None))
+    return load_for_inference(args.model, args.checkpoint, num_classes=getattr(args, "num_classes", None),
+                              allow_nonfinite=args.allow_nonfinite)
 
 
 def run_export(args) -> int:
+    from ..evaluate import export_metadata
     from ..export import ExportError, FORMATS, export, sample_image
 
     loaded = _load(args)
@@ -26,7 +28,8 @@ def run_export(args) -> int:
     image = sample_image(loaded.img_size, loaded.transform) if loaded.model.in_chans == 3 else None
     try:
         result = export(model, out, args.format, img_size=loaded.img_size, image=image,
-                        dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size, dtype=args.dtype)
+                        dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size, dtype=args.dtype,
+                        metadata=export_metadata(loaded))
     except ExportError as e:
         raise UserError(str(e)) from None
     size_mb = result.path.stat().st_size / 2**20
@@ -39,10 +42,12 @@ def run_export(args) -> int:
 
 
 def run_cam(args) -> int:
-    from PIL import Image, UnidentifiedImageError
-
     from ..cam import grad_cam, resolve_target, save_overlay
+    from ..data import open_rgb
 
+    from .evaluate import split_model_and_images
+
+    args.model, images = split_model_and_images(args.inputs, args.checkpoint, "cam")
     loaded = _load(args)
     target = resolve_target(args.target, loaded.class_names)
     grid = getattr(loaded.model, "token_grid", None)
@@ -50,12 +55,8 @@ def run_cam(args) -> int:
         print(f"note: at {loaded.img_size}px the last stage's map is {grid[0]}x{grid[1]}, so Grad-CAM cannot "
               "localise (the heatmap is flat); use a model built for larger images (e.g. 224)")
     out_dir = Path(args.out)
-    for image in args.images:
-        try:
-            pil = Image.open(image)
-            pil.load()
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-            raise UserError(f"cannot read image {image}: {e}") from None
+    for image in images:
+        pil = open_rgb(image)
         result = grad_cam(loaded.model, pil, loaded.transform, target, loaded.class_names, name=image)
         path = save_overlay(result, out_dir)
         print(f"{image}: class {result.target} ({result.target_name}, p={result.probability:.3f}), "
@@ -63,11 +64,14 @@ def run_cam(args) -> int:
     return 0
 
 
-def _common(p):
-    p.add_argument("model", help="variant name, e.g. poolformer_s12 (a checkpoint saved by metaformer "
-                   "overrides it with its stored config)")
+def _common(p, model_positional: bool = True):
+    if model_positional:
+        p.add_argument("model", nargs="?", help="variant name, e.g. poolformer_s12 (optional with a checkpoint "
+                       "saved by metaformer, which stores its config)")
     p.add_argument("--checkpoint", help="weights: any layout metaformer loads (default: the authors' release)")
     p.add_argument("--num-classes", type=int, help="classifier width of a checkpoint without stored config")
+    p.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN or inf instead of "
+                   "refusing them")
 
 
 def add_parser(sub) -> None:
@@ -85,8 +89,9 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_export)
 
     c = sub.add_parser("cam", help="Grad-CAM heatmaps over images (last stage, as the authors did)")
-    _common(c)
-    c.add_argument("images", nargs="+", metavar="IMAGE")
+    c.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE", help="variant name (optional with a checkpoint "
+                   "of ours) followed by image files")
+    _common(c, model_positional=False)
     c.add_argument("--target", help="class index or name (default: the predicted class)")
     c.add_argument("--out", default="cam", help="folder for the PNG overlays (default: ./cam)")
     c.set_defaults(func=run_cam)

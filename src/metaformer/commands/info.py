@@ -5,6 +5,7 @@ import json
 
 import torch
 
+from ..cli import UserError
 from ..complexity import count_macs, count_params
 from ..models import ABLATIONS, ablation_spec, create_model, get_model_info, list_models
 
@@ -68,7 +69,7 @@ def run(args) -> int:
     names = args.models or list_models()
     unknown_rows = [r for r in args.ablation or [] if r not in ABLATIONS]
     if unknown_rows:
-        raise ValueError(f"unknown ablation row(s) {unknown_rows}; rows: {', '.join(ABLATIONS)}")
+        raise UserError(f"unknown ablation row(s) {unknown_rows}; rows: {', '.join(ABLATIONS)}")
     for n in names:
         get_model_info(n)  # clear error for an unknown name before any work
     ablations = args.ablation if args.ablation is not None else ([] if args.models else list(ABLATIONS))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import yaml
+from .. import yaml12
 
 
 def _flag_type(annotation: str) -> dict:
@@ -19,7 +19,7 @@ def _flag_type(annotation: str) -> dict:
     if annotation.startswith("list[float]"):
         return {"type": float, "nargs": "+"}
     if annotation.startswith("dict"):
-        return {"type": yaml.safe_load, "metavar": "YAML"}
+        return {"type": lambda text: yaml12.load(text, "--model-kwargs"), "metavar": "YAML"}
     if annotation.startswith("int"):
         return {"type": int}
     if annotation.startswith("float"):

@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.ops.feature_pyramid_network import (ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool,
                                                      LastLevelP6P7)
 
+from ..errors import ConfigError
 from ..models import create_model
 
 
@@ -55,7 +56,7 @@ class MetaFormerBackbone(nn.Module):
         self.strides = [f["reduction"] for f in self.body.feature_info]
         num_stages = self.body.num_stages
         if not -1 <= frozen_stages <= num_stages:
-            raise ValueError(f"frozen_stages={frozen_stages} is out of range: use -1 (none), 0 (stem) up to "
+            raise ConfigError(f"frozen_stages={frozen_stages} is out of range: use -1 (none), 0 (stem) up to "
                              f"{num_stages} (stem and all stages)")
         self.frozen_stages = frozen_stages
         self.load_report = None
@@ -130,5 +131,5 @@ def backbone_with_fpn(name: str, out_indices: Sequence[int], extra: str | None, 
     elif extra is None:
         extra_block = None
     else:
-        raise ValueError(f"unknown extra FPN levels {extra!r}: use 'p6p7', 'maxpool' or None")
+        raise ConfigError(f"unknown extra FPN levels {extra!r}: use 'p6p7', 'maxpool' or None")
     return BackboneWithFPN(backbone, fpn_channels, extra_block)

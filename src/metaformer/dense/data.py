@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+from ..data import Unreadable, open_rgb
+from ..errors import MetaFormerError
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -31,7 +33,7 @@ IGNORE_INDEX = 255
 BOX_TOLERANCE = 1.0  # px: COCO's float boxes may overshoot the border by rounding
 
 
-class AnnotationError(ValueError):
+class AnnotationError(MetaFormerError):
     """An annotation file or dataset folder that cannot be used as it is."""
 
 
@@ -115,17 +117,46 @@ def load_coco(ann_file: str | os.PathLike, images_dir: str | os.PathLike) -> dic
             raise AnnotationError(f"{path}: annotation {aid} has category_id {cid}, which is not in 'categories' "
                                   f"(known ids: {sorted(cat_ids)[:20]})")
         box = _need(a, "bbox", f"annotation {aid}", path)
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            raise AnnotationError(f"{path}: annotation {aid} has bbox {box!r}; expected [x, y, width, height]")
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+            raise AnnotationError(f"{path}: annotation {aid} has bbox {box!r}; expected [x, y, width, height] of "
+                                  "finite numbers")
         x, y, w, h = box
         im = images[iid]
         if (w < 0 or h < 0 or x < -BOX_TOLERANCE or y < -BOX_TOLERANCE
                 or x + w > im["width"] + BOX_TOLERANCE or y + h > im["height"] + BOX_TOLERANCE):
             raise AnnotationError(f"{path}: annotation {aid} has bbox {box} ([x, y, width, height]), outside its "
                                   f"image {im['file_name']!r} of {im['width']}x{im['height']}")
+        if "segmentation" in a:
+            _check_segmentation(a["segmentation"], aid, im, path)
         a.setdefault("iscrowd", 0)
         a.setdefault("area", float(w * h))
     return data
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_segmentation(segm: Any, aid: Any, im: dict, path: Path) -> None:
+    """COCO's two mask forms, checked here so a bad one is named instead of failing inside pycocotools."""
+    where = f"{path}: annotation {aid} (image {im['file_name']!r})"
+    if isinstance(segm, list):  # polygons: [[x0, y0, x1, y1, ...], ...]
+        for poly in segm:
+            if not (isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0
+                    and all(_is_number(v) for v in poly)):
+                shown = repr(poly)[:60]
+                raise AnnotationError(f"{where} has a bad polygon {shown}: a polygon is a flat list of at least 3 "
+                                      "(x, y) points of finite numbers")
+    elif isinstance(segm, dict):  # RLE: {"size": [h, w], "counts": ...}
+        size = segm.get("size")
+        if not (isinstance(size, list) and len(size) == 2 and isinstance(segm.get("counts"), (str, list))):
+            raise AnnotationError(f"{where} has an RLE mask without 'size' [height, width] and 'counts'")
+        if list(size) != [im["height"], im["width"]]:
+            raise AnnotationError(f"{where} has an RLE mask of size {size}, but the image is "
+                                  f"{im['height']}x{im['width']} (height x width)")
+    else:
+        raise AnnotationError(f"{where}: 'segmentation' must be a list of polygons or an RLE dict, got "
+                              f"{type(segm).__name__}")
 
 
 def _decode_mask(segm: Any, h: int, w: int) -> np.ndarray:
@@ -182,10 +213,13 @@ class CocoDetection(Dataset):
     def __getitem__(self, idx: int):
         info = self.images[idx]
         path = self.images_dir / info["file_name"]
-        img = Image.open(path).convert("RGB")
-        if img.size != (info["width"], info["height"]):
-            raise AnnotationError(f"{self.ann_file}: image {info['file_name']!r} is {img.size[0]}x{img.size[1]} but "
-                                  f"the file says {info['width']}x{info['height']}")
+        try:
+            img = open_rgb(path)
+            if img.size != (info["width"], info["height"]):
+                raise AnnotationError(f"{self.ann_file}: image {info['file_name']!r} is {img.size[0]}x{img.size[1]} "
+                                      f"but the file says {info['width']}x{info['height']}")
+        except MetaFormerError as e:  # skipped and listed by the loops, like classification's unreadable files
+            return Unreadable(str(path), str(e))
         w, h = img.size
         image = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
         anns = self.anns[info["id"]]
@@ -208,7 +242,9 @@ class CocoDetection(Dataset):
 
 
 def detection_collate(batch):
-    return tuple(zip(*batch))
+    """``(images, targets, unreadable)``: lists, as torchvision's detectors take them."""
+    good = [b for b in batch if not isinstance(b, Unreadable)]
+    return [b[0] for b in good], [b[1] for b in good], [b for b in batch if isinstance(b, Unreadable)]
 
 
 # --------------------------------------------------------------------------------------
@@ -268,8 +304,8 @@ class SegmentationDataset(Dataset):
             raise AnnotationError(f"{self.labels[idx]} is a {lab.mode} image; annotations must be single-channel "
                                   "index PNGs (one class index per pixel)")
         seg = np.asarray(lab).astype(np.int64)
-        if self.reduce_zero_label:
-            seg = np.where(seg == 0, IGNORE_INDEX, seg - 1)
+        if self.reduce_zero_label:  # as mmseg: 0 ("other") is ignored, the rest shift down; 255 stays "ignore"
+            seg = np.where((seg == 0) | (seg == IGNORE_INDEX), IGNORE_INDEX, seg - 1)
         bad = seg[(seg != IGNORE_INDEX) & ((seg < 0) | (seg >= self.num_classes))]
         if bad.size:
             shift = " after the shift by -1 (--reduce-zero-label)" if self.reduce_zero_label else ""
@@ -278,11 +314,16 @@ class SegmentationDataset(Dataset):
         return seg
 
     def __getitem__(self, idx: int):
-        img = Image.open(self.images[idx]).convert("RGB")
-        seg = self.read_label(idx)
-        if seg.shape != (img.size[1], img.size[0]):
-            raise AnnotationError(f"{self.labels[idx]} is {seg.shape[1]}x{seg.shape[0]} but its image is "
-                                  f"{img.size[0]}x{img.size[1]}")
+        try:
+            img = open_rgb(self.images[idx])
+            seg = self.read_label(idx)
+            if seg.shape != (img.size[1], img.size[0]):
+                raise AnnotationError(f"{self.labels[idx]} is {seg.shape[1]}x{seg.shape[0]} but its image is "
+                                      f"{img.size[0]}x{img.size[1]}")
+        except MetaFormerError as e:  # skipped and listed by the loops
+            return Unreadable(str(self.images[idx]), str(e))
+        except OSError as e:  # an unreadable annotation PNG
+            return Unreadable(str(self.labels[idx]), f"cannot read annotation {self.labels[idx]}: {e}")
         if not self.train:
             return _normalize(img.resize(rescale_size(*img.size, self.img_scale), Image.BILINEAR)), \
                 torch.from_numpy(seg)

@@ -19,6 +19,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
+from ..errors import ConfigError
 from ..models.registry import IMAGENET_MEAN, IMAGENET_STD
 from .backbone import backbone_with_fpn
 
@@ -63,5 +64,5 @@ def mask_rcnn(backbone_name: str = "poolformer_s12", num_classes: int = 81, *, p
 def build_detector(arch: str, **config: Any) -> nn.Module:
     """Build ``arch`` (``'retinanet'`` or ``'mask_rcnn'``) from a builder's keyword arguments."""
     if arch not in ARCHS:
-        raise ValueError(f"unknown detector {arch!r}: use one of {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown detector {arch!r}: use one of {', '.join(ARCHS)}")
     return (retinanet if arch == "retinanet" else mask_rcnn)(**config)

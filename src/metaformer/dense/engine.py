@@ -26,7 +26,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from ..atomic import atomic_save
+from ..atomic import atomic_write
+from ..data import DataError, Unreadable, UnreadableLog, collate_skip_unreadable
+from ..engine.checkpoint import CheckpointError, check_output, prepare_output
+from ..engine.checkpoint import save as save_checkpoint
+from ..engine.runtime import on_main
+from ..engine.stop import GracefulStop, Interrupted, TrainingDiverged
+from ..errors import ConfigError
 from .data import IGNORE_INDEX, CocoDetection, SegmentationDataset, detection_collate
 from .detection import build_detector
 from .segmentation import build_segmenter
@@ -72,21 +78,27 @@ def autocast(rt: Runtime, amp: str | None):
     if amp is None:
         return contextlib.nullcontext()
     if amp not in AMP_DTYPES:
-        raise ValueError(f"unknown --amp {amp!r}: use bf16 or fp16")
+        raise ConfigError(f"unknown --amp {amp!r}: use bf16 or fp16")
     return torch.autocast(rt.device.type, dtype=AMP_DTYPES[amp])
 
 
 def load_checkpoint(path: str | os.PathLike, task: str) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"--checkpoint {path} is a folder: pass the checkpoint inside it, e.g. {path}/last.pth")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint never runs code
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0][:200]}; it is "
+                              "probably truncated or corrupt") from None
     if not isinstance(ckpt, dict) or ckpt.get("task") != task:
         what = ckpt.get("task") if isinstance(ckpt, dict) else None
-        raise ValueError(f"{path} is not a 'metaformer {task}' checkpoint" + (f" (it is from '{what}')" if what else ""))
+        if what is None and isinstance(ckpt, dict) and "model_config" in ckpt:
+            what = "train"  # a classifier of `metaformer train`
+        raise CheckpointError(f"{path} is not a 'metaformer {task}' checkpoint"
+                              + (f" (it is from 'metaformer {what}')" if what else ""))
     return ckpt
 
 
@@ -152,9 +164,34 @@ def _resume(path: str | None, output: Path, task: str) -> dict | None:
     return load_checkpoint(path, task) if path else None
 
 
-def _write_metrics(output: Path, row: dict) -> None:
-    with open(output / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
+def write_history(output: Path, history: list[dict]) -> None:
+    """``metrics.jsonl``, one JSON row per log point, rewritten whole from the run's history: a resumed
+    run continues it from its checkpoint (never a row twice), and a new run never appends to an old one."""
+    atomic_write(output / "metrics.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))
+
+
+def _report_unreadable(rt: Runtime, bad: list, where: str) -> None:
+    if bad:
+        rt.log(f"  skipped {len(bad)} unreadable image(s) {where}:")
+        for b in bad:
+            rt.log(f"    {b.path}: {b.error}")
+
+
+def _all_ranks_have_data(rt: Runtime, n: int) -> bool:
+    """Whether every rank's batch holds an image (DDP needs every rank in every backward pass)."""
+    if rt.world == 1:
+        return n > 0
+    t = torch.tensor([float(n == 0)], device=rt.device)
+    dist.all_reduce(t)
+    return t.item() == 0
+
+
+def _stop_requested(rt: Runtime, stop: GracefulStop) -> bool:
+    if rt.world == 1:
+        return stop.requested
+    t = torch.tensor([float(stop.requested)], device=rt.device)
+    dist.all_reduce(t)
+    return t.item() > 0
 
 
 # --------------------------------------------------------------------------------------
@@ -188,6 +225,7 @@ class DetectionConfig:
     amp: str | None = None
     seed: int = 0
     resume: str | None = None  # a checkpoint, or "auto" for OUTPUT/last.pth
+    overwrite: bool = False  # replace an earlier run in `output` (else refused)
     log_every: int = 50
     device: str | None = None
 
@@ -206,18 +244,23 @@ def build_detector_from_checkpoint(ckpt: dict) -> torch.nn.Module:
 
 
 def train_detection(cfg: DetectionConfig) -> list[dict]:
-    """Train a detector; returns one row per epoch (mean losses, and COCO AP when a val set is given)."""
+    """Train a detector; returns one row per epoch (mean losses, and COCO AP when a val set is given).
+
+    Never loses work: the epoch's checkpoint is written before the evaluation (an evaluation that
+    dies is redone on resume), Ctrl-C saves at the next step, unreadable images are skipped and listed.
+    """
     rt = setup_runtime(cfg.device)
-    _seed(cfg.seed, rt)
     output = Path(cfg.output)
+    on_main(lambda: check_output(output, bool(cfg.resume), cfg.overwrite), rt.main)
+    _seed(cfg.seed, rt)
     ckpt = _resume(cfg.resume, output, "detect")
     masks = (ckpt["arch"] if ckpt else cfg.arch) == "mask_rcnn"
     train_ds = CocoDetection(cfg.train_images, cfg.train_ann, train=True, masks=masks)
     val_ds = CocoDetection(cfg.val_images, cfg.val_ann, masks=masks) if cfg.val_ann else None
     if ckpt:
         if ckpt["class_names"] != train_ds.class_names:
-            raise ValueError(f"{cfg.train_ann} has categories {train_ds.class_names} but the checkpoint was trained on "
-                             f"{ckpt['class_names']}")
+            raise ConfigError(f"{cfg.train_ann} has categories {train_ds.class_names} but the checkpoint was trained "
+                              f"on {ckpt['class_names']}")
         arch, model_config = ckpt["arch"], ckpt["model_config"]
         model = build_detector(arch, **model_config)
         model.load_state_dict(ckpt["model"])
@@ -232,59 +275,95 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
     ddp = _wrap_ddp(model, rt)
     opt = _optimizer(model, cfg.lr, cfg.weight_decay)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16")
-    start_epoch, it = 0, 0
-    history: list[dict] = []
+    start_epoch, start_step, it, history, pending_eval = 0, 0, 0, [], False
+    sums: dict[str, float] = {}
+    n = 0
     if ckpt:
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, it, history = ckpt["epoch"] + 1, ckpt["iteration"], list(ckpt.get("history", []))
+        start_epoch, start_step, it = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["iteration"]
+        history, pending_eval = list(ckpt.get("history", [])), ckpt.get("pending_eval", False)
+        sums, n = dict(ckpt.get("epoch_sums") or {}), ckpt.get("epoch_steps", 0)
         _set_rng_state(ckpt.get("rng"))
-        rt.log(f"resumed from epoch {ckpt['epoch'] + 1} (iteration {it})")
+        rt.log(f"resumed at epoch {start_epoch + 1}, step {start_step} (iteration {it})")
+    on_main(lambda: prepare_output(output, bool(cfg.resume), cfg.overwrite), rt.main)
     if rt.main:
-        output.mkdir(parents=True, exist_ok=True)
+        write_history(output, history)
+    unreadable = UnreadableLog()
 
-    for epoch in range(start_epoch, cfg.epochs):
-        ddp.train()
-        loader = _loader(train_ds, cfg.batch_size, cfg.workers, rt, True, epoch, cfg.seed, detection_collate)
-        sums: dict[str, float] = {}
-        n, t0 = 0, time.time()
-        for images, targets in loader:
-            _set_lr(opt, detection_lr(cfg, epoch, it))
-            images = [im.to(rt.device, non_blocking=True) for im in images]
-            targets = [{k: (v.to(rt.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            with autocast(rt, cfg.amp):
-                losses = ddp(images, targets)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it}: "
-                                         + ("fp16 overflow? try --amp bf16 or no AMP" if cfg.amp == "fp16"
-                                            else "try a lower --lr"))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            n += 1
-            it += 1
-            if it % cfg.log_every == 0:
-                rt.log(f"epoch {epoch + 1} iter {it} lr {opt.param_groups[0]['lr']:.2e} "
-                       + " ".join(f"{k} {v:.4f}" for k, v in losses.items()) + f" loss {float(loss.detach()):.4f}")
-        row = {"epoch": epoch + 1, "iteration": it, "time_s": round(time.time() - t0, 2),
-               **{k: v / max(n, 1) for k, v in sums.items()}}
-        if val_ds is not None:
-            row.update(evaluate_detection(model, val_ds, rt, cfg.amp, cfg.workers)["metrics"])
-        history.append(row)
-        rt.log(json.dumps(row))
+    def save(epoch: int, step_in_epoch: int, pending: bool = False) -> None:
         if rt.main:
-            _write_metrics(output, row)
-            atomic_save({"task": "detect", "arch": arch, "model_config": model_config,
-                         "class_names": train_ds.class_names, "categories": train_ds.categories,
-                         "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                         "epoch": epoch, "iteration": it, "history": history, "config": asdict(cfg),
-                         "rng": _rng_state()},
-                        output / "last.pth")
+            save_checkpoint({"task": "detect", "arch": arch, "model_config": model_config,
+                             "class_names": train_ds.class_names, "categories": train_ds.categories,
+                             "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                             "epoch": epoch, "step_in_epoch": step_in_epoch, "iteration": it, "history": history,
+                             "pending_eval": pending, "epoch_sums": sums, "epoch_steps": n, "config": asdict(cfg),
+                             "rng": _rng_state()}, output / "last.pth")
+
+    def validate(epoch: int) -> None:
+        """Evaluate the finished epoch (its checkpoint is already on disk), then record and save again."""
+        res = evaluate_detection(model, val_ds, rt, cfg.amp, cfg.workers)
+        _report_unreadable(rt, res["unreadable"], "in the validation set")
+        history[-1].update(res["metrics"], val_unreadable=len(res["unreadable"]))
+        save(epoch, 0)
+        if rt.main:
+            write_history(output, history)
+        rt.log(json.dumps(history[-1]))
+
+    with GracefulStop(rt.log) as stop:
+        if pending_eval and val_ds is not None:
+            validate(start_epoch)
+        for epoch in range(start_epoch, cfg.epochs):
+            ddp.train()
+            loader = _loader(train_ds, cfg.batch_size, cfg.workers, rt, True, epoch, cfg.seed, detection_collate,
+                             skip_batches=start_step)
+            t0 = time.time()
+            for step, (images, targets, bad) in enumerate(loader, start=start_step):
+                unreadable.add(bad, len(images))
+                if _all_ranks_have_data(rt, len(images)):
+                    _set_lr(opt, detection_lr(cfg, epoch, it))
+                    images = [im.to(rt.device, non_blocking=True) for im in images]
+                    targets = [{k: (v.to(rt.device) if torch.is_tensor(v) else v) for k, v in t.items()}
+                               for t in targets]
+                    with autocast(rt, cfg.amp):
+                        losses = ddp(images, targets)
+                    loss = sum(losses.values())
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it}: stopped without applying "
+                            f"it; last checkpoint: {output / 'last.pth'}. "
+                            + ("fp16 overflow? try --amp bf16 or no AMP" if cfg.amp == "fp16" else "try a lower --lr"))
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                    n += 1
+                    it += 1
+                    if it % cfg.log_every == 0:
+                        rt.log(f"epoch {epoch + 1} iter {it} lr {opt.param_groups[0]['lr']:.2e} "
+                               + " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+                               + f" loss {float(loss.detach()):.4f}")
+                if _stop_requested(rt, stop):
+                    save(epoch, step + 1)
+                    raise Interrupted(f"stopped by {stop.signal or 'another rank'} at epoch {epoch + 1}, iteration "
+                                      f"{it}; saved {output / 'last.pth'}. Continue with the same command plus "
+                                      "--resume auto")
+            start_step = 0
+            bad = unreadable.end_epoch()
+            _report_unreadable(rt, bad, f"in epoch {epoch + 1}")
+            history.append({"epoch": epoch + 1, "iteration": it, "time_s": round(time.time() - t0, 2),
+                            **{k: v / max(n, 1) for k, v in sums.items()}, "unreadable": len(bad)})
+            sums, n = {}, 0
+            save(epoch + 1, 0, pending=val_ds is not None)  # the epoch is safe before evaluating it
+            if val_ds is not None:
+                validate(epoch + 1)
+            else:
+                if rt.main:
+                    write_history(output, history)
+                rt.log(json.dumps(history[-1]))
     return history
 
 
@@ -317,8 +396,11 @@ def evaluate_detection(model: torch.nn.Module, ds: CocoDetection, rt: Runtime | 
     idx = list(range(rt.rank, len(ds), rt.world))
     sub = torch.utils.data.Subset(ds, idx)
     loader = DataLoader(sub, batch_size=1, num_workers=workers, collate_fn=detection_collate)
-    results = []
-    for images, targets in loader:
+    results, unreadable = [], []
+    for images, targets, bad in loader:
+        unreadable += bad
+        if not images:
+            continue
         for out, t in zip(detect(model, list(images), rt, amp), targets):
             boxes = out["boxes"].numpy()
             for j in range(len(boxes)):
@@ -331,13 +413,14 @@ def evaluate_detection(model: torch.nn.Module, ds: CocoDetection, rt: Runtime | 
                     rle["counts"] = rle["counts"].decode("ascii")
                     r["segmentation"] = rle
                 results.append(r)
-    results = _gather(results, rt)
+    results, unreadable = _gather(results, rt), sorted(set(_gather(unreadable, rt)))
     iou_types = ["bbox", "segm"] if ds.masks else ["bbox"]
     names = ["mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l"]
     metrics: dict[str, float] = {}
     summary = []
     if not results:
-        return {"metrics": {f"{t}_{n}": 0.0 for t in iou_types for n in names}, "summary": "no detections"}
+        return {"metrics": {f"{t}_{n}": 0.0 for t in iou_types for n in names}, "summary": "no detections",
+                "unreadable": unreadable}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
         gt = COCO()
         gt.dataset = ds.coco
@@ -345,7 +428,9 @@ def evaluate_detection(model: torch.nn.Module, ds: CocoDetection, rt: Runtime | 
         dt = gt.loadRes(results)
     for t in iou_types:
         ev = COCOeval(gt, dt, t)
-        ev.params.imgIds = [im["id"] for im in ds.images]
+        # Unreadable images are left out of the scores (and listed), not scored as if nothing were found in them.
+        skipped = {b.path for b in unreadable}
+        ev.params.imgIds = [im["id"] for im in ds.images if str(ds.images_dir / im["file_name"]) not in skipped]
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             ev.evaluate()
@@ -353,7 +438,7 @@ def evaluate_detection(model: torch.nn.Module, ds: CocoDetection, rt: Runtime | 
             ev.summarize()
         summary.append(f"{t}:\n{buf.getvalue().split('DONE', 2)[-1].split(chr(10), 1)[-1]}")
         metrics.update({f"{t}_{n}": float(max(v, 0.0)) for n, v in zip(names, ev.stats[:6])})
-    return {"metrics": metrics, "summary": "\n".join(summary)}
+    return {"metrics": metrics, "summary": "\n".join(summary), "unreadable": unreadable}
 
 
 # --------------------------------------------------------------------------------------
@@ -386,6 +471,7 @@ class SegmentationConfig:
     amp: str | None = None
     seed: int = 0
     resume: str | None = None
+    overwrite: bool = False  # replace an earlier run in `output` (else refused)
     ckpt_every: int = 4000
     eval_every: int = 4000
     mode: str = "whole"  # test mode for the periodic evaluation
@@ -400,10 +486,16 @@ def build_segmenter_from_checkpoint(ckpt: dict) -> torch.nn.Module:
 
 
 def train_segmentation(cfg: SegmentationConfig) -> list[dict]:
-    """Iteration-based training (mmseg style); returns the log rows (losses and evaluations)."""
+    """Iteration-based training (mmseg style); returns the log rows (losses and evaluations).
+
+    Never loses work: a checkpoint is written before every evaluation (one that dies is redone on
+    resume), Ctrl-C saves at the next step, unreadable images or labels are skipped and listed (a
+    batch of only unreadable files still counts as an iteration, so resume stays aligned).
+    """
     rt = setup_runtime(cfg.device)
-    _seed(cfg.seed, rt)
     output = Path(cfg.output)
+    on_main(lambda: check_output(output, bool(cfg.resume), cfg.overwrite), rt.main)
+    _seed(cfg.seed, rt)
     ckpt = _resume(cfg.resume, output, "segment")
     model_config = ckpt["model_config"] if ckpt else dict(
         backbone_name=cfg.backbone, num_classes=cfg.num_classes, frozen_stages=cfg.frozen_stages,
@@ -420,58 +512,95 @@ def train_segmentation(cfg: SegmentationConfig) -> list[dict]:
     ddp = _wrap_ddp(model, rt)
     opt = _optimizer(model, cfg.lr, cfg.weight_decay)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=cfg.amp == "fp16")
-    it, history = 0, []
+    it, history, pending_eval, loss_sum, n = 0, [], False, 0.0, 0
     if ckpt:
         opt.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        it, history = ckpt["iteration"], list(ckpt.get("history", []))
+        it, history, pending_eval = ckpt["iteration"], list(ckpt.get("history", [])), ckpt.get("pending_eval", False)
+        loss_sum, n = ckpt.get("loss_sum", 0.0), ckpt.get("loss_steps", 0)
         _set_rng_state(ckpt.get("rng"))
         rt.log(f"resumed at iteration {it}")
+    on_main(lambda: prepare_output(output, bool(cfg.resume), cfg.overwrite), rt.main)
     if rt.main:
-        output.mkdir(parents=True, exist_ok=True)
+        write_history(output, history)
+    unreadable = UnreadableLog()
 
-    def save():
-        atomic_save({"task": "segment", "model_config": model_config, "model": model.state_dict(),
-                     "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "iteration": it,
-                     "history": history, "config": asdict(cfg), "rng": _rng_state(), "reduce_zero_label": cfg.reduce_zero_label,
-                     "img_scale": list(cfg.img_scale), "crop_size": cfg.crop_size}, output / "last.pth")
+    def save(pending: bool = False) -> None:
+        if rt.main:
+            save_checkpoint({"task": "segment", "model_config": model_config, "model": model.state_dict(),
+                             "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "iteration": it,
+                             "history": history, "pending_eval": pending, "loss_sum": loss_sum, "loss_steps": n,
+                             "config": asdict(cfg), "rng": _rng_state(), "reduce_zero_label": cfg.reduce_zero_label,
+                             "img_scale": list(cfg.img_scale), "crop_size": cfg.crop_size}, output / "last.pth")
+
+    def validate() -> None:
+        """Evaluate at iteration ``it`` (its checkpoint is already on disk), then record and save again."""
+        res = evaluate_segmentation(model, val_ds, rt, cfg.mode, cfg.crop_size, cfg.amp)
+        bad = res.pop("unreadable")
+        _report_unreadable(rt, bad, "in the validation set")
+        if not history or history[-1].get("iteration") != it:
+            history.append({"iteration": it})
+        history[-1].update(res, val_unreadable=len(bad))
+        save()
+        ddp.train()
+
+    def record(row: dict | None) -> None:
+        if row is not None:
+            rt.log(json.dumps({k: v for k, v in row.items() if k != "IoU_per_class"}))
+        if rt.main:
+            write_history(output, history)
 
     # Each pass over the data is an "epoch" seeding the sampler, so a resumed run draws the same batches.
     per_epoch = max(1, len(train_ds) // (cfg.batch_size * rt.world))
     ddp.train()
-    loss_sum, n, t0 = 0.0, 0, time.time()
-    while it < cfg.iters:
-        epoch = it // per_epoch
-        loader = _loader(train_ds, cfg.batch_size, cfg.workers, rt, True, epoch, cfg.seed,
-                         skip_batches=it - epoch * per_epoch)
-        for x, y in loader:
-            if it >= cfg.iters:
-                break
-            _set_lr(opt, cfg.lr * (1 - it / cfg.iters) ** cfg.power)
-            x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-            with autocast(rt, cfg.amp):
-                loss = F.cross_entropy(ddp(x).float(), y, ignore_index=IGNORE_INDEX)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at iteration {it}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            it += 1
-            loss_sum, n = loss_sum + float(loss.detach()), n + 1
-            if it % cfg.log_every == 0 or it == cfg.iters:
-                row = {"iteration": it, "loss": loss_sum / n, "lr": opt.param_groups[0]["lr"],
-                       "time_s": round(time.time() - t0, 2)}
-                loss_sum, n = 0.0, 0
-                if val_ds is not None and (it % cfg.eval_every == 0 or it == cfg.iters):
-                    row.update(evaluate_segmentation(model, val_ds, rt, cfg.mode, cfg.crop_size, cfg.amp))
-                    ddp.train()
-                history.append(row)
-                rt.log(json.dumps(row))
-                if rt.main:
-                    _write_metrics(output, row)
-            if rt.main and (it % cfg.ckpt_every == 0 or it == cfg.iters):
-                save()
+    t0 = time.time()
+    with GracefulStop(rt.log) as stop:
+        if pending_eval and val_ds is not None:
+            validate()
+            record(history[-1])
+        while it < cfg.iters:
+            epoch = it // per_epoch
+            loader = _loader(train_ds, cfg.batch_size, cfg.workers, rt, True, epoch, cfg.seed,
+                             collate=collate_skip_unreadable, skip_batches=it - epoch * per_epoch)
+            for x, y, bad in loader:
+                if it >= cfg.iters:
+                    break
+                unreadable.add(bad, len(x))
+                if _all_ranks_have_data(rt, len(x)):
+                    _set_lr(opt, cfg.lr * (1 - it / cfg.iters) ** cfg.power)
+                    x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                    with autocast(rt, cfg.amp):
+                        loss = F.cross_entropy(ddp(x).float(), y, ignore_index=IGNORE_INDEX)
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(f"loss is {loss.item()} at iteration {it}: stopped without applying "
+                                               f"it; last checkpoint: {output / 'last.pth'}. Try a lower --lr"
+                                               + (" or --amp bf16" if cfg.amp == "fp16" else ""))
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    loss_sum, n = loss_sum + float(loss.detach()), n + 1
+                it += 1
+                row = None
+                if it % cfg.log_every == 0 or it == cfg.iters:
+                    skipped = unreadable.end_epoch()
+                    _report_unreadable(rt, skipped, f"up to iteration {it}")
+                    row = {"iteration": it, "loss": loss_sum / max(n, 1), "lr": opt.param_groups[0]["lr"],
+                           "time_s": round(time.time() - t0, 2), "unreadable": len(skipped)}
+                    history.append(row)
+                    loss_sum, n = 0.0, 0
+                eval_due = val_ds is not None and (it % cfg.eval_every == 0 or it == cfg.iters)
+                if eval_due or it % cfg.ckpt_every == 0 or it == cfg.iters:
+                    save(pending=eval_due)  # safe on disk before the evaluation
+                if eval_due:
+                    validate()
+                    row = history[-1]
+                if row is not None:
+                    record(row)
+                if _stop_requested(rt, stop):
+                    save()
+                    raise Interrupted(f"stopped by {stop.signal or 'another rank'} at iteration {it}; saved "
+                                      f"{output / 'last.pth'}. Continue with the same command plus --resume auto")
     return history
 
 
@@ -483,7 +612,7 @@ def segment_logits(model: torch.nn.Module, x: torch.Tensor, mode: str = "whole",
     if mode == "whole":
         return model(x)
     if mode != "slide":
-        raise ValueError(f"unknown test mode {mode!r}: use whole or slide")
+        raise ConfigError(f"unknown test mode {mode!r}: use whole or slide")
     stride = stride or crop * 2 // 3
     b, _, h, w = x.shape
     logits = x.new_zeros((b, model.num_classes, h, w))
@@ -500,13 +629,19 @@ def segment_logits(model: torch.nn.Module, x: torch.Tensor, mode: str = "whole",
 def evaluate_segmentation(model: torch.nn.Module, ds: SegmentationDataset, rt: Runtime | None = None,
                           mode: str = "whole", crop: int = 512, amp: str | None = None) -> dict:
     """mIoU (mean over classes present in prediction or label), mean class accuracy and pixel
-    accuracy (``aAcc``), on labels at their original size, as mmseg reports them."""
+    accuracy (``aAcc``), on labels at their original size, as mmseg reports them; ``unreadable``
+    lists the images (or labels) that could not be read and were left out."""
     rt = rt or setup_runtime()
     model = _unwrap(model).eval()
     k = model.num_classes
     hist = torch.zeros(k * k, dtype=torch.float64)
+    unreadable = []
     for i in range(rt.rank, len(ds), rt.world):
-        x, y = ds[i]
+        item = ds[i]
+        if isinstance(item, Unreadable):  # left out of the scores and listed
+            unreadable.append(item)
+            continue
+        x, y = item
         with autocast(rt, amp):
             logits = segment_logits(model, x[None].to(rt.device), mode, crop).float()
         pred = F.interpolate(logits, size=y.shape, mode="bilinear", align_corners=False).argmax(1)[0].cpu()
@@ -524,7 +659,8 @@ def evaluate_segmentation(model: torch.nn.Module, ds: SegmentationDataset, rt: R
     return {"mIoU": float(np.nanmean(iou.numpy())) if (union > 0).any() else 0.0,
             "mAcc": float(np.nanmean(acc.numpy())) if (hist.sum(1) > 0).any() else 0.0,
             "aAcc": float(tp.sum() / hist.sum().clamp(min=1)),
-            "IoU_per_class": [None if math.isnan(v) else round(float(v), 4) for v in iou.tolist()]}
+            "IoU_per_class": [None if math.isnan(v) else round(float(v), 4) for v in iou.tolist()],
+            "unreadable": sorted(set(_gather(unreadable, rt)))}
 
 
 def iter_images(paths: Iterable[str]) -> list[Path]:
@@ -538,7 +674,7 @@ def iter_images(paths: Iterable[str]) -> list[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise FileNotFoundError(f"{p} not found")
+            raise DataError(f"{p} not found")
     if not out:
-        raise ValueError(f"no images found in {', '.join(map(str, paths))}")
+        raise DataError(f"no images found in {', '.join(map(str, paths))}")
     return out

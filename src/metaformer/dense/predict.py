@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from ..data import open_rgb
 from .data import _normalize, rescale_size
 from .engine import (build_detector_from_checkpoint, build_segmenter_from_checkpoint, detect, iter_images,
                      load_checkpoint, segment_logits, setup_runtime)
@@ -21,11 +22,6 @@ def palette(num_classes: int, seed: int = 3) -> np.ndarray:
     return rng.integers(40, 256, (num_classes, 3), dtype=np.uint8)
 
 
-def _read(path: Path) -> Image.Image:
-    try:
-        return Image.open(path).convert("RGB")
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
 
 
 def draw_detections(image: Image.Image, det: dict, class_names: list[str], score_thresh: float = 0.5) -> Image.Image:
@@ -58,7 +54,7 @@ def predict_detection(checkpoint: str, inputs: Iterable[str], output: str, score
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in iter_images(inputs):
-        image = _read(path)
+        image = open_rgb(path)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         det = detect(model, [x], rt)[0]
         dest = out_dir / f"{path.stem}.png"
@@ -80,7 +76,7 @@ def predict_segmentation(checkpoint: str, inputs: Iterable[str], output: str, mo
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in iter_images(inputs):
-        image = _read(path)
+        image = open_rgb(path)
         x = _normalize(image.resize(rescale_size(*image.size, tuple(ckpt["img_scale"])), Image.BILINEAR))
         logits = segment_logits(model, x[None].to(rt.device), mode, ckpt["crop_size"]).float()
         pred = F.interpolate(logits, size=(image.size[1], image.size[0]), mode="bilinear",

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 
 class GroupNorm1(nn.GroupNorm):
     """The paper's Modified Layer Norm (MLN): statistics over (C, H, W) per sample, affine per channel.
@@ -70,7 +72,7 @@ def resolve_norm(norm: str | Callable[..., nn.Module]) -> Callable[..., nn.Modul
     try:
         return NORMS[norm.lower()]
     except KeyError:
-        raise ValueError(f"unknown norm {norm!r}; choose one of {sorted(NORMS)} or pass a class "
+        raise ConfigError(f"unknown norm {norm!r}; choose one of {sorted(NORMS)} or pass a class "
                          "taking (num_channels)") from None
 
 
@@ -80,7 +82,7 @@ def resolve_act(act: str | Callable[..., nn.Module]) -> Callable[..., nn.Module]
     try:
         return ACTIVATIONS[act.lower()]
     except KeyError:
-        raise ValueError(f"unknown activation {act!r}; choose one of {sorted(ACTIVATIONS)} "
+        raise ConfigError(f"unknown activation {act!r}; choose one of {sorted(ACTIVATIONS)} "
                          "or pass an nn.Module class") from None
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import ConfigError
 from .layers import DropPath, LayerScale, Mlp, resolve_act, resolve_norm
 from .mixers import PositionEmbedding, build_token_mixer, resolve_token_mixer
 
@@ -32,16 +33,46 @@ def to_2tuple(x: int | Sequence[int]) -> tuple[int, int]:
         return (x, x)
     x = tuple(int(v) for v in x)
     if len(x) != 2:
-        raise ValueError(f"expected an int or (height, width), got {x}")
+        raise ConfigError(f"expected an int or (height, width), got {x}")
     return x
 
 
 def per_stage(value: Any, num_stages: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != num_stages:
-            raise ValueError(f"{name} has {len(value)} entries but the model has {num_stages} stages")
+            raise ConfigError(f"{name} has {len(value)} entries but the model has {num_stages} stages")
         return list(value)
     return [value] * num_stages
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_args(depths, dims, opts: dict, num_classes, in_chans, img_size, drop_path_rate, drop_rate) -> None:
+    """Reject arguments that would build a broken network, at construction and with the option's name."""
+    def positive_ints(name, values):
+        if not all(_is_int(v) and v > 0 for v in values):
+            raise ConfigError(f"{name} must be positive integers, got {list(values)}")
+
+    if not depths:
+        raise ConfigError("depths must list at least one stage")
+    positive_ints("depths", depths)
+    positive_ints("dims", dims)
+    if not (_is_int(in_chans) and in_chans > 0):
+        raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}")
+    if not (_is_int(num_classes) and num_classes >= 0):
+        raise ConfigError(f"num_classes must be an integer >= 0 (0: no classifier), got {num_classes!r}")
+    size = [img_size] * 2 if _is_int(img_size) else list(img_size) if isinstance(img_size, (list, tuple)) else None
+    if not size or len(size) != 2 or not all(_is_int(v) and v > 0 for v in size):
+        raise ConfigError(f"img_size must be a positive integer or (height, width), got {img_size!r}")
+    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in opts["mlp_ratios"]):
+        raise ConfigError(f"mlp_ratios must be positive numbers, got {opts['mlp_ratios']}")
+    if not all(_is_int(k) and k > 0 for k in opts["pool_size"]):
+        raise ConfigError(f"pool_size must be a positive odd integer, got {opts['pool_size']}")
+    for name, rate in (("drop_path_rate", drop_path_rate), ("drop_rate", drop_rate)):
+        if not (isinstance(rate, (int, float)) and 0 <= rate < 1):
+            raise ConfigError(f"{name} must be in [0, 1), got {rate!r}")
 
 
 def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -158,13 +189,19 @@ class MetaFormer(nn.Module):
         features_only: bool = False,
         out_indices: Sequence[int] = (0, 1, 2, 3),
     ):
+        # The model owns its config (as nanoGPT's GPT(config)): every argument, as given, so any
+        # MetaFormer can be saved and rebuilt exactly; reset_classifier keeps it up to date.
+        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in locals().items()
+                  if k not in ("self", "__class__")}
         super().__init__()
+        self.config = config
         self.num_stages = n = len(depths)
         if len(dims) != n:
-            raise ValueError(f"depths has {n} stages but dims has {len(dims)}")
+            raise ConfigError(f"depths has {n} stages but dims has {len(dims)}")
         opts = {k: per_stage(v, n, k) for k, v in dict(
             token_mixers=token_mixers, norm=norm, act=act, mlp_ratios=mlp_ratios, layer_scale=layer_scale,
             layer_scale_init_value=layer_scale_init_value, pool_size=pool_size, pos_embed=pos_embed).items()}
+        _check_args(depths, dims, opts, num_classes, in_chans, img_size, drop_path_rate, drop_rate)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = to_2tuple(img_size)
@@ -253,7 +290,10 @@ class MetaFormer(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         if self.features_only:
             raise RuntimeError("a features_only model has no classifier")
+        if not (_is_int(num_classes) and num_classes >= 0):
+            raise ConfigError(f"num_classes must be an integer >= 0 (0: no classifier), got {num_classes!r}")
         self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
         self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head.fc)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 TOKEN_MIXERS: dict[str, type[nn.Module]] = {}
 
 
@@ -37,7 +39,7 @@ def resolve_token_mixer(mixer: str | Callable[..., nn.Module]) -> Callable[..., 
     try:
         return TOKEN_MIXERS[mixer.lower()]
     except KeyError:
-        raise ValueError(f"unknown token mixer {mixer!r}; choose one of {sorted(TOKEN_MIXERS)}, "
+        raise ConfigError(f"unknown token mixer {mixer!r}; choose one of {sorted(TOKEN_MIXERS)}, "
                          "pass an nn.Module class, or register yours with "
                          "metaformer.register_token_mixer") from None
 
@@ -75,7 +77,7 @@ class Pooling(nn.Module):
     def __init__(self, dim: int, pool_size: int = 3, subtract: bool = True):
         super().__init__()
         if pool_size % 2 != 1:
-            raise ValueError(f"pool_size must be odd so the output keeps the input size, got {pool_size}")
+            raise ConfigError(f"pool_size must be odd so the output keeps the input size, got {pool_size}")
         self.pool_size = pool_size
         self.subtract = subtract
         self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2, count_include_pad=False)
@@ -155,7 +157,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, head_dim: int = 32, qkv_bias: bool = False):
         super().__init__()
         if dim % head_dim:
-            raise ValueError(f"attention needs dim divisible by head_dim, got dim={dim}, head_dim={head_dim}")
+            raise ConfigError(f"attention needs dim divisible by head_dim, got dim={dim}, head_dim={head_dim}")
         self.num_heads = dim // head_dim
         self.head_dim = head_dim
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)

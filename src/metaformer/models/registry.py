@@ -16,6 +16,8 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import ConfigError
+
 from .metaformer import MetaFormer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -50,19 +52,28 @@ class ModelInfo:
 
     def transforms(self, img_size: int | None = None):
         """The eval preprocessing the paper's numbers imply (resize bicubic, centre crop, normalise)."""
-        from torchvision import transforms as T
+        return eval_transform(img_size or self.input_size[-1], self.crop_pct, self.interpolation, self.mean, self.std)
 
-        size = img_size or self.input_size[-1]
-        interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[self.interpolation]
-        return T.Compose([
-            T.Resize(self.eval_resize(size), interpolation=interp),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(self.mean, self.std),
-        ])
+    def preprocessing(self, img_size: int | None = None) -> dict:
+        """What :func:`eval_transform` needs, as plain data (stored with exported models)."""
+        return {"img_size": img_size or self.input_size[-1], "crop_pct": self.crop_pct,
+                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
 
     def as_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+def eval_transform(img_size: int, crop_pct: float, interpolation: str, mean, std):
+    """Resize the shorter side to ``floor(img_size / crop_pct)``, centre-crop ``img_size``, normalise."""
+    from torchvision import transforms as T
+
+    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[interpolation]
+    return T.Compose([
+        T.Resize(math.floor(img_size / crop_pct), interpolation=interp),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        T.Normalize(tuple(mean), tuple(std)),
+    ])
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -134,7 +145,7 @@ ABLATIONS: dict[str, tuple[dict, str, str, float, float]] = {
 def ablation_spec(row: str, base: str = "poolformer_s12") -> tuple[str, dict]:
     """(variant name, overrides) that build ablation ``row`` of the paper's Table 5."""
     if row not in ABLATIONS:
-        raise KeyError(f"unknown ablation row {row!r}; rows: {', '.join(ABLATIONS)}")
+        raise ConfigError(f"unknown ablation row {row!r}; rows: {', '.join(ABLATIONS)}")
     overrides = dict(ABLATIONS[row][0])
     variant = overrides.pop("variant", base)
     return variant, overrides
@@ -154,7 +165,7 @@ def get_model_info(name: str) -> ModelInfo:
     except KeyError:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(list_models())}") from None
+        raise ConfigError(f"unknown model {name!r}{hint} Known models: {', '.join(list_models())}") from None
 
 
 def create_model(name: str, pretrained: bool | str = False, num_classes: int | None = None,
@@ -181,7 +192,6 @@ def create_model(name: str, pretrained: bool | str = False, num_classes: int | N
         cfg["features_only"] = True
     model = MetaFormer(**cfg)
     model.variant = name
-    model.config = cfg
     model.pretrained_cfg = info
     if pretrained:
         from ..weights import load_pretrained
@@ -193,7 +203,6 @@ def create_model(name: str, pretrained: bool | str = False, num_classes: int | N
 def build_from_config(config: dict, variant: str | None = None) -> nn.Module:
     """Rebuild a model from a saved config (see :func:`metaformer.save_weights`)."""
     model = MetaFormer(**config)
-    model.config = dict(config)
     model.variant = variant
     model.pretrained_cfg = _REGISTRY.get(variant) if variant else None
     return model
