@@ -7,7 +7,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src
 dependencies = ["torch", "torchvision", "timm", "safetensors"]
 
 from metaformer import create_model, list_models  # noqa: E402
-from metaformer.hub import from_pretrained  # noqa: E402,F401
+from metaformer.tools.hub import from_pretrained  # noqa: E402,F401
 
 
 def _entry(name):

@@ -10,7 +10,7 @@ import time
 import pytest
 from PIL import Image
 
-from metaformer.ablate import ROW_RESULT, row_dir, spearman, summarise
+from metaformer.tools.ablate import ROW_RESULT, row_dir, spearman, summarise
 from metaformer.cli import main
 
 TINY = ["--set", "depths=[1,1,1,1]", "--set", "dims=[32,32,32,32]", "--set", "img_size=32",

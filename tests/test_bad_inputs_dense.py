@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from metaformer.cli import main
-from metaformer.dense import engine
-from metaformer.dense.data import AnnotationError, SegmentationDataset, load_coco, make_toy_data
-from metaformer.dense.engine import (DetectionConfig, SegmentationConfig, load_checkpoint, train_detection,
+from metaformer.tasks.dense import engine
+from metaformer.tasks.dense.data import AnnotationError, SegmentationDataset, load_coco, make_toy_data
+from metaformer.tasks.dense.engine import (DetectionConfig, SegmentationConfig, load_checkpoint, train_detection,
                                      train_segmentation)
 from metaformer.engine.stop import Interrupted
 

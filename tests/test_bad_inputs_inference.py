@@ -11,7 +11,7 @@ from PIL import Image
 import metaformer
 from metaformer import data as D
 from metaformer.cli import main
-from metaformer.evaluate import load_for_inference
+from metaformer.tasks.inference import load_for_inference
 
 TINY = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--batch-size", "128", "--workers", "0"]
 
@@ -103,7 +103,7 @@ def test_same_count_other_names_is_an_error_not_a_positional_match(trained, tmp_
 
 
 def test_imagenet_wordnet_folders_map_to_a_1000_class_model(tmp_path):
-    from metaformer.evaluate import class_targets, imagenet_classes
+    from metaformer.tasks.inference import class_targets, imagenet_classes
 
     wnids, names = imagenet_classes()
     assert len(wnids) == len(set(wnids)) == 1000 and wnids == sorted(wnids) and names[0] == "tench"

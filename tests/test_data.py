@@ -84,7 +84,7 @@ def test_randaugment_posterize_at_full_magnitude_does_not_crash():
     from timm.data import auto_augment
 
     from metaformer import get_model_info
-    from metaformer.train import TrainConfig
+    from metaformer.tasks.classification import TrainConfig
 
     D.train_transform(TrainConfig(img_size=32), get_model_info("poolformer_s12"))
     op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from metaformer.cli import main
-from metaformer.dense import MetaFormerBackbone, mask_rcnn, retinanet, semantic_fpn
-from metaformer.dense.data import CocoDetection, SegmentationDataset, make_toy_data
-from metaformer.dense.engine import (DetectionConfig, SegmentationConfig, load_checkpoint, train_detection,
+from metaformer.tasks.dense import MetaFormerBackbone, mask_rcnn, retinanet, semantic_fpn
+from metaformer.tasks.dense.data import CocoDetection, SegmentationDataset, make_toy_data
+from metaformer.tasks.dense.engine import (DetectionConfig, SegmentationConfig, load_checkpoint, train_detection,
                                      train_segmentation)
-from metaformer.models import create_model
+from metaformer import create_model
 
 # pycocotools' mask decoding trips a numpy 2 deprecation notice; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
@@ -255,7 +255,7 @@ def test_segment_train_eval_predict_cli(toy, tmp_path, capsys):
 
 
 def test_segmentation_resume_is_exact(toy, tmp_path, monkeypatch):
-    from metaformer.dense import engine
+    from metaformer.tasks.dense import engine
 
     def cfg(out, resume=None):
         return SegmentationConfig(data_root=str(toy), val_split=None, output=str(out), num_classes=4,

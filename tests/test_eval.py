@@ -33,7 +33,7 @@ def test_eval_reproduces_training_accuracy(demo, capsys):
 
 
 def test_eval_on_a_class_folder_and_safetensors(demo, tmp_path, capsys):
-    from metaformer.evaluate import load_for_inference
+    from metaformer.tasks.inference import load_for_inference
     from metaformer.weights import save_weights
 
     loaded = load_for_inference(None, str(demo / "best.pth"))
@@ -74,7 +74,7 @@ def test_bad_inputs_are_one_line_errors(demo, tmp_path, capsys):
 
 
 def test_imagenet_class_names():
-    from metaformer.evaluate import imagenet_class_names
+    from metaformer.tasks.inference import imagenet_class_names
 
     names = imagenet_class_names()
     assert len(names) == 1000 and names[0] == "tench"
@@ -83,7 +83,7 @@ def test_imagenet_class_names():
 def test_fused_bf16_agrees_with_fp32_on_real_digits(demo):
     """Issue 4's bf16 condition: top-1 of the fused bf16 model agrees with fp32 on >= 99% of real images."""
     import metaformer
-    from metaformer.evaluate import load_for_inference
+    from metaformer.tasks.inference import load_for_inference
 
     loaded = load_for_inference(None, str(demo / "best.pth"))
     ds = D.Digits("val", loaded.img_size, loaded.transform)

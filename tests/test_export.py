@@ -9,8 +9,8 @@ from PIL import Image
 
 import metaformer
 from metaformer.cli import main
-from metaformer.export import ExportError, export, load_runtime, sample_image
-from metaformer.hub import from_pretrained, save_pretrained
+from metaformer.tools.export import ExportError, export, load_runtime, sample_image
+from metaformer.tools.hub import from_pretrained, save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_torch_hub_load_from_repository():
 
 def test_grad_cam_on_a_real_photo(tmp_path):
     skdata = pytest.importorskip("skimage.data")
-    from metaformer.cam import grad_cam, save_overlay
+    from metaformer.tools.cam import grad_cam, save_overlay
 
     photo = Image.fromarray(skdata.chelsea())
     model = model64("poolformer_s12")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import metaformer
-from metaformer import bench
+from metaformer.tools import bench
 from metaformer.fast import fuse
 from metaformer.fast.training import enable_fast_training
 

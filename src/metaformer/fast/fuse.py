@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.layers import LayerNorm2d
-from ..models.metaformer import ClassifierHead, MetaFormerBlock
+from ..models.metaformer import Downsampling, MetaFormerBlock, NormPoolHead, Stem
 from ..models.mixers import Pooling
 
 CL = torch.channels_last
@@ -169,6 +169,13 @@ class FusedConv(FusedModule):
         return self._conv("conv", x.contiguous(memory_format=CL), self.weight, self.bias)
 
 
+def _plain_mlp(mlp: nn.Module) -> bool:
+    """fc1 -> act -> fc2 with no norm and no active dropout in between (timm's Mlp, as our blocks build it)."""
+    drops = [m for m in (getattr(mlp, "drop1", None), getattr(mlp, "drop2", None)) if m is not None]
+    return isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity) and all(
+        isinstance(d, nn.Identity) or getattr(d, "p", 0) == 0 for d in drops)
+
+
 class FusedPoolBlock(FusedModule):
     """A PoolFormer block (pooling mixer, GroupNorm(1) or channel LayerNorm) with folded weights."""
 
@@ -176,7 +183,9 @@ class FusedPoolBlock(FusedModule):
         super().__init__()
         mixer = block.token_mixer
         norm1 = block.norm1
-        if not (isinstance(mixer, Pooling) and block.residual and (_is_gn1(norm1) or _is_ln(norm1))):
+        if not (isinstance(mixer, Pooling) and block.residual and (_is_gn1(norm1) or _is_ln(norm1))
+                and isinstance(block.res_scale1, nn.Identity)
+                and (not block.use_mlp or _plain_mlp(block.mlp))):
             raise ValueError("not a fusable PoolFormer block")
         ref = next(block.parameters())
         dim = norm1.weight.shape[0] if norm1.weight is not None else block.layer_scale1.scale.shape[0]
@@ -267,7 +276,7 @@ def _ln_nhwc(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:
 class FusedHead(FusedModule):
     """GroupNorm(1) then global mean, without the normalised map: ``w * (mean_hw(x) - mu) / sigma + b``."""
 
-    def __init__(self, head: ClassifierHead):
+    def __init__(self, head: NormPoolHead):
         super().__init__()
         self.eps = float(head.norm.eps)
         self.register_buffer("weight", head.norm.weight.detach().clone())
@@ -319,10 +328,10 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.M
                     setattr(parent, name, FusedPoolBlock(child))
                 except ValueError:  # another mixer or norm: keep the block as it is
                     convert(child)
-            elif isinstance(child, ClassifierHead) and _is_gn1(child.norm) and child.norm.affine:
+            elif isinstance(child, NormPoolHead) and child.pool and _is_gn1(child.norm) and child.norm.affine:
                 setattr(parent, name, FusedHead(child))
             elif isinstance(child, nn.Conv2d) and child.kernel_size != (1, 1) and child.groups == 1 \
-                    and parent is not model and type(parent).__name__ == "Downsample":
+                    and isinstance(parent, (Stem, Downsampling)):
                 setattr(parent, name, FusedConv(child))
             else:
                 convert(child)

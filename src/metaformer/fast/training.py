@@ -33,7 +33,7 @@ from torch import nn
 
 from ..models.metaformer import MetaFormerBlock
 from ..models.mixers import Pooling
-from .fuse import CL, gn1_stats
+from .fuse import CL, _plain_mlp, gn1_stats
 
 
 def _like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -129,7 +129,7 @@ class MlpBranch(torch.autograd.Function):
 
 
 def _keep_mask(block: MetaFormerBlock, x: torch.Tensor) -> torch.Tensor:
-    p = getattr(block.drop_path, "p", 0.0)
+    p = getattr(block.drop_path, "drop_prob", 0.0)
     if not block.training or p == 0.0:
         return torch.ones(x.shape[0], dtype=x.dtype, device=x.device)
     keep = 1.0 - p
@@ -156,12 +156,13 @@ def _supported(block: MetaFormerBlock) -> bool:
     n1, mixer = block.norm1, block.token_mixer
     ok = (isinstance(mixer, Pooling) and mixer.subtract and block.residual
           and isinstance(n1, nn.GroupNorm) and n1.num_groups == 1 and n1.affine
-          and hasattr(block.layer_scale1, "scale"))
+          and hasattr(block.layer_scale1, "scale") and isinstance(block.res_scale1, nn.Identity))
     if ok and block.use_mlp:
         m = block.mlp
         ok = (isinstance(block.norm2, nn.GroupNorm) and block.norm2.num_groups == 1 and block.norm2.affine
-              and type(m.act) is nn.GELU and m.act.approximate == "none" and isinstance(m.drop, nn.Identity)
-              and m.fc1.bias is not None and m.fc2.bias is not None and hasattr(block.layer_scale2, "scale"))
+              and type(m.act) is nn.GELU and m.act.approximate == "none" and _plain_mlp(m)
+              and m.fc1.bias is not None and m.fc2.bias is not None and hasattr(block.layer_scale2, "scale")
+              and isinstance(block.res_scale2, nn.Identity))
     return ok
 
 

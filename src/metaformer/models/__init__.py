@@ -1,7 +1,13 @@
-"""The networks: building blocks, token mixers, the MetaFormer network and the variant registry."""
-from .layers import GroupNorm1, LayerNorm2d, LayerScale, Mlp
-from .metaformer import ClassifierHead, MetaFormer, MetaFormerBlock, MetaFormerStage, count_params
-from .mixers import (Attention, DWConv, IdentityMixer, Pooling, PositionEmbedding, RandomMixing, SpatialMlp,
+"""The networks: building blocks, token mixers, the MetaFormer network and its backbone wrapper.
+
+No I/O, and nothing of this package's upper layers (weights, zoo, data, training, tools, CLI)."""
+from .features import MetaFormerFeatures
+from .layers import ACTIVATIONS, NORMS, Mlp, Scale, SquaredReLU, StarReLU
+from .metaformer import MetaFormer, MetaFormerBlock, MetaFormerStage, NormPoolHead, PoolNormHead, count_params
+from .mixers import (Attention, DWConv, IdentityMixer, Pooling, PositionEmbedding, RandomMixing, SepConv, SpatialMlp,
                      TOKEN_MIXERS, register_token_mixer)
-from .registry import (ABLATIONS, ModelInfo, ablation_spec, build_from_config, create_model, get_model_info,
-                       list_models)
+
+__all__ = ["ACTIVATIONS", "Attention", "DWConv", "IdentityMixer", "MetaFormer", "MetaFormerBlock", "MetaFormerFeatures",
+           "MetaFormerStage", "Mlp", "NORMS", "NormPoolHead", "PoolNormHead", "Pooling", "PositionEmbedding",
+           "RandomMixing", "Scale", "SepConv", "SpatialMlp", "SquaredReLU", "StarReLU", "TOKEN_MIXERS", "count_params",
+           "register_token_mixer"]

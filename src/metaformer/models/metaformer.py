@@ -1,34 +1,52 @@
-"""The MetaFormer network (Yu et al., CVPR 2022), with every part pluggable per stage.
+"""The MetaFormer network, with every part pluggable per stage: PoolFormer (Yu et al., CVPR 2022)
+and the MetaFormer Baselines (IdentityFormer, RandFormer, PoolFormerV2, ConvFormer, CAFormer;
+Yu et al., TPAMI 2024) are configurations of this one class.
 
-Block (paper Eq. 1-3), on ``X`` of shape ``[B, C, H, W]``::
+Block (the papers' Eq. 1-3), on ``X`` of shape ``[B, C, H, W]``::
 
-    Y = X + DropPath(LayerScale1 * TokenMixer(Norm1(X)))
-    Z = Y + DropPath(LayerScale2 * Mlp(Norm2(Y)))
+    Y = ResScale1 * X + DropPath(LayerScale1 * TokenMixer(Norm1(X)))
+    Z = ResScale2 * Y + DropPath(LayerScale2 * Mlp(Norm2(Y)))
 
-Network: stem conv (k7 s4 p2) -> 4 stages (strides 4/8/16/32), each but the first opening
-with a k3 s2 p1 downsampling conv -> head (the authors' v1 head: norm on the last map,
-then global average pooling, then Linear).
+PoolFormer uses LayerScale and no ResScale; the Baselines use ResScale (init 1) in stages 3-4
+and no LayerScale. Network: stem conv k7 s4 p2 (the Baselines add a norm after it) -> 4
+stages (strides 4/8/16/32), each but the first opening with a k3 s2 p1 conv (the Baselines
+with a norm before it) -> head. Two heads: PoolFormer's (``head_style='norm_pool'``: norm on
+the last map, then global average pooling, then Linear) and the Baselines' (``'pool_norm'``:
+pooling, then LayerNorm, then Linear or an MLP head).
+
+The timm surface is kept (``forward_features``, ``forward_head``, ``forward_intermediates``,
+``prune_intermediate_layers``, ``reset_classifier``, ``feature_info``, ``pretrained_cfg``...),
+and the model scripts, FX-traces and exports. The model owns its config: ``model.config``
+holds every constructor argument, so any MetaFormer can be saved and rebuilt exactly.
 """
-from __future__ import annotations
-
-from typing import Any, Callable, Sequence
+# No `from __future__ import annotations` here: torch.fx writes annotations into generated code
+# that TorchScript must then resolve (timm's FX + TorchScript check).
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+from timm.models.metaformer import Downsampling, MlpHead, Stem
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.jit import Final
 
 from ..errors import ConfigError
-from .layers import DropPath, LayerScale, Mlp, resolve_act, resolve_norm
-from .mixers import PositionEmbedding, build_token_mixer, resolve_token_mixer
+from .layers import DropPath, Mlp, Scale, eager, norm_factory, resolve_act
+from .mixers import PositionEmbedding, RandomMixing, SpatialMlp, build_token_mixer, resolve_token_mixer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Options that may be given per stage, as a scalar or a list of one value per stage.
 PER_STAGE = ("token_mixers", "norm", "act", "mlp_ratios", "layer_scale", "layer_scale_init_value",
-             "pool_size", "pos_embed")
+             "res_scale_init_value", "pool_size", "pos_embed")
 
 MIN_INPUT = 32  # the network downsamples by 32: smaller inputs leave no token in the last stage
+HEAD_STYLES = ("norm_pool", "pool_norm")
 
 
-def to_2tuple(x: int | Sequence[int]) -> tuple[int, int]:
+def to_2tuple(x: Union[int, Sequence[int]]) -> Tuple[int, int]:
     if isinstance(x, int):
         return (x, x)
     x = tuple(int(v) for v in x)
@@ -45,11 +63,16 @@ def per_stage(value: Any, num_stages: int, name: str) -> list:
     return [value] * num_stages
 
 
+def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _check_args(depths, dims, opts: dict, num_classes, in_chans, img_size, drop_path_rate, drop_rate) -> None:
+def _check_args(depths, dims, opts: dict, num_classes, in_chans, img_size, drop_path_rate, drop_rate,
+                head_dropout, head_style, global_pool) -> None:
     """Reject arguments that would build a broken network, at construction and with the option's name."""
     def positive_ints(name, values):
         if not all(_is_int(v) and v > 0 for v in values):
@@ -70,20 +93,32 @@ def _check_args(depths, dims, opts: dict, num_classes, in_chans, img_size, drop_
         raise ConfigError(f"mlp_ratios must be positive numbers, got {opts['mlp_ratios']}")
     if not all(_is_int(k) and k > 0 for k in opts["pool_size"]):
         raise ConfigError(f"pool_size must be a positive odd integer, got {opts['pool_size']}")
-    for name, rate in (("drop_path_rate", drop_path_rate), ("drop_rate", drop_rate)):
+    for name, rate in (("drop_path_rate", drop_path_rate), ("drop_rate", drop_rate), ("head_dropout", head_dropout)):
         if not (isinstance(rate, (int, float)) and 0 <= rate < 1):
             raise ConfigError(f"{name} must be in [0, 1), got {rate!r}")
+    if head_style not in HEAD_STYLES:
+        raise ConfigError(f"head_style must be one of {HEAD_STYLES}, got {head_style!r}")
+    if global_pool not in ("avg", ""):
+        raise ConfigError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
 
 
-def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
+def check_image_input(x: torch.Tensor, in_chans: int) -> None:
+    """A clear error for an input the network cannot take (eager calls only, see ``layers.eager``)."""
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"expected images of shape [B, {in_chans}, H, W], got {list(x.shape)}")
+    if x.shape[-2] < MIN_INPUT or x.shape[-1] < MIN_INPUT:
+        raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is too small: MetaFormer downsamples by 32, "
+                         f"so height and width must be at least {MIN_INPUT}")
 
 
 class MetaFormerBlock(nn.Module):
-    def __init__(self, dim: int, token_mixer: nn.Module, norm_layer: Callable[..., nn.Module],
-                 act_layer: Callable[..., nn.Module], mlp_ratio: float = 4.0,
-                 layer_scale_init_value: float | None = 1e-5, drop_path: float = 0.0,
-                 residual: bool = True, use_mlp: bool = True, drop: float = 0.0):
+    residual: Final[bool]
+    use_mlp: Final[bool]
+
+    def __init__(self, dim: int, token_mixer: nn.Module, norm_layer, act_layer, mlp_ratio: float = 4.0,
+                 mlp_bias: bool = True, layer_scale_init_value: Optional[float] = 1e-5,
+                 res_scale_init_value: Optional[float] = None, drop_path: float = 0.0, residual: bool = True,
+                 use_mlp: bool = True, drop: float = 0.0):
         super().__init__()
         self.residual = residual
         self.use_mlp = use_mlp
@@ -91,23 +126,28 @@ class MetaFormerBlock(nn.Module):
         self.token_mixer = token_mixer
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         ls = layer_scale_init_value is not None
-        self.layer_scale1 = LayerScale(dim, layer_scale_init_value) if ls else nn.Identity()
-        if use_mlp:
-            self.norm2 = norm_layer(dim)
-            self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer, drop)
-            self.layer_scale2 = LayerScale(dim, layer_scale_init_value) if ls else nn.Identity()
+        rs = res_scale_init_value is not None
+        self.layer_scale1 = Scale(dim, layer_scale_init_value) if ls else nn.Identity()
+        self.res_scale1 = Scale(dim, res_scale_init_value) if rs else nn.Identity()
+        # Without the MLP (an ablation) its parts are parameter-free placeholders, so TorchScript can
+        # compile the skipped branch; the state dict is that of a block without them.
+        self.norm2 = norm_layer(dim) if use_mlp else nn.Identity()
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, bias=mlp_bias, drop=drop, use_conv=True) \
+            if use_mlp else nn.Identity()
+        self.layer_scale2 = Scale(dim, layer_scale_init_value) if ls and use_mlp else nn.Identity()
+        self.res_scale2 = Scale(dim, res_scale_init_value) if rs and use_mlp else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.drop_path(self.layer_scale1(self.token_mixer(self.norm1(x))))
-        x = x + y if self.residual else y
+        x = self.res_scale1(x) + y if self.residual else y
         if self.use_mlp:
             y = self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
-            x = x + y if self.residual else y
+            x = self.res_scale2(x) + y if self.residual else y
         return x
 
 
 class MetaFormerStage(nn.Module):
-    def __init__(self, downsample: nn.Module, pos_embed: nn.Module, blocks: list[nn.Module]):
+    def __init__(self, downsample: nn.Module, pos_embed: nn.Module, blocks: List[nn.Module]):
         super().__init__()
         self.downsample = downsample
         self.pos_embed = pos_embed
@@ -116,36 +156,67 @@ class MetaFormerStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pos_embed(self.downsample(x))
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
+        if self.grad_checkpointing and not torch.jit.is_scripting() and torch.is_grad_enabled():
+            return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
 
 
-class Downsample(nn.Module):
-    def __init__(self, in_chans: int, out_chans: int, kernel: int, stride: int, padding: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_chans, out_chans, kernel, stride, padding)
+class NormPoolHead(nn.Module):
+    """PoolFormer's head (the authors' v1): norm over the last map, THEN average pooling, then Linear.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class ClassifierHead(nn.Module):
-    """The authors' v1 head: norm over the last 7x7 map, THEN average pooling, then Linear.
-
-    (timm's port normalises after pooling with a channel LayerNorm; its logits differ.)
+    (timm's PoolFormer v1 normalises after pooling with a channel LayerNorm; its logits differ.)
+    With ``pool=False`` (``global_pool=''``) it returns the normed map.
     """
 
-    def __init__(self, dim: int, num_classes: int, norm_layer: Callable[..., nn.Module], drop: float = 0.0):
+    def __init__(self, dim: int, num_classes: int, norm_layer, drop: float = 0.0, pool: bool = True):
         super().__init__()
+        self.pool = pool
         self.norm = norm_layer(dim)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.norm(x).mean((-2, -1))
+        x = self.norm(x)
+        if self.pool:
+            x = x.mean((-2, -1))
+        x = self.drop(x)
+        return x if pre_logits else self.fc(x)
+
+
+class PoolNormHead(nn.Module):
+    """The MetaFormer Baselines' head: average pooling, THEN LayerNorm (eps 1e-6, with bias), then a
+    Linear (IdentityFormer, RandFormer, PoolFormerV2) or an MLP head (ConvFormer, CAFormer).
+
+    The MLP head is Linear(C, 4C) -> SquaredReLU -> LayerNorm(4C) -> dropout -> Linear(4C, classes).
+    Its LayerNorm eps is the authors' 1e-5 (``nn.LayerNorm``'s default); timm's port uses 1e-6, so
+    timm's logits differ from the authors' by ~1e-4 on the same weights. ``head_dropout`` sits
+    where the authors put it (inside the MLP head, before its last Linear), or before the Linear.
+    """
+
+    def __init__(self, dim: int, num_classes: int, norm_layer, mlp_head: bool = False, head_dropout: float = 0.0,
+                 mlp_head_eps: float = 1e-5, pool: bool = True):
+        super().__init__()
+        self.pool = pool
+        self.norm = norm_layer(dim)
+        self.mlp_head = mlp_head
+        self.head_dropout = head_dropout
+        self.mlp_head_eps = mlp_head_eps
+        self.drop = nn.Dropout(head_dropout) if head_dropout > 0 and not mlp_head else nn.Identity()
+        self.fc = self.classifier(dim, num_classes)
+
+    def classifier(self, dim: int, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        if self.mlp_head:
+            return MlpHead(dim, num_classes, norm_layer=partial(nn.LayerNorm, eps=self.mlp_head_eps),
+                           drop_rate=self.head_dropout)
+        return nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.pool:
+            x = self.norm(x.mean((-2, -1), keepdim=True)).flatten(1)
+        else:
+            x = self.norm(x)
         x = self.drop(x)
         return x if pre_logits else self.fc(x)
 
@@ -154,40 +225,61 @@ class MetaFormer(nn.Module):
     """A hierarchical MetaFormer.
 
     Per-stage options (scalar or a list with one entry per stage): ``token_mixers`` (name or
-    class), ``norm`` (``mln``/``ln``/``bn``/``none`` or class), ``act`` (``gelu``/``relu``/``silu``
-    or class), ``mlp_ratios``, ``layer_scale`` (on/off), ``layer_scale_init_value``,
-    ``pool_size``, ``pos_embed`` (``None``: automatic, before the first attention stage).
-    Whole-network options: ``drop_path_rate`` (linear over all blocks), ``residual`` and
-    ``use_mlp`` (ablation switches), ``pool_subtract``, ``head_dim``, ``head_norm``,
-    ``img_size`` (the size that sizes token-count-bound parts), ``features_only`` /
-    ``out_indices`` (a backbone returning one normed map per stage).
+    class), ``norm`` (``mln``/``mln_nobias``/``ln``/``ln_nobias``/``bn``/``none`` or class),
+    ``act`` (MLP activation: ``gelu``/``relu``/``silu``/``starrelu``/``squaredrelu`` or class),
+    ``mlp_ratios``, ``layer_scale`` (on/off), ``layer_scale_init_value``,
+    ``res_scale_init_value`` (None: no ResScale), ``pool_size``, ``pos_embed`` (``None``:
+    automatic, before the first attention stage).
+
+    Whole-network options: ``mixer_kwargs`` (passed to every mixer that takes them),
+    ``norm_eps``, ``mlp_bias``, ``stem_norm`` / ``downsample_norm`` (the Baselines' norm after
+    the stem and before each downsampling conv), ``head_style`` (``norm_pool`` or
+    ``pool_norm``), ``head_norm`` / ``head_norm_eps``, ``mlp_head`` / ``mlp_head_eps`` /
+    ``head_dropout``, ``drop_path_rate`` (linear over all blocks), ``drop_rate``, ``residual``
+    and ``use_mlp`` (ablation switches), ``pool_subtract``, ``head_dim``, ``img_size`` (the size
+    that sizes token-count-bound parts), ``global_pool`` (``''``: the head returns the map),
+    ``init_all_convs`` (the Baselines initialise every conv; PoolFormer only the pointwise ones),
+    ``feature_norm`` (the new per-stage norm of a ``features_only`` backbone).
     """
+
+    __jit_unused_properties__ = ["fixed_input_size", "classifier_name"]  # descriptions, not forward's
 
     def __init__(
         self,
         depths: Sequence[int] = (2, 2, 6, 2),
         dims: Sequence[int] = (64, 128, 320, 512),
         token_mixers: Any = "pooling",
+        mixer_kwargs: Optional[Dict[str, Any]] = None,
         norm: Any = "mln",
+        norm_eps: Optional[float] = None,
         act: Any = "gelu",
         mlp_ratios: Any = 4,
+        mlp_bias: bool = True,
         layer_scale: Any = True,
         layer_scale_init_value: Any = 1e-5,
+        res_scale_init_value: Any = None,
         pool_size: Any = 3,
         pos_embed: Any = None,
         pool_subtract: bool = True,
         head_dim: int = 32,
-        norm_eps: float | None = None,
+        stem_norm: Any = None,
+        downsample_norm: Any = None,
+        head_style: str = "norm_pool",
         head_norm: Any = None,
+        head_norm_eps: Optional[float] = None,
+        mlp_head: bool = False,
+        mlp_head_eps: float = 1e-5,
+        head_dropout: float = 0.0,
         residual: bool = True,
         use_mlp: bool = True,
         drop_path_rate: float = 0.0,
         drop_rate: float = 0.0,
         num_classes: int = 1000,
         in_chans: int = 3,
-        img_size: int | Sequence[int] = 224,
-        features_only: bool = False,
-        out_indices: Sequence[int] = (0, 1, 2, 3),
+        img_size: Union[int, Sequence[int]] = 224,
+        global_pool: str = "avg",
+        init_all_convs: bool = False,
+        feature_norm: Optional[str] = None,
     ):
         # The model owns its config (as nanoGPT's GPT(config)): every argument, as given, so any
         # MetaFormer can be saved and rebuilt exactly; reset_classifier keeps it up to date.
@@ -198,22 +290,18 @@ class MetaFormer(nn.Module):
         self.num_stages = n = len(depths)
         if len(dims) != n:
             raise ConfigError(f"depths has {n} stages but dims has {len(dims)}")
-        opts = {k: per_stage(v, n, k) for k, v in dict(
-            token_mixers=token_mixers, norm=norm, act=act, mlp_ratios=mlp_ratios, layer_scale=layer_scale,
-            layer_scale_init_value=layer_scale_init_value, pool_size=pool_size, pos_embed=pos_embed).items()}
-        _check_args(depths, dims, opts, num_classes, in_chans, img_size, drop_path_rate, drop_rate)
+        opts = {k: per_stage(config[k], n, k) for k in PER_STAGE}
+        _check_args(depths, dims, opts, num_classes, in_chans, img_size, drop_path_rate, drop_rate, head_dropout,
+                    head_style, global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.img_size = to_2tuple(img_size)
         self.dims = list(dims)
         self.depths = list(depths)
-        self.num_features = self.dims[-1]
-        self.features_only = features_only
+        self.num_features = self.head_hidden_size = self.dims[-1]
+        self.global_pool = global_pool
         self.grad_checkpointing = False
-
-        def norm_factory(spec):
-            cls = resolve_norm(spec)
-            return (lambda d: cls(d, eps=norm_eps)) if norm_eps is not None else cls
+        self.pruned = False
 
         mixers = [resolve_token_mixer(m) for m in opts["token_mixers"]]
         pos = opts["pos_embed"]
@@ -222,110 +310,179 @@ class MetaFormer(nn.Module):
             pos = [i == first_attn for i in range(n)]
 
         size = [conv_out(s, 7, 4, 2) for s in self.img_size]
-        self.stem = Downsample(in_chans, dims[0], 7, 4, 2)
+        self.stem = Stem(in_chans, dims[0], norm_layer=norm_factory(stem_norm) if stem_norm else None)
         total = sum(depths)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear over ALL blocks
         stages, feature_info, cursor, reduction = [], [], 0, 4
         for i in range(n):
             if i > 0:
-                downsample = Downsample(dims[i - 1], dims[i], 3, 2, 1)
+                downsample = Downsampling(dims[i - 1], dims[i], 3, 2, 1,
+                                          norm_layer=norm_factory(downsample_norm) if downsample_norm else None)
                 size = [conv_out(s, 3, 2, 1) for s in size]
                 reduction *= 2
             else:
                 downsample = nn.Identity()
-            norm_layer = norm_factory(opts["norm"][i])
+            norm_layer = norm_factory(opts["norm"][i], norm_eps)
             ls_init = opts["layer_scale_init_value"][i] if opts["layer_scale"][i] else None
             blocks = []
             for j in range(depths[i]):
                 mixer = build_token_mixer(mixers[i], dims[i], size=tuple(size), pool_size=opts["pool_size"][i],
-                                          subtract=pool_subtract, head_dim=head_dim)
+                                          subtract=pool_subtract, head_dim=head_dim, **(mixer_kwargs or {}))
                 blocks.append(MetaFormerBlock(
-                    dims[i], mixer, norm_layer, resolve_act(opts["act"][i]), opts["mlp_ratios"][i], ls_init,
-                    dpr[cursor + j], residual=residual, use_mlp=use_mlp, drop=drop_rate))
+                    dims[i], mixer, norm_layer, resolve_act(opts["act"][i]), opts["mlp_ratios"][i], mlp_bias,
+                    ls_init, opts["res_scale_init_value"][i], dpr[cursor + j], residual=residual, use_mlp=use_mlp,
+                    drop=drop_rate))
             cursor += depths[i]
             pe = PositionEmbedding(dims[i], tuple(size)) if pos[i] else nn.Identity()
             stages.append(MetaFormerStage(downsample, pe, blocks))
             feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
+        self.feature_info = feature_info
         self.token_grid = tuple(size)  # the last stage's grid at img_size
 
-        last_norm = norm_factory(head_norm if head_norm is not None else opts["norm"][-1])
-        if features_only:
-            self.out_indices = tuple(i % n for i in out_indices)
-            self.feature_info = [feature_info[i] for i in self.out_indices]
-            # One new norm per output, as in the authors' detection/segmentation backbones.
-            self.feature_norms = nn.ModuleList(norm_factory(opts["norm"][i])(dims[i]) for i in self.out_indices)
+        if head_style == "norm_pool":
+            last_norm = norm_factory(head_norm if head_norm is not None else opts["norm"][-1],
+                                     head_norm_eps if head_norm_eps is not None else norm_eps)
+            self.head = NormPoolHead(dims[-1], num_classes, last_norm, drop_rate, pool=global_pool == "avg")
         else:
-            self.out_indices = tuple(range(n))
-            self.feature_info = feature_info
-            self.head = ClassifierHead(dims[-1], num_classes, last_norm, drop_rate)
+            self.head = PoolNormHead(dims[-1], num_classes, norm_factory(head_norm or "ln", head_norm_eps), mlp_head,
+                                     head_dropout, mlp_head_eps, pool=global_pool == "avg")
+        self.init_all_convs = init_all_convs
         self.apply(self._init_weights)
+        self.pretrained_cfg = self.default_cfg = self.describe()
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # As the authors: Linear layers and the MLP's 1x1 convs trunc_normal(.02), zero bias;
-        # the stem, downsampling and depthwise convs keep PyTorch's default init.
-        if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)):
+    def _init_weights(self, m: nn.Module) -> None:
+        # As the authors: Linear layers trunc_normal(.02) with zero bias, and convs: the pointwise ones in
+        # PoolFormer (stem, downsampling and depthwise convs keep PyTorch's init), all of them in the Baselines.
+        conv = isinstance(m, nn.Conv2d) and (self.init_all_convs or m.kernel_size == (1, 1))
+        if isinstance(m, nn.Linear) or conv:
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    # ----- what the model is, as timm describes it -----
+    @property
+    def fixed_input_size(self) -> bool:
+        """Parts sized for one token grid (random mixing, spatial MLP) tie the model to ``img_size``."""
+        return any(isinstance(m, (RandomMixing, SpatialMlp)) for m in self.modules())
+
+    @property
+    def classifier_name(self) -> str:
+        return "head.fc.fc2" if isinstance(self.head.fc, MlpHead) else "head.fc"
+
+    def describe(self) -> Dict[str, Any]:
+        """A timm-style ``pretrained_cfg`` for this model as built (the zoo adds its weights' entries)."""
+        return {
+            "input_size": (self.in_chans, *self.img_size), "fixed_input_size": self.fixed_input_size,
+            "min_input_size": (self.in_chans, MIN_INPUT, MIN_INPUT), "pool_size": self.token_grid,
+            "crop_pct": 0.9 if isinstance(self.head, NormPoolHead) else 1.0, "crop_mode": "center",
+            "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+            "num_classes": self.num_classes, "first_conv": "stem.conv", "classifier": self.classifier_name,
+        }
+
     # ----- the timm-style surface -----
-    def no_weight_decay(self) -> set[str]:
-        """Names of parameters AdamW should not decay: biases, norms, layer scales, position embeddings."""
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Names of parameters AdamW should not decay: biases, norms, scales, position embeddings."""
         skip = set()
         for name, p in self.named_parameters():
             if p.ndim <= 1 or name.endswith(".pos") or ".layer_scale" in name:
                 skip.add(name)
         return skip
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups by depth, for timm's layer-wise lr decay: the stem, then every block (a stage's
+        downsampling conv and position embedding go with its first block), then the head."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.(?:downsample|pos_embed)", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
         for s in self.stages:
             s.grad_checkpointing = enable
 
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        if self.features_only:
-            raise RuntimeError("a features_only model has no classifier")
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier for ``num_classes`` (0: none); ``global_pool=''`` makes the head return the map."""
         if not (_is_int(num_classes) and num_classes >= 0):
             raise ConfigError(f"num_classes must be an integer >= 0 (0: no classifier), got {num_classes!r}")
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ConfigError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+            self.global_pool = global_pool
+            self.head.pool = global_pool == "avg"
+            self.config["global_pool"] = global_pool
         self.num_classes = num_classes
         self.config["num_classes"] = num_classes
-        self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            self._init_weights(self.head.fc)
+        if isinstance(self.head, PoolNormHead):
+            self.head.fc = self.head.classifier(self.num_features, num_classes)
+        else:
+            self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.fc.apply(self._init_weights)
+        self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes, classifier=self.classifier_name)
+        self.default_cfg = self.pretrained_cfg
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected images of shape [B, {self.in_chans}, H, W], got {list(x.shape)}")
-        if x.shape[-2] < MIN_INPUT or x.shape[-1] < MIN_INPUT:
-            raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is too small: MetaFormer downsamples by 32, "
-                             f"so height and width must be at least {MIN_INPUT}")
-
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Each stage's raw output (no extra norm), for every stage."""
-        self._check_input(x)
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's contract: each requested stage's raw output (``indices``: the last n stages, or a list),
+        and the final map unless ``intermediates_only``. ``norm`` is accepted for timm's API: these
+        models have no per-stage output norm (a ``features_only`` backbone adds new ones)."""
+        assert output_fmt == "NCHW", "MetaFormer outputs NCHW maps"
+        if not torch.jit.is_scripting():  # never compiled: eager calls only
+            if eager():
+                check_image_input(x, self.in_chans)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
         x = self.stem(x)
-        out = []
-        for stage in self.stages:
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        for i, stage in enumerate(stages):
             x = stage(x)
-            out.append(x)
-        return out
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last one ``indices`` asks for (and the head): a lighter backbone."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        self.pruned = True
+        if max_index < self.num_stages - 1:
+            self.num_features = self.head_hidden_size = self.dims[max_index]
+        if prune_head or max_index < self.num_stages - 1:
+            # timm's reset_classifier(0, '', reset_other=True): no pooling, no head norm (it is sized
+            # for the last stage), no classifier; forward_head then passes the map through.
+            self.num_classes = 0
+            self.head.pool = False
+            self.head.norm = nn.Identity()
+            self.head.drop = nn.Identity()
+            self.head.fc = nn.Identity()
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        if not torch.jit.is_scripting():  # never compiled: eager calls only
+            if eager():
+                check_image_input(x, self.in_chans)
         return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: torch.Tensor):
-        if self.features_only:
-            feats = self.forward_intermediates(x)
-            return [norm(feats[i]) for norm, i in zip(self.feature_norms, self.out_indices)]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
 

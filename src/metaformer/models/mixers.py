@@ -1,4 +1,4 @@
-"""Token mixers: the one part of a MetaFormer block the paper leaves abstract.
+"""Token mixers: the one part of a MetaFormer block the papers leave abstract.
 
 A token mixer maps ``[B, C, H, W] -> [B, C, H, W]``. Built-in mixers are registered by
 name; a user's own class plugs in either by passing the class itself as ``token_mixers=``
@@ -6,20 +6,27 @@ or by registering it with :func:`register_token_mixer` (then it can be saved in 
 
 The network calls a mixer as ``cls(dim, **options)`` and passes only the options the
 constructor accepts, among: ``size`` (the token grid ``(H, W)`` this stage sees at the
-model's ``img_size``), ``pool_size``, ``subtract``, ``head_dim``.
+model's ``img_size``), ``pool_size``, ``subtract``, ``head_dim``, and whatever the model's
+``mixer_kwargs`` hold (e.g. ``proj_bias=False`` for the Baselines' attention).
 """
-from __future__ import annotations
-
 import inspect
-from typing import Callable
+from typing import Callable, Dict, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
+from timm.models.metaformer import Attention as _TimmAttention
+from timm.models.metaformer import SepConv
 from torch import nn
 
 from ..errors import ConfigError
+from .layers import eager
 
-TOKEN_MIXERS: dict[str, type[nn.Module]] = {}
+__all__ = ["TOKEN_MIXERS", "register_token_mixer", "resolve_token_mixer", "build_token_mixer", "Pooling",
+           "IdentityMixer", "DWConv", "RandomMixing", "SpatialMlp", "Attention", "SepConv", "PositionEmbedding",
+           "check_token_grid"]
+
+TOKEN_MIXERS: Dict[str, Type[nn.Module]] = {}
 
 
 def register_token_mixer(name: str):
@@ -33,15 +40,15 @@ def register_token_mixer(name: str):
     return wrap
 
 
-def resolve_token_mixer(mixer: str | Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+def resolve_token_mixer(mixer: Union[str, Callable[..., nn.Module]]) -> Callable[..., nn.Module]:
     if callable(mixer):
         return mixer
     try:
         return TOKEN_MIXERS[mixer.lower()]
-    except KeyError:
+    except (KeyError, AttributeError):
         raise ConfigError(f"unknown token mixer {mixer!r}; choose one of {sorted(TOKEN_MIXERS)}, "
-                         "pass an nn.Module class, or register yours with "
-                         "metaformer.register_token_mixer") from None
+                          "pass an nn.Module class, or register yours with "
+                          "metaformer.register_token_mixer") from None
 
 
 def build_token_mixer(factory: Callable[..., nn.Module], dim: int, **options) -> nn.Module:
@@ -55,12 +62,12 @@ def build_token_mixer(factory: Callable[..., nn.Module], dim: int, **options) ->
     return factory(dim, **{k: v for k, v in options.items() if k in params})
 
 
-def _check_size(module: nn.Module, x: torch.Tensor) -> None:
-    if tuple(x.shape[-2:]) != tuple(module.size):
+def check_token_grid(x: torch.Tensor, size: Tuple[int, int], owner: str) -> None:
+    """A clear error when a part sized for one token grid gets another (eager calls only)."""
+    if x.shape[-2] != size[0] or x.shape[-1] != size[1]:
         raise ValueError(
-            f"{type(module).__name__} has parameters for a {module.size[0]}x{module.size[1]} token "
-            f"grid but got {x.shape[-2]}x{x.shape[-1]}; rebuild the model for this input with "
-            f"create_model(..., img_size=<height or (height, width)>)")
+            f"{owner} has parameters for a {size[0]}x{size[1]} token grid but got {x.shape[-2]}x{x.shape[-1]}; "
+            f"build the model for this input size: create_model(..., img_size=<height or (height, width)>)")
 
 
 @register_token_mixer("pooling")
@@ -92,7 +99,7 @@ class Pooling(nn.Module):
 
 @register_token_mixer("identity")
 class IdentityMixer(nn.Identity):
-    """No token mixing at all (paper ablation: 74.3%)."""
+    """No token mixing at all (PoolFormer ablation: 74.3%; IdentityFormer, the Baselines' lower bound)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -112,21 +119,25 @@ class DWConv(nn.Module):
 
 @register_token_mixer("random")
 class RandomMixing(nn.Module):
-    """A frozen random token-mixing matrix with softmax rows (paper ablation: 75.8%).
+    """A frozen random token-mixing matrix with softmax rows (PoolFormer ablation 75.8%; RandFormer).
 
     The matrix is a persistent buffer: not trained, not decayed, but saved with the weights
-    so a checkpoint reproduces its model. Its size ties the model to one token grid.
+    so a checkpoint reproduces its model (the authors' releases carry it under the same key).
+    It is built for the token grid of the model's ``img_size``, at any size (the authors'
+    code only at 224); another grid is an error naming the size to build for.
     """
 
-    def __init__(self, dim: int, size: tuple[int, int]):
+    def __init__(self, dim: int, size: Tuple[int, int]):
         super().__init__()
-        self.size = tuple(size)
+        self.size = (int(size[0]), int(size[1]))
         n = self.size[0] * self.size[1]
         self.register_buffer("random_matrix", torch.softmax(torch.rand(n, n), dim=-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_size(self, x)
-        b, c, h, w = x.shape
+        if not torch.jit.is_scripting():  # never compiled: eager calls only
+            if eager():
+                check_token_grid(x, self.size, "RandomMixing")
+        b, c, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         y = torch.matmul(x.reshape(b, c, h * w), self.random_matrix.t())
         return y.reshape(b, c, h, w)
 
@@ -138,56 +149,68 @@ class SpatialMlp(nn.Module):
     Weights ``[N, N]`` for ``N = H*W`` tokens, no bias, as in the authors' ``SpatialFc``.
     """
 
-    def __init__(self, dim: int, size: tuple[int, int]):
+    def __init__(self, dim: int, size: Tuple[int, int]):
         super().__init__()
-        self.size = tuple(size)
+        self.size = (int(size[0]), int(size[1]))
         n = self.size[0] * self.size[1]
         self.proj = nn.Linear(n, n, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_size(self, x)
-        b, c, h, w = x.shape
+        if not torch.jit.is_scripting():  # never compiled: eager calls only
+            if eager():
+                check_token_grid(x, self.size, "SpatialMlp")
+        b, c, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         return self.proj(x.reshape(b, c, h * w)).reshape(b, c, h, w)
 
 
 @register_token_mixer("attention")
-class Attention(nn.Module):
-    """Multi-head self-attention over all tokens of the stage (head_dim 32, no qkv bias)."""
+class Attention(_TimmAttention):
+    """Multi-head self-attention over all tokens of the stage (head_dim 32, no qkv bias).
 
-    def __init__(self, dim: int, head_dim: int = 32, qkv_bias: bool = False):
-        super().__init__()
+    timm's port of the authors' attention, on ``[B, C, H, W]``. ``proj_bias``: the PoolFormer
+    hybrids' projection has a bias (True, the default here); the Baselines' CAFormer has none
+    (``mixer_kwargs={'proj_bias': False}``). No position embedding inside: the hybrids add one
+    before their first attention stage (:class:`PositionEmbedding`), CAFormer none.
+    """
+
+    def __init__(self, dim: int, head_dim: int = 32, qkv_bias: bool = False, proj_bias: bool = True):
         if dim % head_dim:
             raise ConfigError(f"attention needs dim divisible by head_dim, got dim={dim}, head_dim={head_dim}")
-        self.num_heads = dim // head_dim
-        self.head_dim = head_dim
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        super().__init__(dim, head_dim=head_dim, qkv_bias=qkv_bias, proj_bias=proj_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        # timm's forward on tokens, restated on [B, C, H, W] (TorchScript has no super() calls)
+        b, c, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
         n = h * w
-        tokens = x.flatten(2).transpose(1, 2)  # B N C
+        tokens = x.flatten(2).transpose(1, 2)  # row-major, as the authors' reshape(B, H*W, C)
         qkv = self.qkv(tokens).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # B heads N d
-        y = self.proj(y.transpose(1, 2).reshape(b, n, c))
+        q, k, v = qkv.unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        y = self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, n, self.attention_dim)))
         return y.transpose(1, 2).reshape(b, c, h, w)
 
 
+# The Baselines' ConvFormer/CAFormer mixer: timm's port has the authors' math (pointwise 2x expansion,
+# StarReLU, depthwise 7x7, pointwise back, no biases) with 1x1 convs instead of Linear layers.
+register_token_mixer("sepconv")(SepConv)
+
+
+@register_notrace_module  # a leaf for FX: its resize is a Python branch on the input's size
 class PositionEmbedding(nn.Module):
-    """Learnable absolute position embedding added before the first attention stage.
+    """Learnable absolute position embedding added before the first attention stage of the hybrids.
 
     Stored for the token grid of ``img_size``; other input sizes get a bicubic resize, so
     attention hybrids are not tied to 224.
     """
 
-    def __init__(self, dim: int, size: tuple[int, int]):
+    def __init__(self, dim: int, size: Tuple[int, int]):
         super().__init__()
-        self.size = tuple(size)
-        self.pos = nn.Parameter(torch.zeros(1, dim, *self.size))
+        self.size = (int(size[0]), int(size[1]))
+        self.pos = nn.Parameter(torch.zeros(1, dim, self.size[0], self.size[1]))
         nn.init.trunc_normal_(self.pos, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pos = self.pos
-        if tuple(x.shape[-2:]) != self.size:
-            pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
+        if x.shape[-2] != self.size[0] or x.shape[-1] != self.size[1]:
+            pos = F.interpolate(pos, size=(x.shape[-2], x.shape[-1]), mode="bicubic", align_corners=False)
         return x + pos.to(x.dtype)

@@ -1,0 +1,57 @@
+"""The ``metaformer`` command line: one sub-command per module.
+
+Each module named in ``COMMANDS`` exposes ``add_parser(subparsers)``, which registers its
+sub-command(s) and sets ``func`` (called with the parsed args, returning an exit code).
+Modules are imported only when listed, so the library stays importable without the
+training stack.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+
+from ..errors import MetaFormerError as UserError  # the one error class printed as a line
+
+COMMANDS = [
+    "metaformer.cli.info",
+    "metaformer.cli.dense",
+    "metaformer.cli.bench",
+    "metaformer.cli.train",
+    "metaformer.cli.evaluate",
+    "metaformer.cli.export",
+    "metaformer.cli.ablate",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metaformer", description="MetaFormer / PoolFormer models: "
+                                     "build, train, evaluate, predict, benchmark, export.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # Our warnings are sentences for the user; the file and line of the warn() call only distract.
+    return f"warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from ..fast.alloc import keep_freed_memory
+
+    keep_freed_memory()  # large activations are reused, not page-faulted in on every step
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"metaformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,278 @@
+"""``metaformer detect`` and ``metaformer segment``: train, evaluate and predict dense models.
+
+Defaults are the paper's settings (COCO 1x RetinaNet / Mask R-CNN; ADE20K Semantic FPN 40k).
+``make-toy-data`` writes a tiny shapes dataset in both layouts for a first run.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+from .. import yaml12
+from . import UserError
+
+
+def _key_values(items: list[str] | None, what: str) -> dict:
+    """``KEY=VALUE`` pairs; values read as YAML, so ``depths=[1,1,1,1]`` is a list."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{what} {item!r} is not KEY=VALUE (e.g. depths=[2,2,6,2])")
+        out[key.strip()] = yaml12.load(value, f"{what} {key.strip()}")
+    return out
+
+
+def _one_line(func):
+    """The training verbs' outcomes as the command line reports them: an input error raised inside a
+    DataLoader worker keeps its one-line message (not the worker's traceback), a diverged run is an
+    error line, and Ctrl-C (after saving) exits 130 saying how to continue."""
+    @functools.wraps(func)
+    def run(args):
+        from ..engine.stop import Interrupted, TrainingDiverged
+
+        try:
+            return func(args)
+        except TrainingDiverged as e:
+            raise UserError(str(e)) from None
+        except Interrupted as e:
+            print(f"metaformer {args.command}: {e}", file=sys.stderr)
+            return 130
+        except ValueError as e:
+            msg = str(e)
+            if "Original Traceback" not in msg:
+                raise
+            raise UserError(msg.strip().splitlines()[-1].split(": ", 1)[-1]) from None
+    return run
+
+
+def _toy(args) -> int:
+    from ..tasks.dense.data import make_toy_data
+
+    root = make_toy_data(args.dir, args.num_train, args.num_val, args.size, args.seed)
+    print(f"wrote {args.num_train} training and {args.num_val} validation images of shapes to {root}: "
+          f"images/{{training,validation}}/, instances_{{training,validation}}.json (COCO), "
+          f"annotations/{{training,validation}}/ (ADE20K-style PNGs: 4 classes after the label shift)")
+    return 0
+
+
+def _add_toy(sub) -> None:
+    p = sub.add_parser("make-toy-data", help="write a tiny dataset of coloured shapes (COCO json + ADE20K layout)")
+    p.add_argument("dir")
+    p.add_argument("--num-train", type=int, default=8)
+    p.add_argument("--num-val", type=int, default=4)
+    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_toy)
+
+
+def _add_common_train(p) -> None:
+    p.add_argument("--output", required=True, help="run folder: last.pth (written each epoch/save) and metrics.jsonl")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output (else refused "
+                   "unless --resume)")
+    p.add_argument("--backbone", default="poolformer_s12", help="any variant from `metaformer info`")
+    p.add_argument("--override", action="append", metavar="KEY=VALUE",
+                   help="backbone config override, repeatable (e.g. depths=[1,1,1,1] dims=[16,32,48,64])")
+    p.add_argument("--pretrained", help="ImageNet checkpoint for the backbone (any layout the library loads)")
+    p.add_argument("--frozen-stages", type=int, default=-1, help="-1 none, 0 stem, k stem + stages 1..k")
+    p.add_argument("--fpn-channels", type=int, default=256)
+    p.add_argument("--lr", type=float, help="default: the paper's (detect 1e-4, segment 2e-4)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, help="per process (default: the paper's, detect 2, segment 4)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (default: fp32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", metavar="CKPT|auto", help="continue from a checkpoint ('auto': OUTPUT/last.pth if any)")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available; torchrun sets it per rank)")
+
+
+@_one_line
+def _det_train(args) -> int:
+    from ..tasks.dense.engine import DetectionConfig, train_detection
+
+    cfg = DetectionConfig(
+        train_images=args.train_images, train_ann=args.train_ann, val_images=args.val_images, val_ann=args.val_ann,
+        output=args.output, arch=args.arch, backbone=args.backbone,
+        backbone_overrides=_key_values(args.override, "--override"), pretrained=args.pretrained,
+        frozen_stages=args.frozen_stages, fpn_channels=args.fpn_channels,
+        detector_options=_key_values(args.detector_opt, "--detector-opt"), min_size=args.min_size,
+        max_size=args.max_size, epochs=args.epochs, lr_steps=args.lr_steps, lr=args.lr or 1e-4,
+        weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, batch_size=args.batch_size or 2,
+        workers=args.workers, amp=args.amp, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+        log_every=args.log_every, device=args.device)
+    if (args.val_images is None) != (args.val_ann is None):
+        raise UserError("give both --val-images and --val-ann, or neither")
+    train_detection(cfg)
+    return 0
+
+
+@_one_line
+def _det_eval(args) -> int:
+    from ..tasks.dense.data import CocoDetection
+    from ..tasks.dense.engine import build_detector_from_checkpoint, evaluate_detection, load_checkpoint, setup_runtime
+
+    ckpt = load_checkpoint(args.checkpoint, "detect")
+    ds = CocoDetection(args.images, args.ann, masks=ckpt["arch"] == "mask_rcnn")
+    if ds.class_names != ckpt["class_names"]:
+        raise UserError(f"{args.ann} has categories {ds.class_names}, the checkpoint {ckpt['class_names']}")
+    rt = setup_runtime(args.device)
+    model = build_detector_from_checkpoint(ckpt).to(rt.device)
+    res = evaluate_detection(model, ds, rt, args.amp, args.workers)
+    if rt.main:
+        print(json.dumps(res["metrics"]) if args.json else res["summary"])
+        _print_skipped(res["unreadable"])
+    return 0
+
+
+def _print_skipped(bad) -> None:
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s), left out of the scores:", file=sys.stderr)
+        for b in bad:
+            print(f"  {b.path}: {b.error}", file=sys.stderr)
+
+
+def _det_predict(args) -> int:
+    from ..tasks.dense.predict import predict_detection
+
+    predict_detection(args.checkpoint, args.inputs, args.output, args.score_thresh, args.device)
+    return 0
+
+
+@_one_line
+def _seg_train(args) -> int:
+    from ..tasks.dense.engine import SegmentationConfig, train_segmentation
+
+    cfg = SegmentationConfig(
+        data_root=args.data_root, train_split=args.train_split, val_split=None if args.no_val else args.val_split,
+        output=args.output, backbone=args.backbone, backbone_overrides=_key_values(args.override, "--override"),
+        pretrained=args.pretrained, frozen_stages=args.frozen_stages, num_classes=args.num_classes,
+        reduce_zero_label=args.reduce_zero_label, fpn_channels=args.fpn_channels, img_scale=args.img_scale,
+        crop_size=args.crop_size, ratio_range=args.ratio_range, iters=args.iters, lr=args.lr or 2e-4,
+        weight_decay=args.weight_decay, power=args.power, batch_size=args.batch_size or 4, workers=args.workers,
+        amp=args.amp, seed=args.seed, resume=args.resume, overwrite=args.overwrite, ckpt_every=args.ckpt_every,
+        eval_every=args.eval_every,
+        mode=args.mode, log_every=args.log_every, device=args.device)
+    train_segmentation(cfg)
+    return 0
+
+
+def _seg_eval(args) -> int:
+    from ..tasks.dense.data import SegmentationDataset
+    from ..tasks.dense.engine import build_segmenter_from_checkpoint, evaluate_segmentation, load_checkpoint, setup_runtime
+
+    ckpt = load_checkpoint(args.checkpoint, "segment")
+    rzl = ckpt["reduce_zero_label"] if args.reduce_zero_label is None else args.reduce_zero_label
+    ds = SegmentationDataset(args.data_root, args.split, num_classes=ckpt["model_config"]["num_classes"],
+                             reduce_zero_label=rzl, img_scale=tuple(args.img_scale or ckpt["img_scale"]))
+    rt = setup_runtime(args.device)
+    model = build_segmenter_from_checkpoint(ckpt).to(rt.device)
+    res = evaluate_segmentation(model, ds, rt, args.mode, args.crop_size or ckpt["crop_size"], args.amp)
+    if rt.main:
+        per_class, bad = res.pop("IoU_per_class"), res.pop("unreadable")
+        print(json.dumps(res if not args.json else {**res, "IoU_per_class": per_class}))
+        _print_skipped(bad)
+    return 0
+
+
+def _seg_predict(args) -> int:
+    from ..tasks.dense.predict import predict_segmentation
+
+    predict_segmentation(args.checkpoint, args.inputs, args.output, args.mode, args.opacity, args.device)
+    return 0
+
+
+def add_parser(sub) -> None:
+    # ---------------- detect ----------------
+    det = sub.add_parser("detect", help="object detection: RetinaNet / Mask R-CNN (torchvision) on a MetaFormer",
+                         description="RetinaNet or Mask R-CNN with a MetaFormer + FPN backbone, as in the paper; "
+                                     "COCO-format data (an images folder and an instances json).")
+    dsub = det.add_subparsers(dest="action", metavar="ACTION")
+    dsub.required = True
+    _add_toy(dsub)
+
+    p = dsub.add_parser("train", help="train on COCO-format data (paper defaults: AdamW 1e-4, 1x schedule)")
+    p.add_argument("--train-images", required=True)
+    p.add_argument("--train-ann", required=True, help="COCO instances json")
+    p.add_argument("--val-images")
+    p.add_argument("--val-ann", help="evaluated (COCO mAP) after every epoch")
+    p.add_argument("--arch", choices=["retinanet", "mask_rcnn"], default="retinanet")
+    _add_common_train(p)
+    p.add_argument("--detector-opt", action="append", metavar="KEY=VALUE",
+                   help="torchvision RetinaNet/MaskRCNN keyword argument, repeatable (e.g. box_batch_size_per_image=128)")
+    p.add_argument("--min-size", type=int, default=800, help="shorter side after resizing (paper: 800)")
+    p.add_argument("--max-size", type=int, default=1333, help="longer side limit (paper: 1333)")
+    p.add_argument("--epochs", type=int, default=12, help="default: the 1x schedule")
+    p.add_argument("--lr-steps", type=int, nargs="*", default=[8, 11], help="epochs after which lr x0.1")
+    p.add_argument("--warmup-iters", type=int, default=500)
+    p.set_defaults(func=_det_train)
+
+    p = dsub.add_parser("eval", help="COCO mAP (pycocotools COCOeval) of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--ann", required=True)
+    p.add_argument("--amp", choices=["bf16", "fp16"])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of COCOeval's table")
+    p.add_argument("--device")
+    p.set_defaults(func=_det_eval)
+
+    p = dsub.add_parser("predict", help="write PNGs with the detected boxes (and masks) drawn on the images")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
+    p.add_argument("--device")
+    p.set_defaults(func=_det_predict)
+
+    # ---------------- segment ----------------
+    seg = sub.add_parser("segment", help="semantic segmentation: Semantic FPN on a MetaFormer (ADE20K layout)",
+                         description="Semantic FPN with a MetaFormer backbone, as in the paper; ADE20K-layout data "
+                                     "(images/SPLIT/*.jpg, annotations/SPLIT/*.png index PNGs).")
+    ssub = seg.add_subparsers(dest="action", metavar="ACTION")
+    ssub.required = True
+    _add_toy(ssub)
+
+    p = ssub.add_parser("train", help="train (paper defaults: AdamW 2e-4, poly 0.9, 40k iterations, crop 512)")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--train-split", default="training")
+    p.add_argument("--val-split", default="validation")
+    p.add_argument("--no-val", action="store_true", help="no periodic evaluation")
+    p.add_argument("--num-classes", type=int, default=150, help="after the label shift (ADE20K: 150)")
+    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=True,
+                   help="label 0 = 'other' -> ignored, the rest shift by -1 (ADE20K)")
+    _add_common_train(p)
+    p.add_argument("--img-scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"))
+    p.add_argument("--crop-size", type=int, default=512)
+    p.add_argument("--ratio-range", type=float, nargs=2, default=[0.5, 2.0])
+    p.add_argument("--iters", type=int, default=40000)
+    p.add_argument("--power", type=float, default=0.9, help="poly decay power")
+    p.add_argument("--ckpt-every", type=int, default=4000)
+    p.add_argument("--eval-every", type=int, default=4000)
+    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="test mode of the periodic evaluation")
+    p.set_defaults(func=_seg_train)
+
+    p = ssub.add_parser("eval", help="mIoU, mean accuracy and pixel accuracy of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--split", default="validation")
+    p.add_argument("--mode", choices=["whole", "slide"], default="whole")
+    p.add_argument("--crop-size", type=int, help="slide window (default: the training crop)")
+    p.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help="default: as trained")
+    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: as trained")
+    p.add_argument("--amp", choices=["bf16", "fp16"])
+    p.add_argument("--json", action="store_true", help="also print the per-class IoU")
+    p.add_argument("--device")
+    p.set_defaults(func=_seg_eval)
+
+    p = ssub.add_parser("predict", help="write PNGs with the predicted class colours blended over the images")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--mode", choices=["whole", "slide"], default="whole")
+    p.add_argument("--opacity", type=float, default=0.5)
+    p.add_argument("--device")
+    p.set_defaults(func=_seg_predict)

@@ -1,0 +1,96 @@
+"""``metaformer export`` (ONNX / TorchScript / torch.export, verified) and ``metaformer cam`` (Grad-CAM)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import UserError
+
+
+def _load(args):
+    from ..tasks.inference import load_for_inference
+
+    return load_for_inference(args.model, args.checkpoint, num_classes=getattr(args, "num_classes", None),
+                              allow_nonfinite=args.allow_nonfinite)
+
+
+def run_export(args) -> int:
+    from ..tools.export import FORMATS, ExportError, export, export_metadata, sample_image
+
+    loaded = _load(args)
+    model = loaded.model
+    if args.fused:
+        from ..fast import fuse
+
+        # the portable backend: oneDNN's packed-weight ops do not exist in ONNX or TorchScript runtimes
+        model = fuse(model, backend="aten")
+    out = Path(args.output or f"{args.model or 'model'}{'_fused' if args.fused else ''}{FORMATS[args.format]}")
+    image = sample_image(loaded.img_size, loaded.transform) if loaded.model.in_chans == 3 else None
+    try:
+        result = export(model, out, args.format, img_size=loaded.img_size, image=image,
+                        dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size, dtype=args.dtype,
+                        metadata=export_metadata(loaded))
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    size_mb = result.path.stat().st_size / 2**20
+    print(f"wrote {result.path} ({result.format}, {result.dtype}, {size_mb:.1f} MiB)")
+    print(f"check: max |logit diff| vs PyTorch: random input {result.max_diff_random:.3g}, "
+          f"real image {result.max_diff_image:.3g} (tolerance {result.tolerance:g}); top-1 agrees: {result.top1_agrees}")
+    for note in result.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def run_cam(args) -> int:
+    from ..tools.cam import grad_cam, resolve_target, save_overlay
+    from ..data import open_rgb
+
+    from .evaluate import split_model_and_images
+
+    args.model, images = split_model_and_images(args.inputs, args.checkpoint, "cam")
+    loaded = _load(args)
+    target = resolve_target(args.target, loaded.class_names)
+    grid = getattr(loaded.model, "token_grid", None)
+    if grid is not None and min(grid) < 2:
+        print(f"note: at {loaded.img_size}px the last stage's map is {grid[0]}x{grid[1]}, so Grad-CAM cannot "
+              "localise (the heatmap is flat); use a model built for larger images (e.g. 224)")
+    out_dir = Path(args.out)
+    for image in images:
+        pil = open_rgb(image)
+        result = grad_cam(loaded.model, pil, loaded.transform, target, loaded.class_names, name=image)
+        path = save_overlay(result, out_dir)
+        print(f"{image}: class {result.target} ({result.target_name}, p={result.probability:.3f}), "
+              f"peak at (row, col) {result.peak} of {result.heatmap.shape} -> {path}")
+    return 0
+
+
+def _common(p, model_positional: bool = True):
+    if model_positional:
+        p.add_argument("model", nargs="?", help="variant name, e.g. poolformer_s12 (optional with a checkpoint "
+                       "saved by metaformer, which stores its config)")
+    p.add_argument("--checkpoint", help="weights: any layout metaformer loads (default: the authors' release)")
+    p.add_argument("--num-classes", type=int, help="classifier width of a checkpoint without stored config")
+    p.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN or inf instead of "
+                   "refusing them")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="export to ONNX / TorchScript / torch.export, then verify the file",
+                       description="Write the model in a deployable format, run the file in its own runtime on a "
+                                   "random input and a real image, and fail if it differs from PyTorch by more "
+                                   "than 1e-4 (fp32).")
+    _common(p)
+    p.add_argument("--format", choices=["onnx", "torchscript", "exported"], default="onnx")
+    p.add_argument("--output", "-o", help="output file (default: MODEL[_fused].onnx|.pt|.pt2)")
+    p.add_argument("--fused", action="store_true", help="export the fused inference model (metaformer.fuse)")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
+    p.add_argument("--dynamic-size", action="store_true", help="any image size at run time (pooling models only)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.set_defaults(func=run_export)
+
+    c = sub.add_parser("cam", help="Grad-CAM heatmaps over images (last stage, as the authors did)")
+    c.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE", help="variant name (optional with a checkpoint "
+                   "of ours) followed by image files")
+    _common(c, model_positional=False)
+    c.add_argument("--target", help="class index or name (default: the predicted class)")
+    c.add_argument("--out", default="cam", help="folder for the PNG overlays (default: ./cam)")
+    c.set_defaults(func=run_cam)

@@ -1,1 +1,0 @@
-"""Sub-commands of the ``metaformer`` command line (see ``metaformer.cli``)."""

@@ -1,0 +1,2 @@
+"""The tasks: image classification (training, evaluation, prediction) and dense prediction (detection,
+segmentation)."""

@@ -1,0 +1,88 @@
+"""Predict and look: detections (boxes, labels, scores, masks) or class masks drawn over the input image."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from ...data import open_rgb
+from .data import _normalize, rescale_size
+from .engine import (build_detector_from_checkpoint, build_segmenter_from_checkpoint, detect, iter_images,
+                     load_checkpoint, segment_logits, setup_runtime)
+
+
+def palette(num_classes: int, seed: int = 3) -> np.ndarray:
+    """A fixed, well-spread colour per class (the same run to run, so images can be compared)."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(40, 256, (num_classes, 3), dtype=np.uint8)
+
+
+
+
+def draw_detections(image: Image.Image, det: dict, class_names: list[str], score_thresh: float = 0.5) -> Image.Image:
+    keep = det["scores"] >= score_thresh
+    img = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    colours = palette(len(class_names) + 1)
+    labels = det["labels"][keep].tolist()
+    cols = [tuple(int(c) for c in colours[lab]) for lab in labels]
+    if "masks" in det and keep.any():
+        img = draw_segmentation_masks(img, det["masks"][keep][:, 0] > 0.5, alpha=0.45, colors=cols)
+    if keep.any():
+        text = [f"{class_names[lab - 1]} {s:.2f}" for lab, s in zip(labels, det["scores"][keep].tolist())]
+        img = draw_bounding_boxes(img, det["boxes"][keep], labels=text, colors=cols, width=2)
+    return Image.fromarray(img.permute(1, 2, 0).numpy())
+
+
+def blend_mask(image: Image.Image, pred: np.ndarray, colours: np.ndarray, opacity: float = 0.5) -> Image.Image:
+    base = np.asarray(image, dtype=np.float32)
+    out = base * (1 - opacity) + colours[pred].astype(np.float32) * opacity
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def predict_detection(checkpoint: str, inputs: Iterable[str], output: str, score_thresh: float = 0.5,
+                      device: str | None = None) -> list[Path]:
+    """Write ``OUTPUT/<name>.png`` per input image: boxes with class and score (and masks)."""
+    ckpt = load_checkpoint(checkpoint, "detect")
+    rt = setup_runtime(device)
+    model = build_detector_from_checkpoint(ckpt).to(rt.device)
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in iter_images(inputs):
+        image = open_rgb(path)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        det = detect(model, [x], rt)[0]
+        dest = out_dir / f"{path.stem}.png"
+        draw_detections(image, det, ckpt["class_names"], score_thresh).save(dest)
+        n = int((det["scores"] >= score_thresh).sum())
+        print(f"{path} -> {dest} ({n} detections >= {score_thresh})")
+        written.append(dest)
+    return written
+
+
+def predict_segmentation(checkpoint: str, inputs: Iterable[str], output: str, mode: str = "whole",
+                         opacity: float = 0.5, device: str | None = None) -> list[Path]:
+    """Write ``OUTPUT/<name>.png`` per input image: the predicted class colours blended over it."""
+    ckpt = load_checkpoint(checkpoint, "segment")
+    rt = setup_runtime(device)
+    model = build_segmenter_from_checkpoint(ckpt).to(rt.device).eval()
+    colours = palette(model.num_classes)
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in iter_images(inputs):
+        image = open_rgb(path)
+        x = _normalize(image.resize(rescale_size(*image.size, tuple(ckpt["img_scale"])), Image.BILINEAR))
+        logits = segment_logits(model, x[None].to(rt.device), mode, ckpt["crop_size"]).float()
+        pred = F.interpolate(logits, size=(image.size[1], image.size[0]), mode="bilinear",
+                             align_corners=False).argmax(1)[0].cpu().numpy()
+        dest = out_dir / f"{path.stem}.png"
+        blend_mask(image, pred, colours, opacity).save(dest)
+        print(f"{path} -> {dest} (classes: {sorted(np.unique(pred).tolist())})")
+        written.append(dest)
+    return written

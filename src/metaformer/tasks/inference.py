@@ -1,0 +1,192 @@
+"""Evaluation (top-1/top-5 with the variant's eval transform) and prediction.
+
+A checkpoint trained here (``last.pth``/``best.pth`` of ``metaformer train``, or a
+``save_weights`` safetensors file) carries its model config and class names, so the model
+is rebuilt from it; any other layout ``metaformer.load_weights`` detects (the authors',
+timm, Hugging Face) is loaded into the named variant.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import data as D
+from ..data import DataError
+from ..weights import WeightsError
+from ..zoo import build_from_config, create_model, load_weights
+from ..zoo.imagenet import categories, imagenet_classes
+from ..zoo.registry import eval_transform
+from .classification import evaluate  # noqa: F401  (eval's loop, re-exported for the commands)
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1K class names in the standard (sorted wnid) order."""
+    return imagenet_classes()[1]
+
+
+def default_class_names(num_classes: int) -> tuple[list[str], list[str] | None]:
+    """``(names, aliases)`` for a model whose checkpoint names no classes: ImageNet's names (and their
+    WordNet ids, so wnid folders map by name) for 1000 or 21,841 classes, else the indices ``'0'..'N-1'``."""
+    if num_classes in (1000, 21841):
+        return categories("imagenet-1k" if num_classes == 1000 else "imagenet-22k")
+    return [str(i) for i in range(num_classes)], None
+
+
+def preprocessing_of(model: nn.Module) -> dict:
+    """The eval preprocessing a model's ``pretrained_cfg`` describes, at the model's own input size."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = getattr(model, "img_size", None)
+    return {"img_size": int(size[0] if isinstance(size, (tuple, list)) else cfg.get("input_size", (3, 224, 224))[-1]),
+            "crop_pct": float(cfg.get("crop_pct", 0.9)), "interpolation": cfg.get("interpolation", "bicubic"),
+            "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))), "std": list(cfg.get("std", (0.229, 0.224, 0.225)))}
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    class_names: list[str]
+    img_size: int
+    transform: object
+    source: str
+    preprocessing: dict = field(default_factory=dict)  # what built `transform`, as data
+    class_aliases: list[str] | None = None  # other names of the same classes (ImageNet's WordNet ids)
+    variant: str | None = None
+
+
+def resolve_checkpoint(checkpoint: str) -> Path:
+    """A local checkpoint file: URLs are downloaded (cached); a folder or a missing path is named as such."""
+    from ..weights.io import EXTENSIONS, is_url, resolve
+
+    if is_url(checkpoint):
+        return resolve(checkpoint)
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        inside = sorted(q.name for q in path.iterdir() if q.name.endswith(EXTENSIONS))
+        hint = f": pass one of the files inside, e.g. {path / inside[0]} ({', '.join(inside[:6])})" if inside else \
+            f" without checkpoint files ({', '.join(EXTENSIONS)})"
+        raise WeightsError(f"--checkpoint {checkpoint} is a folder, not a checkpoint file{hint}")
+    if not path.exists():
+        raise WeightsError(f"checkpoint {checkpoint} does not exist")
+    return path
+
+
+def stored_metadata(path: Path) -> dict | None:
+    """``{'config', 'variant', 'class_names'}`` of a checkpoint written by this library, else None."""
+    from ..weights import read_metadata
+    from ..weights.io import read_torch
+
+    if path.name.endswith(".safetensors"):
+        try:
+            return read_metadata(path)
+        except WeightsError:
+            return None  # a plain safetensors file: load_weights decides what it is
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        read_torch(path)  # raises the precise error: corrupt, truncated, or refused (pickled code)
+        return None
+    if isinstance(obj, dict) and obj.get("task") in ("detect", "segment"):
+        raise WeightsError(f"{path} is a `metaformer {obj['task']}` checkpoint, not a classifier: evaluate it with "
+                           f"`metaformer {obj['task']} eval --checkpoint {path} ...`")
+    if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict):
+        return {"config": obj["model_config"], "variant": obj.get("variant"), "class_names": obj.get("class_names")}
+    return None
+
+
+def load_for_inference(model_name: str | None, checkpoint: str | None = None, num_classes: int | None = None,
+                       device: str | torch.device = "cpu", allow_nonfinite: bool = False) -> Loaded:
+    """The model, its class names and its eval transform, ready for ``evaluate``/``predict``.
+
+    ``checkpoint``: one of ours (its config and class names rebuild the model), any other layout
+    loaded into ``model_name``, or None for the variant's published weights (``name.tag`` picks them).
+    """
+    path = resolve_checkpoint(checkpoint) if checkpoint else None
+    meta = stored_metadata(path) if path else None
+    class_names = None
+    if meta is not None:
+        if model_name and meta["variant"] and model_name != meta["variant"]:
+            warnings.warn(f"{checkpoint} was trained as {meta['variant']}, not {model_name}: using its stored "
+                          f"config", stacklevel=2)
+        model = build_from_config(meta["config"], meta["variant"])
+        class_names = meta["class_names"]
+    elif not model_name:
+        raise WeightsError("name the model (e.g. poolformer_s12): the checkpoint does not say which it is"
+                           if checkpoint else "name the model (e.g. poolformer_s12) or pass --checkpoint")
+    elif path is None:
+        model = create_model(model_name, pretrained=True, num_classes=num_classes, allow_nonfinite=allow_nonfinite)
+    else:
+        model = create_model(model_name, num_classes=num_classes)
+    if path:
+        report = load_weights(model, path, strict=True, allow_nonfinite=allow_nonfinite)
+        if any(k.startswith("head.fc.") for k in report.reinitialised):
+            raise WeightsError(f"{checkpoint} has a classifier for another number of classes than the model's "
+                               f"{model.num_classes}; pass --num-classes N to match it")
+        source = checkpoint
+    else:
+        source = f"{model_name} published weights"
+    aliases = None
+    if class_names is None:
+        class_names, aliases = default_class_names(model.num_classes)
+    pre = preprocessing_of(model)
+    model.to(device).eval()
+    return Loaded(model, list(class_names), pre["img_size"], eval_transform(**pre), source, pre, aliases,
+                  getattr(model, "variant", None))
+
+
+def class_targets(folder: Path, folder_classes: list[str], names: list[str], aliases: list[str] | None = None,
+                  positional: bool = False) -> list[int]:
+    """The model's class index of each class folder, matched by name (or alias), never by position unless
+    asked: a subset of the classes, or another order, still scores right, and unknown names are an error."""
+    if positional:
+        if len(folder_classes) != len(names):
+            raise DataError(f"--positional maps the i-th class folder to class i, but {folder} has "
+                            f"{len(folder_classes)} class folders and the model {len(names)} classes")
+        return list(range(len(folder_classes)))
+    index = {n: i for i, n in enumerate(aliases or [])}
+    index.update({n: i for i, n in enumerate(names)})
+    unknown = [c for c in folder_classes if c not in index]
+    if unknown:
+        shown = ", ".join(unknown[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
+        model = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        unnamed = names == [str(i) for i in range(len(names))]
+        hint = (" The checkpoint stores no class names, so its classes are 0..{}: name the folders by class index, "
+                "or pass --positional to map the sorted folders to classes in order (as torchvision's ImageFolder "
+                "does).".format(len(names) - 1) if unnamed else
+                " Evaluate on folders named like the classes the model was trained on.")
+        raise DataError(f"{folder}: {len(unknown)} of {len(folder_classes)} class folders are not classes of the "
+                        f"model: {shown}. The model's {len(names)} classes: {model}.{hint}")
+    return [index[c] for c in folder_classes]
+
+
+def eval_dataset(loaded: Loaded, data: str | None, positional: bool = False):
+    """The built-in digits val split, or a class-folder directory mapped onto the model's classes by name."""
+    if D.is_builtin(data):
+        if loaded.class_names != D.Digits.classes:
+            raise DataError("the built-in digits need a model trained on them (10 classes '0'..'9'): pass "
+                            "--checkpoint runs/digits/best.pth, or --data DIR for other data")
+        return D.Digits("val", loaded.img_size, loaded.transform)
+    folder = D.find_eval_dir(data)
+    ds = D.SafeImageFolder(folder, loaded.transform, allow_empty=True)
+    targets = class_targets(folder, ds.classes, loaded.class_names, loaded.class_aliases, positional)
+    if targets != list(range(len(ds.classes))):
+        ds.target_transform = targets.__getitem__
+    return ds
+
+
+def predict(loaded: Loaded, images: list[str], topk: int = 5, device: str | torch.device = "cpu") -> list[dict]:
+    """For each image: ``{'image', 'predictions': [(class name, probability), ...]}``, best first."""
+    batch = [loaded.transform(D.open_rgb(p)) for p in images]
+    with torch.no_grad():
+        probs = loaded.model(torch.stack(batch).to(device)).float().softmax(dim=1)
+    if probs.shape[1] != len(loaded.class_names):
+        raise WeightsError(f"{loaded.source} gives {probs.shape[1]} class scores but {len(loaded.class_names)} class "
+                           f"names were given with it: predict with the checkpoint it was made from")
+    k = min(topk, probs.shape[1])
+    values, indices = probs.topk(k, dim=1)
+    return [{"image": p, "predictions": [(loaded.class_names[i], v) for v, i in zip(vs.tolist(), ix.tolist())]}
+            for p, vs, ix in zip(images, values, indices)]

@@ -1,0 +1,77 @@
+"""Grad-CAM on the last stage (as the authors' own script did), via pytorch-grad-cam."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..errors import ConfigError
+
+
+@dataclass
+class CamResult:
+    image: str
+    target: int
+    target_name: str
+    probability: float
+    heatmap: np.ndarray  # [H, W] in [0, 1], at the model's input size
+    overlay: np.ndarray  # [H, W, 3] uint8
+
+    @property
+    def peak(self) -> tuple[int, int]:
+        return tuple(int(i) for i in np.unravel_index(self.heatmap.argmax(), self.heatmap.shape))
+
+
+def _display_image(pil: Image.Image, transform) -> np.ndarray:
+    """The input as the model sees it (resize + centre crop), before normalisation, in [0, 1]."""
+    from torchvision import transforms as T
+
+    geometric = [t for t in transform.transforms if isinstance(t, (T.Resize, T.CenterCrop))]
+    return np.asarray(T.Compose(geometric)(pil.convert("RGB")), dtype=np.float32) / 255.0
+
+
+def grad_cam(model: nn.Module, pil: Image.Image, transform, target: int | None = None,
+             class_names: list[str] | None = None, name: str = "") -> CamResult:
+    """Grad-CAM for ``target`` (default: the predicted class) on the output of the last stage."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model.eval()
+    x = transform(pil.convert("RGB")).unsqueeze(0)
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+    if target is None:
+        target = int(probs.argmax())
+    if not 0 <= target < probs.numel():
+        raise ConfigError(f"--target {target} is out of range for a {probs.numel()}-class model")
+    with GradCAM(model=model, target_layers=[model.stages[-1]]) as cam:
+        heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
+    rgb = _display_image(pil, transform)
+    overlay = show_cam_on_image(rgb, heat, use_rgb=True)
+    label = class_names[target] if class_names else str(target)
+    return CamResult(name, target, label, float(probs[target]), heat, overlay)
+
+
+def resolve_target(target: str | None, class_names: list[str]) -> int | None:
+    if target is None:
+        return None
+    if target.isdigit():
+        return int(target)
+    lowered = [c.lower() for c in class_names]
+    if target.lower() in lowered:
+        return lowered.index(target.lower())
+    raise ConfigError(f"unknown target class {target!r}: give a class index or one of the model's class names "
+                     f"(e.g. {', '.join(class_names[:5])} ...)")
+
+
+def save_overlay(result: CamResult, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in result.target_name)[:40]
+    path = out_dir / f"{Path(result.image).stem}_cam_{result.target}_{safe}.png"
+    Image.fromarray(result.overlay).save(path)
+    return path

@@ -1,0 +1,343 @@
+"""The model zoo: architectures and their trained weights, as data (torchvision's idea).
+
+An architecture (:class:`ModelInfo`) is a name, the :class:`~metaformer.MetaFormer` config that
+builds it and the paper's figures. It has zero or more sets of weights (:class:`Weights`),
+named by tag with timm's syntax (``poolformer_s12.sail_in1k``): each carries its URL, the
+hub id of timm's copy, the checksum where one is published, the eval preprocessing its
+numbers were measured with, its dataset's class names and the authors' metrics. The first
+tag is the default (``pretrained=True``).
+
+Names: our models keep the papers' names here (``poolformer_s12``, ``caformer_s18``). In
+timm's registry they are prefixed ``metaformer_`` (``timm.create_model('metaformer_poolformer_s12')``)
+so that they never shadow timm's own models (timm's PoolFormer v1 head is not the
+authors'); both spellings work here.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.features import MetaFormerFeatures
+from ..models.metaformer import IMAGENET_MEAN, IMAGENET_STD, MetaFormer
+from ..weights import load_weights as _load_weights
+from ..weights import WeightsError, read_metadata
+from ..weights.load import LoadReport, mixer_of
+from .imagenet import categories
+
+TIMM_PREFIX = "metaformer_"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One set of trained weights (a tag of an architecture)."""
+
+    tag: str
+    url: str | None = None  # the authors' release file
+    hf_hub_id: str | None = None  # timm's copy on the Hugging Face hub, in timm's layout
+    sha256: str | None = None  # a published checksum (the authors publish none; downloads record theirs)
+    dataset: str = "imagenet-1k"  # the classifier's classes: imagenet-1k or imagenet-22k
+    img_size: int = 224
+    crop_pct: float = 0.9
+    interpolation: str = "bicubic"
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    top1: float | None = None  # the authors' ImageNet-1K top-1 (%) for these weights
+    gmacs: float | None = None  # MACs at img_size as the authors print them
+    recipe: str | None = None  # how they were trained
+    license: str = "apache-2.0"
+    notes: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return 21841 if self.dataset == "imagenet-22k" else 1000
+
+    @property
+    def categories(self) -> list[str]:
+        """The class names, in the classifier's order."""
+        return categories(self.dataset)[0]
+
+    def preprocessing(self, img_size: int | None = None) -> dict:
+        """What :func:`eval_transform` needs, as plain data (stored with exported models)."""
+        return {"img_size": img_size or self.img_size, "crop_pct": self.crop_pct,
+                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
+
+    def transforms(self, img_size: int | None = None):
+        """The eval preprocessing these weights' numbers were measured with."""
+        return eval_transform(**self.preprocessing(img_size))
+
+
+def eval_transform(img_size: int, crop_pct: float, interpolation: str, mean, std):
+    """Resize the shorter side to ``floor(img_size / crop_pct)``, centre-crop ``img_size``, normalise
+    (what ``timm.data.create_transform(**resolve_model_data_config(model))`` builds, to the pixel)."""
+    from torchvision import transforms as T
+
+    interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[interpolation]
+    return T.Compose([
+        T.Resize(math.floor(img_size / crop_pct), interpolation=interp),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        T.Normalize(tuple(mean), tuple(std)),
+    ])
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an architecture is and what its paper measured (ImageNet-1K, 224, 300 epochs)."""
+
+    name: str
+    config: dict
+    description: str
+    params: int | None  # exact count of trainable parameters, 1000 classes (None: count it)
+    paper_params: str  # as printed in the paper
+    paper_macs: float | None  # GMACs at 224 as printed in the paper
+    top1: float | None  # the paper's ImageNet-1K top-1 at 224
+    family: str = "poolformer"
+    paper: str = "arXiv:2111.11418"
+    weights: tuple[Weights, ...] = ()
+    defaults: Weights = field(default_factory=lambda: Weights(tag=""))  # preprocessing when there are no weights
+    base: str | None = None  # for ablations: the variant they modify
+    overrides: dict = field(default_factory=dict)  # for ablations: what changed
+
+    @property
+    def default_weights(self) -> Weights:
+        return self.weights[0] if self.weights else self.defaults
+
+    def get_weights(self, tag: str | None = None) -> Weights:
+        if not tag:
+            if not self.weights:
+                raise WeightsError(f"{self.name} has no published weights: pass the path of a checkpoint instead, "
+                                  f"e.g. create_model({self.name!r}, pretrained='/path/to/weights.pth')")
+            return self.weights[0]
+        for w in self.weights:
+            if w.tag == tag:
+                return w
+        tags = ", ".join(f"{self.name}.{w.tag}" for w in self.weights) or "none"
+        raise WeightsError(f"{self.name} has no weights tagged {tag!r}; its weights: {tags}")
+
+    # The default weights' preprocessing, under the names the rest of the package has always used.
+    @property
+    def url(self) -> str | None:
+        return self.weights[0].url if self.weights else None
+
+    @property
+    def crop_pct(self) -> float:
+        return self.default_weights.crop_pct
+
+    @property
+    def interpolation(self) -> str:
+        return self.default_weights.interpolation
+
+    @property
+    def mean(self) -> tuple:
+        return self.default_weights.mean
+
+    @property
+    def std(self) -> tuple:
+        return self.default_weights.std
+
+    @property
+    def input_size(self) -> tuple:
+        return (3, self.default_weights.img_size, self.default_weights.img_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.default_weights.num_classes
+
+    def eval_resize(self, img_size: int | None = None) -> int:
+        """Shorter side before the centre crop: ``floor(size / crop_pct)`` (248 for S12 at 224)."""
+        return math.floor((img_size or self.input_size[-1]) / self.crop_pct)
+
+    def preprocessing(self, img_size: int | None = None) -> dict:
+        return self.default_weights.preprocessing(img_size)
+
+    def transforms(self, img_size: int | None = None):
+        return self.default_weights.transforms(img_size)
+
+    def pretrained_cfg(self, weights: Weights | None = None) -> dict:
+        """timm's ``pretrained_cfg`` for these weights (or the architecture's defaults)."""
+        w = weights or self.default_weights
+        cfg = {"architecture": self.name, "tag": w.tag or None, "url": w.url, "hf_hub_id": w.hf_hub_id,
+               "input_size": (3, w.img_size, w.img_size), "crop_pct": w.crop_pct, "crop_mode": "center",
+               "interpolation": w.interpolation, "mean": tuple(w.mean), "std": tuple(w.std),
+               "num_classes": w.num_classes, "license": w.license, "paper_ids": self.paper,
+               "description": self.description}
+        return {k: v for k, v in cfg.items() if v is not None}
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("weights", "defaults")}
+        d["weights"] = [f"{self.name}.{w.tag}" for w in self.weights]
+        d.update(url=self.url, crop_pct=self.crop_pct, interpolation=self.interpolation, mean=list(self.mean),
+                 std=list(self.std), input_size=list(self.input_size), num_classes=self.num_classes)
+        return d
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register(info: ModelInfo) -> ModelInfo:
+    _REGISTRY[info.name] = info
+    return info
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``'poolformer_s12.sail_in1k'`` -> ``('poolformer_s12', 'sail_in1k')``; timm's prefixed names too."""
+    arch, _, tag = name.partition(".")
+    if arch not in _REGISTRY and arch.startswith(TIMM_PREFIX) and arch[len(TIMM_PREFIX):] in _REGISTRY:
+        arch = arch[len(TIMM_PREFIX):]
+    return arch, tag or None
+
+
+def timm_name(name: str) -> str:
+    """The name an architecture has in timm's registry (never one of timm's own names)."""
+    return name if name.startswith(TIMM_PREFIX) else TIMM_PREFIX + name
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered architecture names matching a shell-style pattern, e.g. ``list_models('poolformer_*')``,
+    in registration order (PoolFormer S12..M48, the S12 hybrids, then the Baselines' families)."""
+    return [n for n in _REGISTRY if fnmatch.fnmatch(n, pattern)]
+
+
+def list_pretrained(pattern: str = "*") -> list[str]:
+    """``name.tag`` of every set of published weights matching ``pattern``."""
+    return [f"{n}.{w.tag}" for n, info in _REGISTRY.items() for w in info.weights
+            if fnmatch.fnmatch(f"{n}.{w.tag}", pattern) or fnmatch.fnmatch(n, pattern)]
+
+
+def get_model_info(name: str) -> ModelInfo:
+    arch, _ = split_name(name)
+    try:
+        return _REGISTRY[arch]
+    except KeyError:
+        close = difflib.get_close_matches(arch, list(_REGISTRY), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown model {name!r}{hint} Known models: {', '.join(list_models())}") from None
+
+
+def get_weights(name: str) -> Weights:
+    """The weights a ``name[.tag]`` stands for (the default tag when none is given)."""
+    arch, tag = split_name(name)
+    return get_model_info(arch).get_weights(tag)
+
+
+def _architecture_of(config: dict) -> dict:
+    n = len(config["depths"])
+    mix = config.get("token_mixers", "pooling")
+    mix = list(mix) if isinstance(mix, (list, tuple)) else [mix] * n
+    return dict(depths=list(config["depths"]), dims=list(config["dims"]),
+                token_mixers=[mixer_of({"qkv"} if m == "attention" else {"pwconv1"} if m == "sepconv" else
+                                       {"proj"} if m == "spatial_mlp" else {"conv"} if m == "dwconv" else
+                                       {"random_matrix"} if m == "random" else set()) for m in mix],
+                stem_norm=bool(config.get("stem_norm")), mlp_head=bool(config.get("mlp_head")))
+
+
+def variants_matching(file_arch: dict) -> list[str]:
+    """The registered architectures with the layers a checkpoint holds (to name what a file is)."""
+    return [n for n, info in _REGISTRY.items() if info.family != "poolformer ablation"
+            and _architecture_of(info.config) == file_arch]
+
+
+def load_weights(model: nn.Module, source: Any, strict: bool = True, allow_nonfinite: bool = False,
+                 sha256: str | None = None) -> LoadReport:
+    """:func:`metaformer.weights.load_weights`, naming the variant a mismatched file looks like."""
+    return _load_weights(model, source, strict=strict, allow_nonfinite=allow_nonfinite, sha256=sha256,
+                         name_match=variants_matching)
+
+
+def _finish(model: MetaFormer, variant: str | None, weights: Weights | None) -> None:
+    """Attach what the zoo knows: the variant name and timm's pretrained_cfg for the weights."""
+    model.variant = variant
+    info = _REGISTRY.get(variant) if variant else None
+    cfg = dict(model.describe())
+    if info is not None:
+        cfg.update(info.pretrained_cfg(weights))
+        cfg.update(input_size=(model.in_chans, *model.img_size), num_classes=model.num_classes)
+    model.pretrained_cfg = model.default_cfg = cfg
+
+
+def create_model(name: str, pretrained: bool | str = False, num_classes: int | None = None,
+                 in_chans: int | None = None, features_only: bool = False, out_indices=None,
+                 allow_nonfinite: bool = False, **overrides: Any) -> nn.Module:
+    """Build a registered variant, optionally with weights.
+
+    Args:
+        name: a variant from :func:`list_models`, optionally with a weights tag
+            (``'caformer_s18.sail_in22k_ft_in1k_384'``); timm's prefixed names work too.
+        pretrained: ``False``; ``True`` for the tag's (or the default) published weights (downloaded
+            once, cached, checksummed); or a path/URL to any checkpoint layout
+            :func:`metaformer.load_weights` detects.
+        num_classes: classifier width (default: the weights', else 1000). With pretrained weights of
+            another width only the classifier is re-initialised (with a warning).
+        in_chans: input channels (default 3); pretrained stem weights are adapted.
+        features_only: return a backbone giving one normed feature map per stage in ``out_indices``.
+        **overrides: any :class:`MetaFormer` argument, e.g. ``token_mixers='identity'``,
+            ``norm='ln'``, ``pool_size=5``, ``drop_path_rate=0.2``, ``img_size=384``.
+    """
+    arch, tag = split_name(name)
+    info = get_model_info(arch)
+    weights = info.get_weights(tag) if (tag or pretrained is True) else None
+    cfg = copy.deepcopy(info.config)
+    if weights is not None and weights.img_size != 224:
+        cfg["img_size"] = weights.img_size  # size-bound parts and the eval transform follow the weights
+    cfg.update(overrides)
+    source_classes = weights.num_classes if weights is not None else 1000
+    cfg["num_classes"] = source_classes if num_classes is None else num_classes
+    cfg["in_chans"] = 3 if in_chans is None else in_chans
+    if features_only and pretrained:
+        cfg["num_classes"] = source_classes  # load the whole network, then drop the head
+    model = MetaFormer(**cfg)
+    _finish(model, arch, weights)
+    if pretrained:
+        source = weights.url if pretrained is True else pretrained
+        if source is None:
+            raise WeightsError(f"{name}: its weights have no download URL in this version; pass the path of the "
+                              "file instead (pretrained='/path/to/weights.pth')")
+        load_weights(model, source, strict=True, allow_nonfinite=allow_nonfinite,
+                     sha256=weights.sha256 if pretrained is True else None)
+    if features_only:
+        model = MetaFormerFeatures(model, out_indices if out_indices is not None else range(model.num_stages))
+    return model
+
+
+def build_from_config(config: dict, variant: str | None = None) -> nn.Module:
+    """Rebuild a model from a saved config (``model.config``; see :func:`metaformer.save_weights`)."""
+    config = dict(config)
+    features_only = config.pop("features_only", False)
+    out_indices = config.pop("out_indices", None)
+    try:
+        model = MetaFormer(**config)
+    except TypeError as e:
+        raise ConfigError(f"this config cannot build a MetaFormer ({e}); was it saved by another version?") from None
+    _finish(model, variant if variant in _REGISTRY else None, None)
+    model.variant = variant
+    if features_only:
+        model = MetaFormerFeatures(model, out_indices if out_indices is not None else range(model.num_stages))
+    return model
+
+
+def load_model(path, allow_nonfinite: bool = False, **overrides: Any) -> nn.Module:
+    """Rebuild the model saved by :func:`metaformer.save_weights` and load its weights strictly.
+
+    ``overrides`` change config entries, e.g. ``num_classes=10`` (classifier re-initialised),
+    ``features_only=True`` or ``img_size=384``.
+    """
+    meta = read_metadata(path)
+    return rebuild(meta["config"], meta["variant"], path, meta["class_names"], allow_nonfinite=allow_nonfinite,
+                   **overrides)
+
+
+def rebuild(config: dict, variant: str | None, weights: Any, class_names: list[str] | None = None,
+            allow_nonfinite: bool = False, **overrides: Any) -> nn.Module:
+    """Build ``config`` (with ``overrides``), load ``weights`` strictly, attach the class names."""
+    config = {**config, **overrides}
+    model = build_from_config(config, variant)
+    load_weights(model, weights, strict=True, allow_nonfinite=allow_nonfinite)
+    model.class_names = class_names if class_names and len(class_names) == config.get("num_classes") else None
+    return model

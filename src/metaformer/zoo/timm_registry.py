@@ -1,0 +1,97 @@
+"""Our models in timm's registry: ``timm.create_model('metaformer_poolformer_s12')`` builds ours.
+
+Every architecture of the zoo, and every row of PoolFormer's ablation table, is registered under
+a name with the ``metaformer_`` prefix (``metaformer_poolformer_s12``, ``metaformer_caformer_s18``,
+``metaformer_s12_identity``; the hybrids already are ``metaformer_*``), with its weights as timm
+tags (``metaformer_poolformer_s12.sail_in1k``). No name is one of timm's, so importing metaformer
+never changes what timm's own names build. timm's builder does the rest: ``pretrained_cfg``,
+``features_only`` (our backbone with the authors' per-stage norms), ``pretrained=True``
+(through :func:`checkpoint_filter`, which reads any layout we read), ``train.py --model`` and
+``validate.py --model``.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._registry import _model_entrypoints
+
+from ..models.features import MetaFormerFeatures
+from ..models.metaformer import MetaFormer, conv_out
+from ..weights.io import unwrap
+from ..weights.layouts import detect_layout, to_ours
+from .registry import _REGISTRY, ModelInfo, timm_name
+
+default_cfgs: dict = {}  # read by timm's register_model from this module
+
+
+def checkpoint_filter(state_dict: dict, model: torch.nn.Module) -> dict:
+    """Any layout we read (the authors', timm's, Hugging Face's) -> this model's keys and shapes."""
+    sd = unwrap(state_dict, "pretrained weights")
+    own = model.state_dict()
+    out = {}
+    for key, (_, value) in to_ours(sd, detect_layout(sd) or "timm").items():
+        target = own.get(key)
+        if target is not None and value.shape != target.shape and value.numel() == target.numel():
+            value = value.reshape(target.shape)  # nn.Linear <-> 1x1 conv
+        out[key] = value
+    return out
+
+
+def _timm_cfg(info: ModelInfo, cfg: dict, model_cfg: dict) -> dict:
+    """A dict timm's PretrainedCfg accepts: what the test-suite and data pipeline read."""
+    grid = cfg["input_size"][-1]
+    for kernel, stride, padding in ((7, 4, 2), (3, 2, 1), (3, 2, 1), (3, 2, 1)):
+        grid = conv_out(grid, kernel, stride, padding)
+    mlp_head = bool(model_cfg.get("mlp_head"))
+    fixed = any(m in ("random", "spatial_mlp") for m in _as_list(model_cfg.get("token_mixers", "pooling")))
+    keep = ("url", "hf_hub_id", "input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes",
+            "license", "paper_ids", "description", "architecture", "tag")
+    out = {k: v for k, v in cfg.items() if k in keep}
+    out.update(pool_size=(grid, grid), min_input_size=(3, 32, 32), fixed_input_size=fixed, first_conv="stem.conv",
+               classifier="head.fc.fc2" if mlp_head else "head.fc", origin_url="https://github.com/sail-sg")
+    out.pop("architecture", None)
+    out.pop("tag", None)
+    return out
+
+
+def _as_list(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _entrypoint(name: str, variant: str, model_cfg: dict):
+    def entry(pretrained: bool = False, **kwargs) -> torch.nn.Module:
+        depths = kwargs.get("depths", model_cfg["depths"])
+        out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
+        model = build_model_with_cfg(MetaFormer, name, pretrained, pretrained_filter_fn=checkpoint_filter,
+                                     feature_cfg=dict(feature_cls=MetaFormerFeatures, out_indices=out_indices),
+                                     **{**model_cfg, **kwargs})
+        model.variant = variant
+        return model
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = __name__
+    entry.__doc__ = f"metaformer's {variant} (see metaformer.create_model)"
+    return entry
+
+
+def _specs() -> list[tuple[str, str, dict, ModelInfo]]:
+    """(timm name, our variant, MetaFormer config, info) of every architecture (ablation rows included)."""
+    return [(timm_name(n), n, dict(info.config), info) for n, info in _REGISTRY.items()]
+
+
+def register_all() -> list[str]:
+    """Register every model in timm (idempotent: already registered names are left as they are)."""
+    names = []
+    module = sys.modules[__name__]
+    for name, variant, model_cfg, info in _specs():
+        names.append(name)
+        if name in _model_entrypoints:
+            continue
+        tags = {f"{name}.{w.tag}": _timm_cfg(info, info.pretrained_cfg(w), model_cfg) for w in info.weights}
+        if not tags:
+            tags = {name: _timm_cfg(info, info.pretrained_cfg(), model_cfg)}
+        module.default_cfgs.update(generate_default_cfgs(tags))
+        register_model(_entrypoint(name, variant, model_cfg))
+    return names
