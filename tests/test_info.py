@@ -7,16 +7,29 @@ from metaformer.cli import main
 def test_info_table_lists_exact_params_and_paper_macs(capsys):
     assert main(["info", "poolformer_s12", "metaformer_ppaa_s12"]) == 0
     out = capsys.readouterr().out
-    assert "| poolformer_s12 | 11,915,176 | 1.823 (1.8) |" in out
-    assert "| metaformer_ppaa_s12 | 16,535,592 | 2.549 (2.5) |" in out  # channel LN left out, as the paper
-    assert "resize 248 (bicubic), centre crop 224" in out  # the detail block of a named model
+    assert "| poolformer_s12 | 11,915,176 | 1.823 | 1.812 | 11.9M | 1.8 | 77.2 |" in out
+    assert "| metaformer_ppaa_s12 | 16,535,592 | 2.549 |" in out  # channel LN left out, as the paper
+    assert "eval resize 248 (bicubic, crop_pct 0.9)" in out  # the detail block of a named model
 
 
 def test_info_json_includes_ablation_rows(capsys):
     assert main(["info", "poolformer_s12", "--ablation", "random", "no_mlp", "--json"]) == 0
     rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows["s12 ablation: random"]["frozen"] > 21e6 and round(rows["s12 ablation: random"]["gmacs"], 1) == 3.3
-    assert rows["s12 ablation: no_mlp"]["params"] == 2_451_368
+    assert rows["metaformer_s12_random"]["frozen"] > 21e6 and round(rows["metaformer_s12_random"]["gmacs"], 1) == 3.3
+    assert rows["metaformer_s12_no_mlp"]["params"] == 2_451_368
+
+
+def test_info_counts_live_at_another_size_and_stored_figures_are_exact(capsys):
+    """The stored table is what a live count gives (the file cannot drift from the code)."""
+    from metaformer.tools.complexity import measure
+    from metaformer.zoo import list_models
+    from metaformer.zoo.registry import complexity
+
+    for name in list_models():
+        assert complexity(name) == measure(name), name
+    assert main(["info", "poolformer_s12", "--img-size", "256", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["gmacs"] > 1.823 * (256 / 224) ** 2 * 0.99
 
 
 def test_info_unknown_model_is_one_clear_line(capsys):

@@ -14,3 +14,18 @@ class MetaFormerError(ValueError):
 
 class ConfigError(MetaFormerError):
     """A model or training option that cannot work (wrong type, out of range, contradicts another)."""
+
+
+class MissingDependency(MetaFormerError):
+    """An optional dependency a feature needs is not installed (the message names the extra to install)."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import an optional dependency, or raise :class:`MissingDependency` saying which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependency(f"{purpose} needs {module.split('.')[0]}, which is not installed: "
+                                f"pip install 'metaformer[{extra}]'") from None

@@ -1,84 +1,89 @@
-"""``metaformer info``: every variant's exact parameter count and MACs, beside the paper's figures."""
+"""``metaformer info``: every variant's exact parameter count and MACs, beside its paper's figures."""
 from __future__ import annotations
 
+import fnmatch
 import json
 
-import torch
-
 from . import UserError
-from ..tools.complexity import count_macs, count_params
-from ..zoo import ABLATIONS, ablation_spec, create_model, get_model_info, list_models
+
+_ROW_NAMES = {"baseline": "poolformer_s12"}  # Table-5 rows are models of their own; see ablation_name()
 
 
-def _row(label: str, variant: str, overrides: dict, img_size: int, paper_params, paper_macs, top1) -> dict:
-    with torch.device("meta"):  # counting needs shapes only: no memory, no init, no arithmetic
-        model = create_model(variant, img_size=img_size, **overrides)
-    params = count_params(model)
-    macs = count_macs(model, img_size)
-    return {
-        "model": label,
-        "params": params["trainable"],
-        "frozen": params["frozen"],
-        "gmacs": macs["total"] / 1e9,
-        "gmacs_conv_linear": macs["matmul_conv"] / 1e9,
-        "paper_params": paper_params,
-        "paper_gmacs": paper_macs,
-        "paper_top1": top1,
-    }
+def ablation_name(row: str) -> str:
+    from ..zoo import ABLATIONS, ablation_spec
+
+    if row not in ABLATIONS:
+        raise UserError(f"unknown ablation row {row!r}; rows: {', '.join(ABLATIONS)}")
+    variant, overrides = ablation_spec(row)
+    return _ROW_NAMES.get(row) or (f"metaformer_s12_{row}" if overrides else variant)
 
 
-def collect(models: list[str], ablations: list[str], img_size: int = 224) -> list[dict]:
+def collect(names: list[str], img_size: int = 224) -> list[dict]:
+    """One row per model: measured figures (stored ones at 224, counted live at another size)."""
+    from ..tools.complexity import measure
+    from ..zoo import get_model_info
+    from ..zoo.registry import complexity
+
     rows = []
-    for name in models:
+    for name in names:
         info = get_model_info(name)
-        rows.append(_row(name, name, {}, img_size, info.paper_params, info.paper_macs, info.top1))
-    for row in ablations:
-        variant, overrides = ablation_spec(row)
-        _, _, pparams, pmacs, top1 = ABLATIONS[row]
-        rows.append(_row(f"s12 ablation: {row}", variant, overrides, img_size, pparams, pmacs, top1))
+        figures = complexity(name) if img_size == 224 else None
+        figures = figures or measure(name, img_size)
+        rows.append({"model": name, "family": info.family, "params": figures["params"], "frozen": figures["frozen"],
+                     "gmacs": figures["macs"] / 1e9, "gmacs_conv_linear": figures["macs_conv_linear"] / 1e9,
+                     "paper_params": info.paper_params, "paper_gmacs": info.paper_macs, "paper_top1": info.top1,
+                     "weights": [f"{name}.{w.tag}" for w in info.weights]})
     return rows
 
 
 def format_table(rows: list[dict], img_size: int) -> str:
-    head = (f"| model | params | GMACs @{img_size} (norms incl., as the paper) | conv+linear only | paper params | "
-            "paper GMACs | paper top-1 |")
+    head = (f"| model | params | GMACs @{img_size}: convs, linears, matmuls, norms | convs, linears, matmuls only | "
+            "paper params | paper GMACs | paper top-1 |")
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         frozen = f" (+{r['frozen'] / 1e6:.1f}M frozen)" if r["frozen"] else ""
         top1 = "" if r["paper_top1"] is None else f"{r['paper_top1']:.1f}"
         pmacs = "" if r["paper_gmacs"] is None else f"{r['paper_gmacs']:.1f}"
-        lines.append(f"| {r['model']} | {r['params']:,}{frozen} | {r['gmacs']:.3f} ({r['gmacs']:.1f}) | "
-                     f"{r['gmacs_conv_linear']:.2f} | {r['paper_params']} | {pmacs} | {top1} |")
+        lines.append(f"| {r['model']} | {r['params']:,}{frozen} | {r['gmacs']:.3f} | {r['gmacs_conv_linear']:.3f} | "
+                     f"{r['paper_params']} | {pmacs} | {top1} |")
     return "\n".join(lines)
 
 
 def details(name: str) -> str:
+    from ..zoo import get_model_info
+
     info = get_model_info(name)
-    tf = info.transforms()
-    return "\n".join([
-        f"{name}: {info.description}",
-        f"  checkpoint: {info.url or 'none published (pass a path with pretrained=PATH)'}",
-        f"  eval: resize {info.eval_resize()} ({info.interpolation}), centre crop {info.input_size[-1]} "
-        f"(crop_pct {info.crop_pct}), mean {info.mean}, std {info.std}",
-        f"  transform: {tf}".replace("\n", "\n  "),
-        f"  config: {json.dumps(info.config)}",
-    ])
+    lines = [f"{name}: {info.description} ({info.family}, {info.paper})"]
+    for w in info.weights or ():
+        lines.append(f"  {name}.{w.tag}: {w.dataset}, {w.img_size}px, top-1 {w.top1}, eval resize "
+                     f"{info.eval_resize(w.img_size) if w.crop_pct == info.crop_pct else w.img_size} "
+                     f"({w.interpolation}, crop_pct {w.crop_pct}); {w.url or w.hf_hub_id}")
+    if not info.weights:
+        lines.append("  weights: none published (pass a path with pretrained=PATH)")
+    lines.append(f"  eval transform: {info.transforms()}".replace("\n", "\n  "))
+    lines.append(f"  config: {json.dumps(info.config)}")
+    return "\n".join(lines)
 
 
 def run(args) -> int:
-    names = args.models or list_models()
-    unknown_rows = [r for r in args.ablation or [] if r not in ABLATIONS]
-    if unknown_rows:
-        raise UserError(f"unknown ablation row(s) {unknown_rows}; rows: {', '.join(ABLATIONS)}")
-    for n in names:
-        get_model_info(n)  # clear error for an unknown name before any work
-    ablations = args.ablation if args.ablation is not None else ([] if args.models else list(ABLATIONS))
-    rows = collect(names, ablations, args.img_size)
+    from ..zoo import list_models
+
+    known = list_models()
+    names = []
+    for pattern in args.models or ["*"]:
+        matched = [n for n in known if fnmatch.fnmatch(n, pattern)]
+        if not matched:
+            from ..zoo import get_model_info
+
+            get_model_info(pattern)  # the clear error, with close names
+        names += [n for n in matched if n not in names]
+    names += [n for n in map(ablation_name, args.ablation or []) if n not in names]
+    rows = collect(names, args.img_size)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(format_table(rows, args.img_size))
-    if args.models:
+    if args.models and len(names) <= 4:
         for n in names:
             print()
             print(details(n))
@@ -86,11 +91,13 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("info", help="parameters and MACs of every variant (counted like the paper)",
-                       description="Exact parameter counts and MACs, counted like the paper (fvcore: convolutions, "
-                                   "linears, matrix products and norms), beside the paper's figures.")
-    p.add_argument("models", nargs="*", help="variants to show (default: all, plus the S12 ablation rows)")
-    p.add_argument("--ablation", nargs="*", metavar="ROW", help=f"S12 ablation rows to add: {', '.join(ABLATIONS)}")
-    p.add_argument("--img-size", type=int, default=224)
+    p = sub.add_parser("info", help="parameters and MACs of every variant (counted like the papers)",
+                       description="Exact parameter counts and MACs (convolutions, linears, matrix products and "
+                                   "norms, as fvcore counted them for the papers), beside the papers' figures. "
+                                   "MODEL may be a pattern, e.g. 'caformer_*'.")
+    p.add_argument("models", nargs="*", metavar="MODEL", help="models or patterns to show (default: all)")
+    p.add_argument("--ablation", nargs="*", metavar="ROW", help="PoolFormer Table-5 rows to add, by row name "
+                   "(e.g. identity dwconv no_mlp)")
+    p.add_argument("--img-size", type=int, default=224, help="input size the MACs are counted at")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)

@@ -43,7 +43,7 @@ from .. import yaml12
 from ..engine.checkpoint import check_output, prepare_output, reconcile_best, save_pair
 from ..engine.runtime import on_main
 from ..engine.stop import GracefulStop, Interrupted, TrainingDiverged
-from ..errors import ConfigError
+from ..errors import ConfigError, require
 from ..fast.training import enable_fast_training
 from ..zoo import create_model, get_model_info
 
@@ -332,7 +332,7 @@ def write_csv(history: list[dict], path: Path) -> None:
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    import matplotlib
+    matplotlib = require("matplotlib", "train", "plotting the training curves")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -516,7 +516,7 @@ def train(cfg: TrainConfig) -> dict:
         with open(out / "config.yaml", "w") as f:
             yaml.safe_dump(dict(dataclasses.asdict(cfg), resolved_lr=lr, global_batch=global_batch, world_size=world,
                                 amp_resolved=amp), f, sort_keys=False)
-        from torch.utils.tensorboard import SummaryWriter
+        SummaryWriter = require("torch.utils.tensorboard", "train", "TensorBoard logging").SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"), purge_step=step if resume else None)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import require
 from ..zoo import ABLATIONS, ablation_spec, build_from_config
 
 # What a budget changes on top of `metaformer train`'s defaults (which are the paper's recipe,
@@ -146,7 +147,7 @@ def spearman(table: list[dict]) -> tuple[float | None, int]:
              if t["paper_top1"] is not None]
     if len(pairs) < 3:
         return None, len(pairs)
-    from scipy.stats import spearmanr
+    spearmanr = require("scipy.stats", "train", "the rank correlation of the ablation report").spearmanr
 
     rho = spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic
     return (None if math.isnan(rho) else float(rho)), len(pairs)
@@ -167,7 +168,7 @@ def write_report(table: list[dict], output: Path, command: str, base_flags: dict
                  config_file: str | None) -> Path:
     import csv
 
-    import matplotlib
+    matplotlib = require("matplotlib", "train", "the ablation chart")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

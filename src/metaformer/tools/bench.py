@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require
 from ..zoo import create_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -114,7 +114,7 @@ def _compile(model: nn.Module):
 
 def _ort_session(model: nn.Module, x: torch.Tensor):
     """Export ``model`` to ONNX (TorchScript exporter, as timm's export) and open it in ONNX Runtime."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "export", "the ONNX Runtime benchmark mode")
 
     path = os.path.join(tempfile.mkdtemp(prefix="metaformer-bench-"), "model.onnx")
     torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["logits"], opset_version=17,

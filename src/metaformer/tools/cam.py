@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require
 
 
 @dataclass
@@ -37,7 +37,7 @@ def _display_image(pil: Image.Image, transform) -> np.ndarray:
 def grad_cam(model: nn.Module, pil: Image.Image, transform, target: int | None = None,
              class_names: list[str] | None = None, name: str = "") -> CamResult:
     """Grad-CAM for ``target`` (default: the predicted class) on the output of the last stage."""
-    from pytorch_grad_cam import GradCAM
+    GradCAM = require("pytorch_grad_cam", "cam", "Grad-CAM").GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 

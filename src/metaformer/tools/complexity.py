@@ -128,3 +128,38 @@ def count_params(model: nn.Module) -> dict:
     buffers = sum(b.numel() for n, b in model.named_buffers() if not n.endswith("num_batches_tracked")
                   and not n.endswith("running_mean") and not n.endswith("running_var"))
     return {"trainable": trainable, "frozen": frozen + buffers}
+
+
+def measure(name: str, img_size: int = 224, **overrides) -> dict:
+    """Parameters and MACs of a registered model (1000 classes, one image), counted on the meta device."""
+    from ..zoo import create_model
+
+    with torch.device("meta"):  # counting needs shapes only: no memory, no init, no arithmetic
+        model = create_model(name, img_size=img_size, **overrides)
+    params = count_params(model)
+    macs = count_macs(model, img_size)
+    return {"params": params["trainable"], "frozen": params["frozen"], "macs": macs["total"],
+            "macs_conv_linear": macs["matmul_conv"]}
+
+
+def write_figures(path=None) -> dict:
+    """Measure every registered model at 224 and write the zoo's ``complexity.json`` (what `metaformer info`
+    shows without counting); ``tests/test_models.py`` checks the file against a live count."""
+    import json
+    from pathlib import Path
+
+    from ..zoo import list_models
+    from ..zoo.registry import COMPLEXITY_FILE
+
+    figures = {name: measure(name) for name in list_models()}
+    Path(path or COMPLEXITY_FILE).write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
+    return figures
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python -m metaformer.tools.complexity --write   (re-measure every model into the zoo's "
+                 "complexity.json)")
+    print(f"measured {len(write_figures())} models")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import MetaFormerError
+from ..errors import MetaFormerError, require
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,7 +90,7 @@ def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynami
                           output_names=["logits"], opset_version=17,
                           dynamic_axes={"input": axes, "logits": {0: "batch"} if dynamic_batch else {}})
         if extra:
-            import onnx
+            onnx = require("onnx", "export", "ONNX export")
 
             proto = onnx.load(str(path))
             onnx.helper.set_model_props(proto, extra)
@@ -156,10 +156,7 @@ def load_runtime(path: str | os.PathLike, fmt: str | None = None) -> Runtime:
 
 def _load_runtime(path: Path, fmt: str) -> Runtime:
     if fmt == "onnx":
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ExportError("running an ONNX file needs onnxruntime: pip install onnxruntime") from None
+        ort = require("onnxruntime", "export", "running an ONNX file")
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         inp = session.get_inputs()[0]
         np_dtype = np.float16 if "float16" in inp.type else np.float32

@@ -17,8 +17,11 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
+import json
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -179,6 +182,23 @@ class ModelInfo:
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
+
+# Parameters and MACs of every model at 224 (1000 classes), measured by metaformer.tools.complexity
+# and stored so that listing them needs no counting; a test re-measures every entry.
+COMPLEXITY_FILE = Path(__file__).with_name("complexity.json")
+
+
+@lru_cache(maxsize=None)
+def _complexity() -> dict:
+    try:
+        return json.loads(COMPLEXITY_FILE.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def complexity(name: str) -> dict | None:
+    """``{'params', 'frozen', 'macs', 'macs_conv_linear'}`` of a registered model at 224, as measured."""
+    return _complexity().get(split_name(name)[0])
 
 
 def register(info: ModelInfo) -> ModelInfo:

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from ...data import Unreadable, open_rgb
-from ...errors import MetaFormerError
+from ...errors import MetaFormerError, require
 from ...models.metaformer import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -160,7 +160,7 @@ def _check_segmentation(segm: Any, aid: Any, im: dict, path: Path) -> None:
 
 
 def _decode_mask(segm: Any, h: int, w: int) -> np.ndarray:
-    from pycocotools import mask as mask_utils
+    mask_utils = require("pycocotools.mask", "dense", "decoding COCO masks")
 
     if isinstance(segm, list):  # polygons
         rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))

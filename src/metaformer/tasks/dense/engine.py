@@ -32,7 +32,7 @@ from ...engine.checkpoint import CheckpointError, check_output, prepare_output
 from ...engine.checkpoint import save as save_checkpoint
 from ...engine.runtime import on_main
 from ...engine.stop import GracefulStop, Interrupted, TrainingDiverged
-from ...errors import ConfigError
+from ...errors import ConfigError, require
 from .data import IGNORE_INDEX, CocoDetection, SegmentationDataset, detection_collate
 from .detection import build_detector
 from .segmentation import build_segmenter
@@ -387,6 +387,7 @@ def evaluate_detection(model: torch.nn.Module, ds: CocoDetection, rt: Runtime | 
                        workers: int = 2) -> dict:
     """COCO AP with pycocotools' COCOeval (bbox; and segm for Mask R-CNN). Returns
     ``{'metrics': {...}, 'summary': text}``; metric names as mmdet (``bbox_mAP``, ``bbox_mAP_50``...)."""
+    require("pycocotools", "dense", "COCO evaluation")
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval

@@ -1,0 +1,127 @@
+"""The package's one-way layers, read off the source: models <- weights <- zoo <- data | engine | fast
+<- tasks <- tools <- cli. A module may import its own package and the layers below it, never above
+(lazy imports inside functions count too: they are dependencies all the same), the three
+middle packages not each other; and no import cycle among module-level imports."""
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "metaformer"
+LAYERS = [
+    {"errors", "yaml12", "atomic"},  # no dependencies of ours
+    {"models"},
+    {"weights"},
+    {"zoo"},
+    {"data", "engine", "fast"},  # independent of each other
+    {"tasks"},
+    {"tools"},
+    {"cli"},
+]
+LEVEL = {pkg: i for i, group in enumerate(LAYERS) for pkg in group}
+
+
+def modules():
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        yield path, ["metaformer", *parts]
+
+
+def imports(path: Path, name: list[str], top_level_only: bool = False):
+    """Every ``metaformer.*`` module the file imports (relative imports resolved)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name[:-1]
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                target = base + (node.module.split(".") if node.module else [])
+            else:
+                target = (node.module or "").split(".")
+            if target[:1] == ["metaformer"]:
+                yield target, [target + [a.name] for a in node.names]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "metaformer":
+                    yield a.name.split("."), []
+
+
+def package_of(target: list[str]) -> str | None:
+    return target[1] if len(target) > 1 else None
+
+
+def test_every_package_has_a_layer():
+    top = {p.stem if p.is_file() else p.name for p in SRC.iterdir() if p.name != "__pycache__" and
+           (p.suffix == ".py" or p.is_dir())}
+    assert top - {"__init__", "__main__"} == set(LEVEL), "add new packages to LAYERS"
+
+
+@pytest.mark.parametrize("path,name", [(p, n) for p, n in modules() if len(n) > 1 and n[1] in LEVEL],
+                         ids=lambda v: ".".join(v) if isinstance(v, list) else "")
+def test_imports_only_go_down(path, name):
+    own = name[1]
+    for target, names in imports(path, name):
+        candidates = [t for t in names if package_of(t) in LEVEL] or [target]
+        for t in candidates:
+            pkg = package_of(t)
+            if pkg is None or pkg == own:
+                continue
+            assert pkg in LEVEL, f"{'.'.join(name)} imports {'.'.join(t)}"
+            assert LEVEL[pkg] < LEVEL[own] or (LEVEL[pkg] == 0 and LEVEL[own] == 0), \
+                f"{'.'.join(name)} ({own}, layer {LEVEL[own]}) imports {'.'.join(t)} ({pkg}, layer {LEVEL[pkg]})"
+
+
+def test_no_import_cycles():
+    graph = {}
+    for path, name in modules():
+        key = ".".join(name)
+        deps = set()
+        for target, _ in imports(path, name, top_level_only=True):
+            deps.add(".".join(target))
+        graph[key] = {d for d in deps if d != key}
+    known = set(graph)
+
+    def resolve(dep):  # `from metaformer.zoo import x`: the package module
+        while dep and dep not in known:
+            dep = dep.rsplit(".", 1)[0] if "." in dep else ""
+        return dep
+
+    graph = {k: {resolve(d) for d in v} - {"", k} for k, v in graph.items()}
+    # A package's __init__ importing its own modules is how packages work, not a cycle of design.
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if dep.startswith(node + ".") or node.startswith(dep + ".") or dep == "metaformer":
+                continue
+            if state.get(dep) == "open":
+                cycle = stack[stack.index(dep):] + [dep]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_import_metaformer_leaves_the_training_stack_alone():
+    """`import metaformer` registers the models in timm, and loads no training, detection or plotting code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, metaformer, timm; heavy = [m for m in ('tensorboard', 'matplotlib', 'pycocotools', "
+            "'sklearn', 'onnx', 'onnxruntime', 'pytorch_grad_cam', 'metaformer.tasks', 'metaformer.tools.bench', "
+            "'metaformer.cli', 'scipy') if m in sys.modules]; print(heavy); "
+            "assert 'metaformer_poolformer_s12' in timm.list_models('metaformer_*')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
