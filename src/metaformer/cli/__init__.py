@@ -23,6 +23,9 @@ COMMANDS = [
     "metaformer.cli.evaluate",
     "metaformer.cli.export",
     "metaformer.cli.ablate",
+    "metaformer.cli.data",
+    "metaformer.cli.convert",
+    "metaformer.cli.timm_scripts",
 ]
 
 

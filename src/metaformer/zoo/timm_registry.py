@@ -68,6 +68,10 @@ def _entrypoint(name: str, variant: str, model_cfg: dict):
                                      feature_cfg=dict(feature_cls=MetaFormerFeatures, out_indices=out_indices),
                                      **{**model_cfg, **kwargs})
         model.variant = variant
+        if "img_size" in kwargs and isinstance(model, MetaFormer):
+            # built for a size of the caller's: describe the model as built, so timm's data config fits it
+            cfg = dict(model.pretrained_cfg, input_size=(model.in_chans, *model.img_size), pool_size=model.token_grid)
+            model.pretrained_cfg = model.default_cfg = cfg
         return model
 
     entry.__name__ = entry.__qualname__ = name
