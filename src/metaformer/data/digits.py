@@ -1,0 +1,48 @@
+"""The built-in digits: scikit-learn's 1,797 real 8x8 handwritten-digit scans (no download),
+upsampled bicubically to a small RGB size. The split is fixed: stratified, 20% val,
+``random_state=0`` -> 1,437 train / 360 val images."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..errors import require
+from .images import DataError
+
+DIGITS_VAL_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+class Digits(Dataset):
+    """scikit-learn's handwritten digits as RGB images of ``img_size`` (white ink on black)."""
+
+    classes = [str(i) for i in range(10)]
+
+    def __init__(self, split: str, img_size: int = 32, transform=None):
+        if split not in ("train", "val"):
+            raise DataError(f"split must be 'train' or 'val', not {split!r}")
+        load_digits = require("sklearn.datasets", "train", "the built-in digits").load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        idx_train, idx_val = train_test_split(np.arange(len(digits.target)), test_size=DIGITS_VAL_FRACTION,
+                                              stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
+        idx = idx_train if split == "train" else idx_val
+        # 0..16 ink levels -> 0..255, then upsample once so the transforms see an ordinary image.
+        pixels = (digits.images[idx] * (255 / 16)).round().astype(np.uint8)
+        self.images = [Image.fromarray(p, "L").resize((img_size, img_size), Image.BICUBIC).convert("RGB")
+                       for p in pixels]
+        self.targets = digits.target[idx].tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        img = self.images[index]
+        return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def is_builtin(data: str | None) -> bool:
+    return data is None or str(data).lower() in ("", "builtin", "digits")
