@@ -1,9 +1,13 @@
-"""Data for training and evaluation: folders, the built-in digits, transforms and loaders.
+"""Data for training and evaluation: folders, shards, Hugging Face datasets, the built-in digits,
+transforms and loaders.
 
-Two sources:
+Sources (:func:`open_source` tells them apart from what is on disk):
 
 * an ImageNet-layout folder ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*``, checked
   before anything trains (a ``val/`` without class folders silently gives ~0% accuracy);
+* tar shards (webdataset layout, ``metaformer data pack``), streamed by :class:`ShardStream`:
+  every sample exactly once per epoch across ranks and workers, the same batch count on every rank;
+* a Hugging Face ``datasets`` folder (``save_to_disk`` or anything ``load_dataset`` reads);
 * the built-in digits: scikit-learn's 1,797 real 8x8 handwritten-digit scans (no download),
   upsampled bicubically to a small RGB size. The split is fixed: stratified, 20% val,
   ``random_state=0`` -> 1,437 train / 360 val images.
@@ -15,11 +19,15 @@ error message clean whatever the number of DataLoader workers.
 """
 from .digits import DIGITS_SPLIT_SEED, DIGITS_VAL_FRACTION, Digits, is_builtin
 from .folders import SafeImageFolder, check_image_folder, find_eval_dir
-from .images import DataError, Unreadable, open_rgb, to_rgb
+from .hfds import HFImageDataset
+from .images import DataError, Padding, Unreadable, list_images, open_rgb, to_rgb
 from .loaders import ResumableDistributedSampler, UnreadableLog, collate_skip_unreadable, make_loader, seed_everything
+from .shards import ShardStream, pack_image_folder
+from .sources import DataSource, open_eval_source, open_source
 from .transforms import eval_transform, train_transform
 
-__all__ = ["DIGITS_SPLIT_SEED", "DIGITS_VAL_FRACTION", "DataError", "Digits", "ResumableDistributedSampler",
-           "SafeImageFolder", "Unreadable", "UnreadableLog", "check_image_folder", "collate_skip_unreadable",
-           "eval_transform", "find_eval_dir", "is_builtin", "make_loader", "open_rgb", "seed_everything",
+__all__ = ["DIGITS_SPLIT_SEED", "DIGITS_VAL_FRACTION", "DataError", "DataSource", "Digits", "HFImageDataset",
+           "Padding", "ResumableDistributedSampler", "SafeImageFolder", "ShardStream", "Unreadable", "UnreadableLog",
+           "check_image_folder", "collate_skip_unreadable", "eval_transform", "find_eval_dir", "is_builtin",
+           "list_images", "make_loader", "open_eval_source", "open_rgb", "open_source", "pack_image_folder", "seed_everything",
            "to_rgb", "train_transform"]
