@@ -2,6 +2,7 @@
 registration in timm (``import metaformer`` makes ``timm.create_model('metaformer_poolformer_s12')``
 build ours)."""
 from . import poolformer  # noqa: F401  (registers PoolFormer, its hybrids and ablations)
+from . import baselines  # noqa: F401  (registers IdentityFormer, RandFormer, PoolFormerV2, ConvFormer, CAFormer)
 from .imagenet import categories, imagenet_classes
 from .poolformer import ABLATIONS, ablation_spec
 from .registry import (ModelInfo, Weights, build_from_config, create_model, eval_transform, get_model_info,
