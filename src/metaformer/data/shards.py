@@ -164,7 +164,7 @@ def open_shards(data: str) -> ShardSet:
 
     Sample counts come from ``_info.json`` when it lists the shard, else from the shard's member names.
     """
-    selected = None
+    paths = None
     if is_pattern(data):
         root = Path(os.path.dirname(data) or ".")
         if any(c in str(root) for c in "{*?["):
@@ -188,9 +188,10 @@ def open_shards(data: str) -> ShardSet:
     classes = read_classes(root)
     known = _read_info(root)
     splits = known if known is not None else {s: _split_by_name(root, s) for s in SPLITS}
-    if selected is None and is_pattern(data):
-        counts = {p: n for s in (known or {}).values() for p, n in zip(s.paths, s.lengths)}
-        selected = Shards(paths, [counts[p] if p in counts else count_samples(p) for p in paths])
+    selected = None
+    if paths is not None:
+        counts = {os.path.basename(p): n for s in (known or {}).values() for p, n in zip(s.paths, s.lengths)}
+        selected = Shards(paths, [counts.get(os.path.basename(p)) or count_samples(p) for p in paths])
     return ShardSet(root, classes, splits, selected)
 
 
@@ -275,7 +276,8 @@ class ShardStream(IterableDataset):
 
     def _quota(self, readers: int) -> int:
         """Items (samples + padding) per reader when padded: an epoch-independent bound on any reader's
-        samples (a reader gets at most ceil(S / readers) shards: take the largest), in whole batches."""
+        samples (a reader gets at most ceil(shards / (world x readers)) shards: the largest ones), in whole
+        batches. ``readers`` is the number per rank (DataLoader workers, at least 1)."""
         most = math.ceil(len(self.shards.paths) / (self.world * readers))
         batches = math.ceil(sum(sorted(self.shards.lengths, reverse=True)[:most]) / self.batch_size)
         step = self.accum_steps // math.gcd(readers, self.accum_steps)  # readers * batches % accum_steps == 0
