@@ -461,6 +461,12 @@ def test_hf_columns_and_class_names(tmp_path):
     with pytest.raises(D.DataError, match="no class-label column.*ClassLabel"):
         D.open_source(str(tmp_path / "plain"), TF, TF)
 
+    split.save_to_disk(str(tmp_path / "single"))  # one Dataset, no DatasetDict: evaluation only
+    with pytest.raises(D.DataError, match="a single split saved with save_to_disk; training needs"):
+        D.open_source(str(tmp_path / "single"), TF, TF)
+    ds, names = D.open_eval_source(f"{tmp_path / 'single'}#image=a,label=coarse", TF)
+    assert names == ["x", "y"] and len(ds) == 3
+
 
 def test_hf_data_folders_load_dataset_reads(tmp_path):
     """Parquet files and an HF imagefolder (train/ + validation/) go through datasets.load_dataset."""
@@ -557,5 +563,6 @@ def test_pack_refuses_a_non_empty_output_and_overwrites_cleanly(id_shards, tmp_p
 
 def test_missing_extra_is_one_line(monkeypatch, id_shards):
     monkeypatch.setitem(sys.modules, "webdataset", None)
-    with pytest.raises(metaformer.errors.MissingDependency, match=r"pip install 'metaformer\[data\]'"):
-        D.open_source(f"{id_shards}/train-{{000000..000001}}.tar", TF, TF)
+    for data in (f"{id_shards}/train-{{000000..000001}}.tar", id_shards):
+        with pytest.raises(metaformer.errors.MissingDependency, match=r"pip install 'metaformer\[data\]'"):
+            D.open_source(str(data), TF, TF)

@@ -164,6 +164,7 @@ def open_shards(data: str) -> ShardSet:
 
     Sample counts come from ``_info.json`` when it lists the shard, else from the shard's member names.
     """
+    _wds()  # missing: one line now, not an error inside a DataLoader worker later
     paths = None
     if is_pattern(data):
         root = Path(os.path.dirname(data) or ".")
