@@ -8,6 +8,7 @@ import torch
 import metaformer
 from metaformer.tools import bench
 from metaformer.fast import fuse
+from metaformer.fast.fuse import FusedPoolBlock, set_backend
 from metaformer.fast.training import enable_fast_training
 
 VARIANTS = ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"]
@@ -214,3 +215,79 @@ def test_cli_registers_bench():
 
     args = build_parser().parse_args(["bench", "--batch", "1,8", "--dtype", "fp32,bf16"])
     assert args.batch == [1, 8] and args.dtype == ["fp32", "bf16"]
+
+
+# ----- the MetaFormer Baselines: PoolFormerV2 and IdentityFormer fuse too -----
+
+@pytest.mark.parametrize("name,kw", [
+    ("poolformerv2_s12", {}),
+    ("poolformerv2_s12", {"pool_subtract": False}),
+    ("identityformer_s12", {}),  # the mixer branch adds norm1(x): nothing cancels
+    ("poolformer_s12", {"token_mixers": "identity"}),  # the v1 "identity" ablation (norm with bias, LayerScale)
+])
+def test_fused_baselines_blocks_exact(name, kw):
+    """Bias-free GroupNorm(1), ResScale on the skip path (stages 3-4) and StarReLU folded into fc2."""
+    m = _model(name, depths=(1, 1, 2, 1), **kw)  # _randomize_affine also moves res scales and StarReLU's scale/bias off 1 and 0
+    if not name.startswith("poolformer_"):
+        assert [hasattr(s.blocks[0].res_scale1, "scale") for s in m.stages] == [False, False, True, True]
+    fused = fuse(m)
+    blocks = sum(len(s.blocks) for s in m.stages)
+    assert sum(isinstance(b, FusedPoolBlock) for b in fused.modules()) == blocks
+    for size in ((64, 64), (65, 97)):
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            ref = m(x)
+            for backend in ("mkldnn", "aten"):
+                out = set_backend(fused, backend)(x)
+                assert (out - ref).abs().max() <= 1e-5 * ref.abs().max(), (size, backend)
+
+
+def test_fused_poolformerv2_224():
+    m = _model("poolformerv2_s12")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = m(x)
+        assert (fuse(m)(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("name", ["randformer_s12", "convformer_s18", "caformer_s18"])
+def test_fuse_keeps_other_mixers_and_stays_exact(name):
+    m = _model(name, depths=(1, 1, 1, 1), img_size=64)
+    fused = fuse(m)
+    n = sum(isinstance(b, FusedPoolBlock) for b in fused.modules())
+    assert n == (2 if name.startswith("randformer") else 0)  # RandFormer's identity stages 1-2 fuse
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x)
+        assert (fused(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_bench_compares_against_timms_own_baselines_models():
+    from metaformer.tools.bench import timm_reference
+
+    for name in ("poolformerv2_s12", "caformer_s18"):
+        m = _model(name)
+        ref = timm_reference(m)
+        assert type(ref).__module__ == "timm.models.metaformer"
+        x = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():  # same weights: equal features (the heads differ by the MLP head's eps only)
+            assert (ref.forward_features(x) - m.forward_features(x)).abs().max() <= 1e-5
+    assert timm_reference(_model("identityformer_s12")) is None  # timm has no IdentityFormer
+
+
+def test_training_gradients_match_poolformerv2():
+    """The fast path on PoolFormerV2 blocks: bias-free norms, ResScale in stages 3-4, StarReLU, no MLP biases."""
+    m = _model("poolformerv2_s12", num_classes=10, depths=(1, 1, 2, 1), drop_path_rate=0.2).train()
+    f = enable_fast_training(copy.deepcopy(m))
+    assert sum(getattr(b, "fast_training", False) for b in f.modules()) == 5  # every block
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(1)
+    m(x).square().sum().backward()
+    torch.manual_seed(1)
+    f(x).square().sum().backward()
+    names = [n for n, _ in m.named_parameters()]
+    assert any("res_scale" in n for n in names) and any("mlp.act.scale" in n for n in names)
+    for (name, p), q in zip(m.named_parameters(), f.parameters()):
+        scale = p.grad.abs().max().item()
+        assert (p.grad - q.grad).abs().max().item() <= 1e-4 * scale + 1e-7, name
+        assert q.grad.stride() == q.stride(), name

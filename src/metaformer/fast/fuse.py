@@ -27,9 +27,17 @@ The ``aten`` backend expresses the same math with portable ops (``conv2d``, ``ge
 it is what runs on CUDA and what ``torch.compile`` sees (inductor with freezing then does the
 conv + post-op fusion itself, and a custom oneDNN call would only hide the graph from it).
 
-Blocks that are not PoolFormer blocks (attention or spatial-MLP stages of the hybrids,
-BatchNorm or no-norm ablations, ``residual=False``) are left as they are; pooling blocks with
-the hybrids' channel LayerNorm get the MLP fusions and a cheap NHWC LayerNorm.
+The MetaFormer Baselines' PoolFormerV2 and IdentityFormer blocks fuse the same way. Their
+norms have no bias (the shift term is zero), ResScale ``r`` scales the skip path (the mixer
+becomes ``r * x + a * (pool(x) - x)``, the MLP's residual ``r2 * y``), and StarReLU's scalar
+affine ``s * relu(h)^2 + b`` folds into fc2 (``s W2``, ``b2 + b W2 1``), leaving ``relu(h)^2``.
+IdentityFormer's mixer adds ``norm1(x)`` itself (there is nothing to subtract), so its branch
+is the exact per-(sample, channel) affine map ``x * (r + a) + g * (b - w mu / sigma)``.
+
+Blocks that are not PoolFormer-style blocks (attention, separable-conv, random-mixing or
+spatial-MLP stages, BatchNorm or no-norm ablations, ``residual=False``) are left as they are;
+pooling blocks with the hybrids' channel LayerNorm get the MLP fusions and a cheap NHWC
+LayerNorm.
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.layers import LayerNorm2d
+from ..models.layers import LayerNorm2d, StarReLU
 from ..models.metaformer import Downsampling, MetaFormerBlock, NormPoolHead, Stem
 from ..models.mixers import Pooling
 
@@ -177,22 +185,24 @@ def _plain_mlp(mlp: nn.Module) -> bool:
 
 
 class FusedPoolBlock(FusedModule):
-    """A PoolFormer block (pooling mixer, GroupNorm(1) or channel LayerNorm) with folded weights."""
+    """A PoolFormer-style block (pooling or identity mixer, GroupNorm(1) or channel LayerNorm, with or
+    without bias, LayerScale and/or ResScale) with folded weights."""
 
     def __init__(self, block: MetaFormerBlock):
         super().__init__()
         mixer = block.token_mixer
         norm1 = block.norm1
-        if not (isinstance(mixer, Pooling) and block.residual and (_is_gn1(norm1) or _is_ln(norm1))
-                and isinstance(block.res_scale1, nn.Identity)
+        # nn.Identity: IdentityFormer's mixer (and the "identity" ablation)
+        if not (isinstance(mixer, (Pooling, nn.Identity)) and block.residual and (_is_gn1(norm1) or _is_ln(norm1))
                 and (not block.use_mlp or _plain_mlp(block.mlp))):
             raise ValueError("not a fusable PoolFormer block")
         ref = next(block.parameters())
         dim = norm1.weight.shape[0] if norm1.weight is not None else block.layer_scale1.scale.shape[0]
         self.dim = dim
         self.norm_kind = "gn1" if _is_gn1(norm1) else "ln"
-        self.pool_size = mixer.pool_size
-        self.subtract = mixer.subtract
+        self.mixer_kind = "pooling" if isinstance(mixer, Pooling) else "identity"
+        self.pool_size = getattr(mixer, "pool_size", 0)
+        self.subtract = getattr(mixer, "subtract", False)
         self.eps1 = float(norm1.eps)
         w1, b1 = _affine(norm1, dim, ref)
         g1 = _scale_of(block.layer_scale1, dim, ref)
@@ -201,6 +211,8 @@ class FusedPoolBlock(FusedModule):
         # subtraction, g1 * (b1 - w1 mu / sigma) (pool(norm(x)) alone keeps the norm's shift).
         self.register_buffer("mix_scale", (g1 * w1).to(**f32).view(1, dim, 1, 1))
         self.register_buffer("mix_shift", (g1 * b1).to(**f32).view(1, dim, 1, 1))
+        # ResScale (the Baselines' stages 3-4) multiplies the skip path; None where the block has none.
+        self.register_buffer("res1", _res_scale(block.res_scale1, dim))
         if self.norm_kind == "ln":  # channel LN: per-token stats, so the identity does not apply
             self.register_buffer("ln1_weight", w1.to(**f32))
             self.register_buffer("ln1_bias", b1.to(**f32))
@@ -219,32 +231,54 @@ class FusedPoolBlock(FusedModule):
             g2 = _scale_of(block.layer_scale2, dim, ref)
             W2 = fc2.weight.detach().double().flatten(1)
             bias2 = fc2.bias.detach().double() if fc2.bias is not None else torch.zeros(dim).double()
+            if type(act) is StarReLU:
+                # s * relu(h)^2 + b with scalar s, b: fc2(s * r + b) = (s W2) r + (b2 + b W2 1)
+                s, b = act.scale.detach().double(), act.bias.detach().double()
+                bias2 = bias2 + b * W2.sum(1)
+                W2 = s * W2
+                act = None
             self.register_buffer("fc1_weight", W1f.to(**f32).view(*W1f.shape, 1, 1).contiguous(memory_format=CL))
             self.register_buffer("fc1_bias", b1f.to(**f32))
             self.register_buffer("fc2_weight", (g2[:, None] * W2).to(**f32).view(*W2.shape, 1, 1)
                                  .contiguous(memory_format=CL))
             self.register_buffer("fc2_bias", (g2 * bias2).to(**f32))
-            self.act = act
-            self.act_attr = _ACT_ATTR.get(type(act)) if getattr(act, "approximate", "none") == "none" else None
+            self.register_buffer("res2", _res_scale(block.res_scale2, dim))
+            self.squared_relu = act is None  # StarReLU with its affine folded away: relu(h)^2
+            self.act = nn.ReLU() if act is None else act
+            self.act_attr = _ACT_ATTR.get(type(self.act)) if getattr(act, "approximate", "none") == "none" else None
             self._packed = {"fc1": _Packed((0, 0), (1, 1), 1), "fc2": _Packed((0, 0), (1, 1), 1)}
         else:
+            self.register_buffer("res2", None)
             self._packed = {}
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         k = self.pool_size
         return F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
 
+    def _skip(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.res1 is None else x * self.res1.to(x.dtype)
+
     def _mixer(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_kind == "ln":
             n = _ln_nhwc(x, self.ln1_weight.to(x.dtype), self.ln1_bias.to(x.dtype), self.eps1)
+            if self.mixer_kind == "identity":
+                return torch.addcmul(self._skip(x), self.ls1.to(x.dtype), n)
             p = self._pool(n)
-            return torch.addcmul(x, self.ls1.to(x.dtype), p - n if self.subtract else p)
+            return torch.addcmul(self._skip(x), self.ls1.to(x.dtype), p - n if self.subtract else p)
         mu, rstd = gn1_stats(x, self.eps1)
-        a = (self.mix_scale * rstd).to(x.dtype)
+        a = self.mix_scale * rstd
+        shift = (self.mix_shift - a * mu).to(x.dtype)  # g * (b - w mu / sigma): the norm's own shift
+        if self.mixer_kind == "identity":
+            # r x + g norm(x) = x (r + a) + shift: one pass, exactly (IdentityFormer adds norm1(x) itself)
+            r = 1.0 if self.res1 is None else self.res1
+            return torch.addcmul(shift, x, (r + a).to(x.dtype))
+        a = a.to(x.dtype)
         p = self._pool(x)
         if self.subtract:
-            return torch.lerp(x, p, a)  # x + a * (p - x) in one pass
-        return torch.addcmul(x + (self.mix_shift - self.mix_scale * mu * rstd).to(x.dtype), a, p)
+            if self.res1 is None:
+                return torch.lerp(x, p, a)  # x + a * (p - x) in one pass
+            return torch.addcmul(x * (self.res1.to(x.dtype) - a), a, p)  # r x + a (p - x)
+        return torch.addcmul(self._skip(x) + shift, a, p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=CL)
@@ -252,7 +286,6 @@ class FusedPoolBlock(FusedModule):
         if not self.use_mlp:
             return y
         if self.norm_kind == "gn1":
-            b, c, h, w = y.shape
             n = F.group_norm(y, 1, None, None, self.eps2)  # same kernel; also exports to ONNX
         else:
             n = _ln_nhwc(y, None, None, self.eps2)
@@ -260,10 +293,19 @@ class FusedPoolBlock(FusedModule):
             hid = self._conv("fc1", n, self.fc1_weight, self.fc1_bias, self.act_attr)
         else:
             hid = self.act(self._conv("fc1", n, self.fc1_weight, self.fc1_bias))
-        return self._conv("fc2", hid, self.fc2_weight, self.fc2_bias, other=y)
+        if self.squared_relu:
+            hid = hid * hid  # relu(h)^2; StarReLU's scale and bias live in fc2
+        skip = y if self.res2 is None else y * self.res2.to(y.dtype)
+        return self._conv("fc2", hid, self.fc2_weight, self.fc2_bias, other=skip)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, norm={self.norm_kind}, pool_size={self.pool_size}, subtract={self.subtract}"
+        mixer = f"pool_size={self.pool_size}, subtract={self.subtract}" if self.mixer_kind == "pooling" else "identity"
+        return f"dim={self.dim}, norm={self.norm_kind}, {mixer}, res_scale={self.res1 is not None}"
+
+
+def _res_scale(scale: nn.Module, dim: int) -> torch.Tensor | None:
+    s = getattr(scale, "scale", None)
+    return None if s is None else s.detach().float().view(1, dim, 1, 1).clone()
 
 
 def _ln_nhwc(x: torch.Tensor, weight, bias, eps: float) -> torch.Tensor:

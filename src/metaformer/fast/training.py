@@ -14,6 +14,11 @@ norm statistics, and recompute the rest in backward:
   ``norm2(y)`` (one C-wide pass) and ``gelu`` (one 4C-wide pass) instead of storing them, and
   gets LayerScale2's gradient from the fc2 weight-gradient GEMM it computes anyway.
 
+The same Functions cover the MetaFormer Baselines' PoolFormerV2 blocks: bias-free norms (no bias
+gradient to return), no LayerScale (``g = 1``), ResScale ``r`` on the skip path (``r * x + ...``,
+its gradient ``sum(dy * x)``), bias-free MLP layers and StarReLU ``s * relu(h)^2 + b`` (recomputed
+from the stored pre-activation like GELU; ``s`` and ``b`` get their scalar gradients).
+
 ``keep`` is the stochastic-depth mask, drawn in the same order as the plain block draws it,
 so with a seeded generator the fast path follows the plain model step for step.
 Everything runs channels_last (oneDNN's preferred layout for the 1x1 convs). Under autocast
@@ -31,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.layers import StarReLU
 from ..models.metaformer import MetaFormerBlock
 from ..models.mixers import Pooling
 from .fuse import CL, _plain_mlp, gn1_stats
@@ -48,84 +54,126 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
 
 
+def _sum_bhw(t: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [C], accumulated in fp32 (a per-channel scale's gradient)."""
+    return t.sum((0, 2, 3), dtype=torch.float32)
+
+
 class PoolMixer(torch.autograd.Function):
+    """``y = r * x + keep * g * (pool(norm1(x)) - norm1(x))``; ``scale`` (LayerScale ``g``) and ``res``
+    (ResScale ``r``) may be None (1), and so may norm1's ``bias`` (it cancels either way)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, keep, eps: float, pool_size: int):
+    def forward(ctx, x, weight, bias, scale, res, keep, eps: float, pool_size: int):
         mu, rstd = gn1_stats(x, eps)
         rk = rstd * keep.view(-1, 1, 1, 1).float()
-        gw = (scale * weight).view(1, -1, 1, 1).float()
+        gw = (weight if scale is None else scale * weight).view(1, -1, 1, 1).float()
         p = F.avg_pool2d(x, pool_size, 1, pool_size // 2, count_include_pad=False)
-        y = torch.lerp(x, p, (gw * rk).to(x.dtype))
-        ctx.save_for_backward(x, weight, bias, scale, mu, rstd, rk)
+        a = (gw * rk).to(x.dtype)
+        if res is None:
+            y = torch.lerp(x, p, a)
+        else:
+            y = torch.addcmul(x * (res.view(1, -1, 1, 1).to(x.dtype) - a), a, p)  # r x + a (p - x)
+        ctx.save_for_backward(x, weight, bias, scale, res, mu, rstd, rk)
         ctx.eps, ctx.k = eps, pool_size
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, scale, mu, rstd, rk = ctx.saved_tensors
+        x, weight, bias, scale, res, mu, rstd, rk = ctx.saved_tensors
         k = ctx.k
         b, c, h, w = x.shape
         dy = dy.contiguous(memory_format=CL)
-        gw = (scale * weight).float()
+        gw = (weight if scale is None else scale * weight).float()
         d = F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False).sub_(x)  # recomputed, not stored
         t = (dy * d).sum((2, 3), dtype=torch.float32)  # [B, C]: sum over tokens of dy * (pool(x) - x)
         tr = (t * rk.view(b, 1)).sum(0)
-        dscale = (tr * weight.float()).to(scale.dtype)
-        dweight = (tr * scale.float()).to(weight.dtype)
+        dscale = None if scale is None else (tr * weight.float()).to(scale.dtype)
+        dweight = (tr if scale is None else tr * scale.float()).to(weight.dtype)
         s = (t * gw).sum(1) * rk.view(b) / rstd.view(b)  # per sample: d loss / d(1/sigma) * keep
         ad = dy * (gw.view(1, c, 1, 1) * rk).to(dy.dtype)
         # d(pool)^T: the adjoint of count_include_pad=False pooling is aten's own avg_pool2d backward.
         dx = torch.ops.aten.avg_pool2d_backward(ad, x, [k, k], [1, 1], [k // 2, k // 2], False, False, None)
-        dx = dx.add_(dy).sub_(ad)
+        dx = dx.add_(dy if res is None else dy * res.view(1, c, 1, 1).to(dy.dtype)).sub_(ad)
         # 1/sigma depends on x: d(1/sigma)/dx = -(x - mu) / (N sigma^3).
         coef = (-s * rstd.view(b).pow(3) / (c * h * w)).view(b, 1, 1, 1)
         dx = dx.addcmul_(x - mu.to(x.dtype), coef.to(x.dtype))
-        return dx, dweight, torch.zeros_like(bias), dscale, None, None, None
+        dres = None if res is None else _sum_bhw(dy * x).to(res.dtype)
+        dbias = None if bias is None else torch.zeros_like(bias)
+        return dx, dweight, dbias, dscale, dres, None, None, None
 
 
 class MlpBranch(torch.autograd.Function):
-    """``cdt``: the dtype of the GEMMs (fc1, GELU, fc2 and their gradients), autocast's dtype
-    under autocast; the norm and the residual stream stay in ``y``'s dtype, as autocast keeps them."""
+    """``z = r2 * y + keep * g2 * fc2(act(fc1(norm2(y))))`` with ``act`` GELU or, when ``act_scale`` is
+    given, StarReLU ``s * relu(h)^2 + b``. ``scale`` (g2), ``res`` (r2), the norm's and fc layers' biases
+    may be None. ``cdt``: the dtype of the GEMMs (fc1, the activation, fc2 and their gradients),
+    autocast's dtype under autocast; the norm and the residual stream stay in ``y``'s dtype, as autocast
+    keeps them."""
 
     @staticmethod
-    def forward(ctx, y, nw, nb, w1, b1, w2, b2, scale, keep, eps: float, cdt: torch.dtype):
+    def _act(a, act_scale, act_bias):
+        if act_scale is None:
+            return F.gelu(a)
+        return torch.relu(a).square().mul_(act_scale.to(a.dtype)).add_(act_bias.to(a.dtype))
+
+    @staticmethod
+    def forward(ctx, y, nw, nb, w1, b1, w2, b2, scale, res, act_scale, act_bias, keep, eps: float,
+                cdt: torch.dtype):
         bsz, c, h, w = y.shape
         n, mean, rstd = torch.native_group_norm(y, nw, nb, bsz, c, h * w, 1, eps)
-        a = F.conv2d(n.to(cdt), w1.to(cdt), b1.to(cdt))
-        hid = F.gelu(a)
-        sk = (scale.view(1, -1, 1, 1) * keep.view(-1, 1, 1, 1))
-        z = F.conv2d(hid, w2.to(cdt), b2.to(cdt)).to(y.dtype).mul_(sk).add_(y)
-        ctx.save_for_backward(y, nw, nb, w1, w2, b2, scale, keep, a, mean, rstd)
+        a = F.conv2d(n.to(cdt), w1.to(cdt), None if b1 is None else b1.to(cdt))
+        hid = MlpBranch._act(a, act_scale, act_bias)
+        sk = keep.view(-1, 1, 1, 1) if scale is None else scale.view(1, -1, 1, 1) * keep.view(-1, 1, 1, 1)
+        z = F.conv2d(hid, w2.to(cdt), None if b2 is None else b2.to(cdt)).to(y.dtype).mul_(sk)
+        z = z.add_(y) if res is None else z.addcmul_(y, res.view(1, -1, 1, 1).to(y.dtype))
+        ctx.save_for_backward(y, nw, nb, w1, b1, w2, b2, scale, res, act_scale, act_bias, keep, a, mean, rstd)
         ctx.eps, ctx.cdt = eps, cdt
         return z
 
     @staticmethod
     def backward(ctx, dz):
-        y, nw, nb, w1, w2, b2, scale, keep, a, mean, rstd = ctx.saved_tensors
+        y, nw, nb, w1, b1, w2, b2, scale, res, act_scale, act_bias, keep, a, mean, rstd = ctx.saved_tensors
         cdt = ctx.cdt
         bsz, c, h, w = y.shape
         dz = dz.contiguous(memory_format=CL)
         dk = dz * keep.view(-1, 1, 1, 1)  # gradient reaching the branch output (stochastic depth)
         dkc = dk.to(cdt)
-        hid = F.gelu(a)  # recomputed, not stored
+        hid = MlpBranch._act(a, act_scale, act_bias)  # recomputed, not stored
         hf = _flat(hid)
         dkf = _flat(dkc)
         m0 = (dkf.t() @ hf).to(w2.dtype)  # [C, 4C]; also yields LayerScale2's gradient for free
         sum_dk = _flat(dk).sum(0)
-        dw2 = _like(scale[:, None] * m0, w2)
-        db2 = scale * sum_dk
-        dscale = (w2.flatten(1) * m0).sum(1) + b2 * sum_dk
-        dhid = F.conv2d(dkc, (w2 * scale.view(-1, 1, 1, 1)).transpose(0, 1).to(cdt))
-        da = torch.ops.aten.gelu_backward(dhid, a)
+        g = torch.ones_like(sum_dk) if scale is None else scale
+        dw2 = _like(g[:, None] * m0, w2)
+        db2 = None if b2 is None else g * sum_dk
+        dscale = None
+        if scale is not None:
+            dscale = (w2.flatten(1) * m0).sum(1) + (0 if b2 is None else b2 * sum_dk)
+        dhid = F.conv2d(dkc, (w2 * g.view(-1, 1, 1, 1)).transpose(0, 1).to(cdt))
+        dact_scale = dact_bias = None
+        if act_scale is None:
+            da = torch.ops.aten.gelu_backward(dhid, a)
+        else:  # d/dh (s relu(h)^2 + b) = 2 s relu(h)
+            r = torch.relu(a)
+            dact_scale = (dhid * r.square()).sum(dtype=torch.float32).reshape(act_scale.shape).to(act_scale.dtype)
+            dact_bias = dhid.sum(dtype=torch.float32).reshape(act_bias.shape).to(act_bias.dtype)
+            da = dhid * r.mul_(2 * act_scale.to(r.dtype))
         del dhid, hid, hf
         n = torch.native_group_norm(y, nw, nb, bsz, c, h * w, 1, ctx.eps)[0]  # recomputed
         daf = _flat(da)
         dw1 = _like(daf.t() @ _flat(n.to(cdt)), w1)
-        db1 = daf.sum(0, dtype=torch.float32).to(w1.dtype)
+        db1 = None if b1 is None else daf.sum(0, dtype=torch.float32).to(b1.dtype)
         dn = F.conv2d(da, w1.to(cdt).transpose(0, 1)).to(y.dtype)
         dy, dnw, dnb = torch.ops.aten.native_group_norm_backward(dn, y, mean, rstd, nw, bsz, c, h * w, 1,
-                                                                 [True, True, True])
-        return dy.add_(dz), dnw, dnb, dw1, db1, dw2, db2, dscale, None, None, None
+                                                                 [True, True, nb is not None])
+        if res is None:
+            dy = dy.add_(dz)
+            dres = None
+        else:
+            dy = dy.addcmul_(dz, res.view(1, -1, 1, 1).to(dz.dtype))
+            dres = _sum_bhw(dz * y).to(res.dtype)
+        return (dy, dnw, dnb if nb is not None else None, dw1, db1, dw2, db2, dscale, dres, dact_scale, dact_bias,
+                None, None, None)
 
 
 def _keep_mask(block: MetaFormerBlock, x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +184,11 @@ def _keep_mask(block: MetaFormerBlock, x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0],)).bernoulli_(keep).div_(keep)  # as DropPath, same RNG order
 
 
+def _param(module: nn.Module, name: str):
+    """A scale's or norm's parameter, or None where the block has none (Identity, a bias-free norm)."""
+    return getattr(module, name, None)
+
+
 def _fast_forward(self: MetaFormerBlock, x: torch.Tensor) -> torch.Tensor:
     dev = x.device.type
     # Under autocast the 1x1 convs run in autocast's dtype and the rest in fp32, as autocast
@@ -143,26 +196,35 @@ def _fast_forward(self: MetaFormerBlock, x: torch.Tensor) -> torch.Tensor:
     cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     with torch.autocast(dev, enabled=False):
         x = x.to(self.norm1.weight.dtype).contiguous(memory_format=CL)
-        y = PoolMixer.apply(x, self.norm1.weight, self.norm1.bias, self.layer_scale1.scale,
-                            _keep_mask(self, x), float(self.norm1.eps), self.token_mixer.pool_size)
+        y = PoolMixer.apply(x, self.norm1.weight, self.norm1.bias, _param(self.layer_scale1, "scale"),
+                            _param(self.res_scale1, "scale"), _keep_mask(self, x), float(self.norm1.eps),
+                            self.token_mixer.pool_size)
         if not self.use_mlp:
             return y
+        act = self.mlp.act
+        star = isinstance(act, StarReLU)
         return MlpBranch.apply(y, self.norm2.weight, self.norm2.bias, self.mlp.fc1.weight, self.mlp.fc1.bias,
-                               self.mlp.fc2.weight, self.mlp.fc2.bias, self.layer_scale2.scale,
-                               _keep_mask(self, y), float(self.norm2.eps), cdt)
+                               self.mlp.fc2.weight, self.mlp.fc2.bias, _param(self.layer_scale2, "scale"),
+                               _param(self.res_scale2, "scale"), act.scale if star else None,
+                               act.bias if star else None, _keep_mask(self, y), float(self.norm2.eps), cdt)
+
+
+def _scale_or_none(m: nn.Module) -> bool:
+    return isinstance(m, nn.Identity) or isinstance(getattr(m, "scale", None), torch.Tensor)
 
 
 def _supported(block: MetaFormerBlock) -> bool:
+    """PoolFormer v1 and PoolFormerV2 blocks: pooling with the subtraction, GroupNorm(1) (bias or not),
+    LayerScale and/or ResScale, a plain MLP with GELU or StarReLU."""
     n1, mixer = block.norm1, block.token_mixer
     ok = (isinstance(mixer, Pooling) and mixer.subtract and block.residual
-          and isinstance(n1, nn.GroupNorm) and n1.num_groups == 1 and n1.affine
-          and hasattr(block.layer_scale1, "scale") and isinstance(block.res_scale1, nn.Identity))
+          and isinstance(n1, nn.GroupNorm) and n1.num_groups == 1 and n1.weight is not None
+          and _scale_or_none(block.layer_scale1) and _scale_or_none(block.res_scale1))
     if ok and block.use_mlp:
         m = block.mlp
-        ok = (isinstance(block.norm2, nn.GroupNorm) and block.norm2.num_groups == 1 and block.norm2.affine
-              and type(m.act) is nn.GELU and m.act.approximate == "none" and _plain_mlp(m)
-              and m.fc1.bias is not None and m.fc2.bias is not None and hasattr(block.layer_scale2, "scale")
-              and isinstance(block.res_scale2, nn.Identity))
+        act_ok = (type(m.act) is nn.GELU and m.act.approximate == "none") or type(m.act) is StarReLU
+        ok = (isinstance(block.norm2, nn.GroupNorm) and block.norm2.num_groups == 1 and block.norm2.weight is not None
+              and act_ok and _plain_mlp(m) and _scale_or_none(block.layer_scale2) and _scale_or_none(block.res_scale2))
     return ok
 
 

@@ -4,8 +4,9 @@ Every mode of one configuration (variant, batch, resolution, dtype) is built in 
 process, warmed up, then timed *interleaved*: each repeat runs every mode once, in a rotated
 order, so background load and thermal drift hit all modes alike. We report the median, min
 and max over repeats, plus each mode's max abs logit difference from our plain fp32 model
-(timm modes: from timm's own eager fp32 model, since timm's head normalises after pooling
-and its logits legitimately differ from the authors').
+(timm modes: from timm's own eager fp32 model, since timm's heads legitimately differ from the
+authors': PoolFormer v1 normalises after pooling, ConvFormer/CAFormer's MLP head uses LayerNorm
+eps 1e-6 where the authors use 1e-5).
 
 Peak training memory is RSS growth on CPU, measured in a fresh subprocess per mode (RSS is a
 process-wide high-water mark, so modes sharing a process would hide each other's peaks),
@@ -86,17 +87,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Our variants that timm implements itself, under the same name (timm has no IdentityFormer or RandFormer).
+TIMM_FAMILIES = ("poolformer", "poolformerv2", "convformer", "caformer")
+
+
 def timm_reference(model: nn.Module) -> nn.Module | None:
-    """timm's poolformer of the same variant with our weights (identical state-dict layout)."""
+    """timm's own model of the same variant (``poolformer_*``, ``poolformerv2_*``, ``convformer_*``,
+    ``caformer_*``) with our weights, written in timm's layout."""
     try:
         import timm
     except ImportError:
         return None
-    name = getattr(model, "variant", "")
-    if not name.startswith("poolformer_") or _overrides(model):
+    from ..weights import from_ours
+
+    name = getattr(model, "variant", None) or ""
+    if name.split("_")[0] not in TIMM_FAMILIES or _overrides(model) or name not in timm.list_models(name):
         return None
     ref = timm.create_model(name, pretrained=False, num_classes=model.num_classes)
-    ref.load_state_dict(model.state_dict())
+    ref.load_state_dict(from_ours(model.state_dict(), "timm"), strict=True)
     return ref.eval()
 
 
@@ -279,8 +287,9 @@ def _randomize_affine(model: nn.Module) -> None:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".norm" in name or "layer_scale" in name:
-                base = 1.0 if name.endswith("weight") else 0.0
+            # norms, layer scales, and the Baselines' res scales and StarReLU scale/bias (``act.scale``/``act.bias``)
+            if ".norm" in name or "layer_scale" in name or "res_scale" in name or ".act" in name:
+                base = 1.0 if name.endswith(("weight", "scale")) else 0.0
                 if "layer_scale" in name:
                     base = 0.1
                 p.copy_(base + 0.2 * torch.randn(p.shape, generator=g))
