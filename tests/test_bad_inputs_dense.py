@@ -10,11 +10,13 @@ import torch
 from PIL import Image
 
 from metaformer.cli import main
-from metaformer.tasks.dense import engine
+from metaformer.tasks import detection, segmentation
+from metaformer.tasks.dense import run as dense_run
 from metaformer.tasks.dense.data import AnnotationError, SegmentationDataset, load_coco, make_toy_data
-from metaformer.tasks.dense.engine import (DetectionConfig, SegmentationConfig, load_checkpoint, train_detection,
-                                     train_segmentation)
-from metaformer.engine.stop import Interrupted
+from metaformer.engine.checkpoint import load as load_checkpoint
+from metaformer.tasks.detection import DetectionConfig, train_detection
+from metaformer.tasks.segmentation import SegmentationConfig, train_segmentation
+from metaformer.engine.stop import Interrupted, TrainingDiverged
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pycocotools.*")
 
@@ -55,17 +57,17 @@ def corrupt(path):
 
 def test_detection_saves_before_evaluating_and_a_dead_evaluation_is_redone(toy, tmp_path, monkeypatch):
     """Before: evaluation ran before the epoch's checkpoint, so a crash in it lost the epoch."""
-    real = engine.evaluate_detection
+    real = detection.evaluate_detection
 
     def dies(*a, **k):
         raise RuntimeError("evaluation died")
 
-    monkeypatch.setattr(engine, "evaluate_detection", dies)
+    monkeypatch.setattr(detection, "evaluate_detection", dies)
     with pytest.raises(RuntimeError, match="evaluation died"):
         train_detection(det_cfg(toy, tmp_path / "b", epochs=1))
     ckpt = load_checkpoint(tmp_path / "b/last.pth", "detect")
     assert ckpt["epoch"] == 1 and ckpt["pending_eval"] and "bbox_mAP" not in ckpt["history"][-1]
-    monkeypatch.setattr(engine, "evaluate_detection", real)
+    monkeypatch.setattr(detection, "evaluate_detection", real)
     history = train_detection(det_cfg(toy, tmp_path / "b", epochs=1, resume="auto"))
     assert [h["epoch"] for h in history] == [1] and "bbox_mAP" in history[0]  # the evaluation, redone
     rows = [json.loads(line) for line in open(tmp_path / "b/metrics.jsonl")]
@@ -88,13 +90,13 @@ def test_segmentation_saves_before_evaluating_and_skips_bad_labels(toy, tmp_path
     shutil.copytree(toy, data)
     Image.open(data / "annotations/validation/validation_0000.png").convert("RGB").save(
         data / "annotations/validation/validation_0000.png")  # an RGB label: unusable
-    real = engine.evaluate_segmentation
-    monkeypatch.setattr(engine, "evaluate_segmentation", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("died")))
+    real = segmentation.evaluate_segmentation
+    monkeypatch.setattr(segmentation, "evaluate_segmentation", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("died")))
     with pytest.raises(RuntimeError, match="died"):
         train_segmentation(seg_cfg(data, tmp_path / "s"))
     ckpt = load_checkpoint(tmp_path / "s/last.pth", "segment")
     assert ckpt["iteration"] == 2 and ckpt["pending_eval"]
-    monkeypatch.setattr(engine, "evaluate_segmentation", real)
+    monkeypatch.setattr(segmentation, "evaluate_segmentation", real)
     history = train_segmentation(seg_cfg(data, tmp_path / "s", resume="auto"))
     assert [h["iteration"] for h in history] == [2, 4] and all("mIoU" in h for h in history)
     assert history[0]["val_unreadable"] == 1
@@ -110,7 +112,7 @@ def interrupt_after(monkeypatch, calls):
         count["n"] += 1
         return count["n"] == calls
 
-    monkeypatch.setattr(engine, "_stop_requested", stop)
+    monkeypatch.setattr(dense_run, "stop_requested", stop)
 
 
 def test_ctrl_c_in_detection_saves_mid_epoch_and_resumes_exactly(toy, tmp_path, monkeypatch):
@@ -210,3 +212,50 @@ def test_label_255_is_ignore_with_the_ade20k_label_shift(toy, tmp_path):
     label = ds.read_label(0)
     assert (label[:5, :5] == 255).all()  # ignored, not class 254 (an error before)
     assert set(np.unique(label)) <= {0, 1, 2, 3, 255}
+
+
+# ----------------------------------------------------------------------------- NaN losses
+
+def nan_from_call(monkeypatch, module, builder, call):
+    """Models whose forward returns NaN losses from its ``call``-th training call on."""
+    real = getattr(module, builder)
+    count = {"n": 0}
+
+    def build(*a, **k):
+        model = real(*a, **k)
+        forward = model.forward
+
+        def poisoned(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            if model.training:
+                count["n"] += 1
+                if count["n"] >= call:
+                    nan = torch.tensor(float("nan"))
+                    out = {k: v * nan for k, v in out.items()} if isinstance(out, dict) else out * nan
+            return out
+
+        model.forward = poisoned
+        return model
+
+    monkeypatch.setattr(module, builder, build)
+
+
+def test_a_nan_loss_stops_detection_before_the_step_naming_the_last_checkpoint(toy, tmp_path, monkeypatch, capsys):
+    nan_from_call(monkeypatch, detection, "build_detector", 3)  # the first step of epoch 2
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 2, iteration 3; stopped without applying it. "
+                                               r"Last good checkpoint: .*last.pth \(resume with --resume"):
+        train_detection(det_cfg(toy, tmp_path / "run", val=False))
+    ckpt = load_checkpoint(tmp_path / "run/last.pth", "detect")
+    assert ckpt["iteration"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_a_nan_loss_stops_segmentation_with_one_line_on_the_command_line(toy, tmp_path, monkeypatch, capsys):
+    nan_from_call(monkeypatch, segmentation, "build_segmenter", 3)
+    rc = main(["segment", "train", "--data-root", str(toy), "--num-classes", "4", "--output", str(tmp_path / "s"),
+               "--override", "depths=[1,1,1,1]", "--override", "dims=[16,32,48,64]", "--fpn-channels", "16",
+               "--img-scale", "64", "64", "--crop-size", "64", "--iters", "4", "--workers", "0", "--no-val",
+               "--batch-size", "2", "--ckpt-every", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("metaformer segment: error: loss is nan at iteration 3"), err
+    ckpt = load_checkpoint(tmp_path / "s/last.pth", "segment")
+    assert ckpt["iteration"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

@@ -11,7 +11,7 @@ import yaml
 
 from metaformer.atomic import clean_stale_temps, temp_file
 from metaformer.cli import main
-from metaformer.tasks.classification import resolve_config
+from metaformer.tasks.train_config import resolve_config
 
 TINY = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--batch-size", "128", "--workers", "0"]
 

@@ -84,9 +84,9 @@ def test_randaugment_posterize_at_full_magnitude_does_not_crash():
     from timm.data import auto_augment
 
     from metaformer import get_model_info
-    from metaformer.tasks.classification import TrainConfig
+    from metaformer.tasks.train_config import TrainConfig
 
-    D.train_transform(TrainConfig(img_size=32), get_model_info("poolformer_s12"))
+    D.train_transform(TrainConfig(img_size=32), get_model_info("poolformer_s12").preprocessing())
     op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
     img = Image.new("RGB", (8, 8), (200, 100, 50))
     assert np.asarray(op(img)).max() == 0  # 0 bits kept: black, as older Pillow did

@@ -18,8 +18,9 @@ from PIL import Image
 from metaformer.cli import main
 from metaformer.tasks.dense import MetaFormerBackbone, mask_rcnn, retinanet, semantic_fpn
 from metaformer.tasks.dense.data import CocoDetection, SegmentationDataset, make_toy_data
-from metaformer.tasks.dense.engine import (DetectionConfig, SegmentationConfig, load_checkpoint, train_detection,
-                                     train_segmentation)
+from metaformer.engine.checkpoint import load as load_checkpoint
+from metaformer.tasks.detection import DetectionConfig, train_detection
+from metaformer.tasks.segmentation import SegmentationConfig, train_segmentation
 from metaformer import create_model
 
 # pycocotools' mask decoding trips a numpy 2 deprecation notice; not ours to fix.
@@ -128,7 +129,7 @@ def test_detect_train_eval_resume_predict_cli(toy, tmp_path):
         assert main(["detect", "eval", "--checkpoint", str(run / "last.pth"), "--images",
                      str(toy / "images/training"), "--ann", str(toy / "instances_training.json"), "--json",
                      "--workers", "0"]) == 0
-    metrics = json.loads(buf.getvalue().strip().splitlines()[-1])
+    metrics = json.loads(buf.getvalue())
     assert metrics["bbox_mAP_50"] > 0.3 and metrics["bbox_mAP"] > 0.1, metrics
     assert metrics["segm_mAP_50"] > 0.3, metrics
 
@@ -245,9 +246,13 @@ def test_segment_train_eval_predict_cli(toy, tmp_path, capsys):
     capsys.readouterr()
     for mode in ("whole", "slide"):
         assert main(["segment", "eval", "--checkpoint", str(run / "last.pth"), "--data-root", str(toy),
-                     "--split", "training", "--mode", mode, "--crop-size", "96"]) == 0
-        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+                     "--split", "training", "--mode", mode, "--crop-size", "96", "--json"]) == 0
+        res = json.loads(capsys.readouterr().out)
         assert res["mIoU"] > 0.25 and res["aAcc"] > 0.8, (mode, res)
+        assert len(res["IoU_per_class"]) == 4 and res["images"] == 8
+    assert main(["segment", "eval", "--checkpoint", str(run / "last.pth"), "--data-root", str(toy), "--split",
+                 "training"]) == 0
+    assert re.search(r"mIoU \d+\.\d\d  mAcc \d+\.\d\d  aAcc \d+\.\d\d  \(8 images", capsys.readouterr().out)
     assert main(["segment", "predict", str(toy / "images/validation/validation_0000.jpg"), "--checkpoint",
                  str(run / "last.pth"), "--output", str(tmp_path / "pred")]) == 0
     out = np.asarray(Image.open(tmp_path / "pred/validation_0000.png"))
@@ -255,7 +260,7 @@ def test_segment_train_eval_predict_cli(toy, tmp_path, capsys):
 
 
 def test_segmentation_resume_is_exact(toy, tmp_path, monkeypatch):
-    from metaformer.tasks.dense import engine
+    from metaformer.engine import checkpoint
 
     def cfg(out, resume=None):
         return SegmentationConfig(data_root=str(toy), val_split=None, output=str(out), num_classes=4,
@@ -264,16 +269,16 @@ def test_segmentation_resume_is_exact(toy, tmp_path, monkeypatch):
                                   log_every=1000)
 
     train_segmentation(cfg(tmp_path / "a"))
-    real_save = engine.save_checkpoint
+    real_save = checkpoint.save
 
     def save_then_crash(obj, path):
         real_save(obj, path)
         raise KeyboardInterrupt  # killed right after the checkpoint at iteration 3, mid-pass (2 batches a pass)
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train_segmentation(cfg(tmp_path / "b"))
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint, "save", real_save)
     assert load_checkpoint(tmp_path / "b/last.pth", "segment")["iteration"] == 3
     train_segmentation(cfg(tmp_path / "b", resume="auto"))
     a = load_checkpoint(tmp_path / "a/last.pth", "segment")

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from metaformer.cli import main
-from metaformer.tasks.classification import DEMO, TrainConfig, resolve_config
+from metaformer.tasks.train_config import DEMO, TrainConfig, resolve_config
 
 # The built-in digits with a tiny network: ~1-3 s per epoch on one core.
 TINY = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--batch-size", "128", "--workers", "0",

@@ -14,6 +14,7 @@ import sys
 import warnings
 
 from ..errors import MetaFormerError as UserError  # the one error class printed as a line
+from .common import Parser, remember_parsers
 
 COMMANDS = [
     "metaformer.cli.info",
@@ -29,13 +30,29 @@ COMMANDS = [
 ]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from .. import __version__
+
+    found = []
+    for dist in ("torch", "torchvision", "timm"):
+        try:
+            found.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            pass
+    return f"metaformer {__version__} ({', '.join(found)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metaformer", description="MetaFormer / PoolFormer models: "
-                                     "build, train, evaluate, predict, benchmark, export.")
+    parser = Parser(prog="metaformer", description="MetaFormer / PoolFormer models: build, train, evaluate, "
+                    "predict, benchmark, export.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
         importlib.import_module(name).add_parser(sub)
+    remember_parsers(parser)
     return parser
 
 
@@ -47,7 +64,9 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # answered by the verb's own parser, with its usage (argparse would show the top level's)
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     from ..fast.alloc import keep_freed_memory
 
     keep_freed_memory()  # large activations are reused, not page-faulted in on every step

@@ -15,7 +15,7 @@ def _parse_set(items: list[str]) -> dict:
     option's type (``--set lr=1e-3`` is a number)."""
     import dataclasses
 
-    from ..tasks.classification import TrainConfig, coerce_option
+    from ..tasks.train_config import TrainConfig, coerce_option
 
     types = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
     out = {}
@@ -61,7 +61,7 @@ def run(args) -> int:
 
     from ..tools.ablate import BUDGETS, command_line, run_grid, summarise, write_report
     from ..zoo import ABLATIONS
-    from ..tasks.classification import Interrupted
+    from ..engine.stop import Interrupted
 
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else list(ABLATIONS)
     unknown = [r for r in rows if r not in ABLATIONS]

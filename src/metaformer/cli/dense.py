@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 
 from .. import yaml12
 from . import UserError
+from .common import (add_amp, add_batch_size, add_checkpoint, add_device, add_json, add_output, add_run_folder,
+                     add_workers, print_json)
 
 
 def _key_values(items: list[str] | None, what: str) -> dict:
@@ -68,62 +69,86 @@ def _add_toy(sub) -> None:
     p.set_defaults(func=_toy)
 
 
-def _add_common_train(p) -> None:
-    p.add_argument("--output", required=True, help="run folder: last.pth (written each epoch/save) and metrics.jsonl")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output (else refused "
-                   "unless --resume)")
+def _add_common_train(p, task: str) -> None:
+    add_run_folder(p, f"runs/{task}")
     p.add_argument("--backbone", default="poolformer_s12", help="any variant from `metaformer info`")
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="backbone config override, repeatable (e.g. depths=[1,1,1,1] dims=[16,32,48,64])")
-    p.add_argument("--pretrained", help="ImageNet checkpoint for the backbone (any layout the library loads)")
+    p.add_argument("--pretrained", metavar="TAG_OR_PATH", help="ImageNet weights for the backbone: a tag from "
+                   "`metaformer info`, or a file in any layout metaformer loads")
     p.add_argument("--frozen-stages", type=int, default=-1, help="-1 none, 0 stem, k stem + stages 1..k")
     p.add_argument("--fpn-channels", type=int, default=256)
     p.add_argument("--lr", type=float, help="default: the paper's (detect 1e-4, segment 2e-4)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, help="per process (default: the paper's, detect 2, segment 4)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (default: fp32)")
+    add_batch_size(p, None, "images per process (default: the paper's, detect 2, segment 4)")
+    add_workers(p)
+    add_amp(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", metavar="CKPT|auto", help="continue from a checkpoint ('auto': OUTPUT/last.pth if any)")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available; torchrun sets it per rank)")
+    p.add_argument("--log-every", type=int, default=50, help="iterations between log points")
+    add_device(p)
+    p.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
+    add_json(p, "print the final metrics row as JSON")
+
+
+def _common_train_options(args) -> dict:
+    return dict(output=args.output, backbone=args.backbone, backbone_overrides=_key_values(args.override, "--override"),
+                pretrained=args.pretrained, frozen_stages=args.frozen_stages, fpn_channels=args.fpn_channels,
+                weight_decay=args.weight_decay, workers=args.workers, amp=args.amp, seed=args.seed,
+                resume=args.resume, overwrite=args.overwrite, log_every=args.log_every, device=args.device,
+                wandb=args.wandb)
+
+
+def _report_run(args, history: list[dict], metrics: tuple[str, ...]) -> None:
+    """The end of a training run: the last row, readable (or JSON), and where the run is."""
+    from ..engine.loop import format_row
+
+    last = history[-1] if history else {}
+    if args.json:
+        print_json({**last, "checkpoint": f"{args.output}/last.pth"})
+        return
+    print(f"done: {format_row(last, metrics)}\n  checkpoint {args.output}/last.pth, metrics "
+          f"{args.output}/metrics.csv, TensorBoard {args.output}/tb")
 
 
 @_one_line
 def _det_train(args) -> int:
-    from ..tasks.dense.engine import DetectionConfig, train_detection
+    from ..tasks.detection import DetectionConfig, train_detection
 
     cfg = DetectionConfig(
         train_images=args.train_images, train_ann=args.train_ann, val_images=args.val_images, val_ann=args.val_ann,
-        output=args.output, arch=args.arch, backbone=args.backbone,
-        backbone_overrides=_key_values(args.override, "--override"), pretrained=args.pretrained,
-        frozen_stages=args.frozen_stages, fpn_channels=args.fpn_channels,
-        detector_options=_key_values(args.detector_opt, "--detector-opt"), min_size=args.min_size,
+        arch=args.arch, detector_options=_key_values(args.detector_opt, "--detector-opt"), min_size=args.min_size,
         max_size=args.max_size, epochs=args.epochs, lr_steps=args.lr_steps, lr=args.lr or 1e-4,
-        weight_decay=args.weight_decay, warmup_iters=args.warmup_iters, batch_size=args.batch_size or 2,
-        workers=args.workers, amp=args.amp, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
-        log_every=args.log_every, device=args.device)
-    if (args.val_images is None) != (args.val_ann is None):
-        raise UserError("give both --val-images and --val-ann, or neither")
-    train_detection(cfg)
+        warmup_iters=args.warmup_iters, batch_size=args.batch_size or 2, **_common_train_options(args))
+    _report_run(args, train_detection(cfg), ("epoch", "loss", "bbox_mAP", "segm_mAP"))
     return 0
 
 
 @_one_line
 def _det_eval(args) -> int:
+    from ..engine.checkpoint import load
+    from ..engine.runtime import setup
     from ..tasks.dense.data import CocoDetection
-    from ..tasks.dense.engine import build_detector_from_checkpoint, evaluate_detection, load_checkpoint, setup_runtime
+    from ..tasks.detection import build_detector_from_checkpoint, evaluate_detection
 
-    ckpt = load_checkpoint(args.checkpoint, "detect")
+    ckpt = load(args.checkpoint, "detect")
     ds = CocoDetection(args.images, args.ann, masks=ckpt["arch"] == "mask_rcnn")
     if ds.class_names != ckpt["class_names"]:
         raise UserError(f"{args.ann} has categories {ds.class_names}, the checkpoint {ckpt['class_names']}")
-    rt = setup_runtime(args.device)
+    rt = setup(args.device, args.amp)
     model = build_detector_from_checkpoint(ckpt).to(rt.device)
-    res = evaluate_detection(model, ds, rt, args.amp, args.workers)
+    res = evaluate_detection(model, ds, rt, args.workers, progress=True)
     if rt.main:
-        print(json.dumps(res["metrics"]) if args.json else res["summary"])
+        if args.json:
+            print_json({**res["metrics"], "images": len(ds) - len(res["unreadable"]),
+                        "unreadable": len(res["unreadable"])})
+        else:
+            print(res["summary"])
+            m = res["metrics"]
+            print(f"{args.checkpoint} on {args.ann}: " + "  ".join(
+                f"{k} {100 * m[k]:.1f}" for k in ("bbox_mAP", "bbox_mAP_50", "segm_mAP") if k in m)
+                + f"  ({len(ds) - len(res['unreadable'])} images)")
         _print_skipped(res["unreadable"])
+    rt.close()
     return 0
 
 
@@ -137,50 +162,66 @@ def _print_skipped(bad) -> None:
 def _det_predict(args) -> int:
     from ..tasks.dense.predict import predict_detection
 
-    predict_detection(args.checkpoint, args.inputs, args.output, args.score_thresh, args.device)
+    results = predict_detection(args.checkpoint, args.inputs, args.output, args.score_thresh, args.device, args.amp)
+    if args.json:
+        print_json(results)
+    for r in [] if args.json else results:
+        found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in r["detections"]) or "nothing"
+        print(f"{r['image']} -> {r['output']}: {found} (score >= {args.score_thresh})")
     return 0
 
 
 @_one_line
 def _seg_train(args) -> int:
-    from ..tasks.dense.engine import SegmentationConfig, train_segmentation
+    from ..tasks.segmentation import SegmentationConfig, train_segmentation
 
     cfg = SegmentationConfig(
         data_root=args.data_root, train_split=args.train_split, val_split=None if args.no_val else args.val_split,
-        output=args.output, backbone=args.backbone, backbone_overrides=_key_values(args.override, "--override"),
-        pretrained=args.pretrained, frozen_stages=args.frozen_stages, num_classes=args.num_classes,
-        reduce_zero_label=args.reduce_zero_label, fpn_channels=args.fpn_channels, img_scale=args.img_scale,
+        num_classes=args.num_classes, reduce_zero_label=args.reduce_zero_label, img_scale=args.img_scale,
         crop_size=args.crop_size, ratio_range=args.ratio_range, iters=args.iters, lr=args.lr or 2e-4,
-        weight_decay=args.weight_decay, power=args.power, batch_size=args.batch_size or 4, workers=args.workers,
-        amp=args.amp, seed=args.seed, resume=args.resume, overwrite=args.overwrite, ckpt_every=args.ckpt_every,
-        eval_every=args.eval_every,
-        mode=args.mode, log_every=args.log_every, device=args.device)
-    train_segmentation(cfg)
+        power=args.power, batch_size=args.batch_size or 4, ckpt_every=args.ckpt_every, eval_every=args.eval_every,
+        mode=args.mode, **_common_train_options(args))
+    _report_run(args, train_segmentation(cfg), ("iteration", "loss", "mIoU", "mAcc", "aAcc"))
     return 0
 
 
+@_one_line
 def _seg_eval(args) -> int:
+    from ..engine.checkpoint import load
+    from ..engine.runtime import setup
     from ..tasks.dense.data import SegmentationDataset
-    from ..tasks.dense.engine import build_segmenter_from_checkpoint, evaluate_segmentation, load_checkpoint, setup_runtime
+    from ..tasks.segmentation import build_segmenter_from_checkpoint, evaluate_segmentation
 
-    ckpt = load_checkpoint(args.checkpoint, "segment")
+    ckpt = load(args.checkpoint, "segment")
     rzl = ckpt["reduce_zero_label"] if args.reduce_zero_label is None else args.reduce_zero_label
     ds = SegmentationDataset(args.data_root, args.split, num_classes=ckpt["model_config"]["num_classes"],
                              reduce_zero_label=rzl, img_scale=tuple(args.img_scale or ckpt["img_scale"]))
-    rt = setup_runtime(args.device)
+    rt = setup(args.device, args.amp)
     model = build_segmenter_from_checkpoint(ckpt).to(rt.device)
-    res = evaluate_segmentation(model, ds, rt, args.mode, args.crop_size or ckpt["crop_size"], args.amp)
+    res = evaluate_segmentation(model, ds, rt, args.mode, args.crop_size or ckpt["crop_size"], progress=True)
+    bad = res.pop("unreadable")
     if rt.main:
-        per_class, bad = res.pop("IoU_per_class"), res.pop("unreadable")
-        print(json.dumps(res if not args.json else {**res, "IoU_per_class": per_class}))
+        if args.json:
+            print_json({**res, "images": len(ds) - len(bad), "unreadable": len(bad)})
+        else:
+            print(f"{args.checkpoint} on {args.data_root} ({args.split}, {args.mode}): mIoU {100 * res['mIoU']:.2f}  "
+                  f"mAcc {100 * res['mAcc']:.2f}  aAcc {100 * res['aAcc']:.2f}  ({len(ds) - len(bad)} images; "
+                  "--json adds the per-class IoU)")
         _print_skipped(bad)
+    rt.close()
     return 0
 
 
 def _seg_predict(args) -> int:
     from ..tasks.dense.predict import predict_segmentation
 
-    predict_segmentation(args.checkpoint, args.inputs, args.output, args.mode, args.opacity, args.device)
+    results = predict_segmentation(args.checkpoint, args.inputs, args.output, args.mode, args.opacity, args.device,
+                                   args.amp)
+    if args.json:
+        print_json(results)
+    for r in [] if args.json else results:
+        shares = sorted(r["classes"].items(), key=lambda kv: -kv[1])[:5]
+        print(f"{r['image']} -> {r['output']}: " + ", ".join(f"class {c} {100 * v:.0f}%" for c, v in shares))
     return 0
 
 
@@ -193,38 +234,44 @@ def add_parser(sub) -> None:
     dsub.required = True
     _add_toy(dsub)
 
-    p = dsub.add_parser("train", help="train on COCO-format data (paper defaults: AdamW 1e-4, 1x schedule)")
-    p.add_argument("--train-images", required=True)
-    p.add_argument("--train-ann", required=True, help="COCO instances json")
-    p.add_argument("--val-images")
-    p.add_argument("--val-ann", help="evaluated (COCO mAP) after every epoch")
+    p = dsub.add_parser("train", help="train on COCO-format data (paper defaults: AdamW 1e-4, 1x schedule)",
+                        description="Train a detector; the defaults are the paper's (1x schedule, AdamW 1e-4, "
+                                    "1333x800). Distributed: torchrun --nproc_per_node=N -m metaformer detect train ...")
+    p.add_argument("--train-images", required=True, help="folder of the training images")
+    p.add_argument("--train-ann", required=True, help="COCO instances json of the training images")
+    p.add_argument("--val-images", help="folder of the validation images")
+    p.add_argument("--val-ann", help="COCO instances json, evaluated (COCO mAP) after every epoch")
     p.add_argument("--arch", choices=["retinanet", "mask_rcnn"], default="retinanet")
-    _add_common_train(p)
+    _add_common_train(p, "detect")
     p.add_argument("--detector-opt", action="append", metavar="KEY=VALUE",
                    help="torchvision RetinaNet/MaskRCNN keyword argument, repeatable (e.g. box_batch_size_per_image=128)")
     p.add_argument("--min-size", type=int, default=800, help="shorter side after resizing (paper: 800)")
     p.add_argument("--max-size", type=int, default=1333, help="longer side limit (paper: 1333)")
-    p.add_argument("--epochs", type=int, default=12, help="default: the 1x schedule")
-    p.add_argument("--lr-steps", type=int, nargs="*", default=[8, 11], help="epochs after which lr x0.1")
-    p.add_argument("--warmup-iters", type=int, default=500)
+    p.add_argument("--epochs", type=int, default=12, help="12: the 1x schedule")
+    p.add_argument("--lr-steps", type=int, nargs="*", default=[8, 11], help="epochs after which the lr drops x0.1")
+    p.add_argument("--warmup-iters", type=int, default=500, help="linear warm-up iterations")
     p.set_defaults(func=_det_train)
 
-    p = dsub.add_parser("eval", help="COCO mAP (pycocotools COCOeval) of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--images", required=True)
-    p.add_argument("--ann", required=True)
-    p.add_argument("--amp", choices=["bf16", "fp16"])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of COCOeval's table")
-    p.add_argument("--device")
+    p = dsub.add_parser("eval", help="COCO mAP (pycocotools COCOeval) of a checkpoint",
+                        description="COCO box (and mask) AP of a `detect train` checkpoint; distributed under "
+                                    "torchrun (each rank detects its share).")
+    add_checkpoint(p, True, "last.pth of `metaformer detect train`")
+    p.add_argument("--images", required=True, help="folder of the images")
+    p.add_argument("--ann", required=True, help="COCO instances json")
+    add_amp(p)
+    add_workers(p)
+    add_device(p)
+    add_json(p, "print the metrics as JSON instead of COCOeval's table")
     p.set_defaults(func=_det_eval)
 
     p = dsub.add_parser("predict", help="write PNGs with the detected boxes (and masks) drawn on the images")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--output", required=True)
+    add_checkpoint(p, True, "last.pth of `metaformer detect train`")
+    add_output(p, "predictions", "folder for the PNGs")
     p.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
-    p.add_argument("--device")
+    add_amp(p)
+    add_device(p)
+    add_json(p, "print the detections as JSON")
     p.set_defaults(func=_det_predict)
 
     # ---------------- segment ----------------
@@ -235,44 +282,51 @@ def add_parser(sub) -> None:
     ssub.required = True
     _add_toy(ssub)
 
-    p = ssub.add_parser("train", help="train (paper defaults: AdamW 2e-4, poly 0.9, 40k iterations, crop 512)")
-    p.add_argument("--data-root", required=True)
+    p = ssub.add_parser("train", help="train (paper defaults: AdamW 2e-4, poly 0.9, 40k iterations, crop 512)",
+                        description="Train Semantic FPN; the defaults are the paper's (AdamW 2e-4, poly decay, 40k "
+                                    "iterations, 512 crops). Distributed: torchrun --nproc_per_node=N -m metaformer "
+                                    "segment train ...")
+    p.add_argument("--data-root", required=True, help="folder with images/SPLIT and annotations/SPLIT")
     p.add_argument("--train-split", default="training")
     p.add_argument("--val-split", default="validation")
     p.add_argument("--no-val", action="store_true", help="no periodic evaluation")
     p.add_argument("--num-classes", type=int, default=150, help="after the label shift (ADE20K: 150)")
     p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=True,
                    help="label 0 = 'other' -> ignored, the rest shift by -1 (ADE20K)")
-    _add_common_train(p)
+    _add_common_train(p, "segment")
     p.add_argument("--img-scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"))
     p.add_argument("--crop-size", type=int, default=512)
-    p.add_argument("--ratio-range", type=float, nargs=2, default=[0.5, 2.0])
-    p.add_argument("--iters", type=int, default=40000)
+    p.add_argument("--ratio-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"))
+    p.add_argument("--iters", type=int, default=40000, help="training iterations")
     p.add_argument("--power", type=float, default=0.9, help="poly decay power")
-    p.add_argument("--ckpt-every", type=int, default=4000)
-    p.add_argument("--eval-every", type=int, default=4000)
+    p.add_argument("--ckpt-every", type=int, default=4000, help="iterations between checkpoints")
+    p.add_argument("--eval-every", type=int, default=4000, help="iterations between evaluations")
     p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="test mode of the periodic evaluation")
     p.set_defaults(func=_seg_train)
 
-    p = ssub.add_parser("eval", help="mIoU, mean accuracy and pixel accuracy of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data-root", required=True)
+    p = ssub.add_parser("eval", help="mIoU, mean accuracy and pixel accuracy of a checkpoint",
+                        description="mIoU, mAcc and aAcc of a `segment train` checkpoint, as mmseg reports them; "
+                                    "distributed under torchrun.")
+    add_checkpoint(p, True, "last.pth of `metaformer segment train`")
+    p.add_argument("--data-root", required=True, help="folder with images/SPLIT and annotations/SPLIT")
     p.add_argument("--split", default="validation")
-    p.add_argument("--mode", choices=["whole", "slide"], default="whole")
+    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="one pass, or sliding windows")
     p.add_argument("--crop-size", type=int, help="slide window (default: the training crop)")
     p.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help="default: as trained")
     p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
                    help="default: as trained")
-    p.add_argument("--amp", choices=["bf16", "fp16"])
-    p.add_argument("--json", action="store_true", help="also print the per-class IoU")
-    p.add_argument("--device")
+    add_amp(p)
+    add_device(p)
+    add_json(p, "print the metrics, with the per-class IoU, as JSON")
     p.set_defaults(func=_seg_eval)
 
     p = ssub.add_parser("predict", help="write PNGs with the predicted class colours blended over the images")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--mode", choices=["whole", "slide"], default="whole")
-    p.add_argument("--opacity", type=float, default=0.5)
-    p.add_argument("--device")
+    add_checkpoint(p, True, "last.pth of `metaformer segment train`")
+    add_output(p, "predictions", "folder for the PNGs")
+    p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="one pass, or sliding windows")
+    p.add_argument("--opacity", type=float, default=0.5, help="weight of the class colours over the image")
+    add_amp(p)
+    add_device(p)
+    add_json(p, "print each image's class shares as JSON")
     p.set_defaults(func=_seg_predict)

@@ -1,4 +1,4 @@
-"""``metaformer train``: every option of :class:`metaformer.tasks.classification.TrainConfig` as a flag.
+"""``metaformer train``: every option of :class:`metaformer.tasks.train_config.TrainConfig` as a flag.
 
 Flags beat ``--config file.yaml``, which beats the defaults (the paper's recipe, or the
 scaled-down demo for the built-in digits).
@@ -28,7 +28,7 @@ def _flag_type(annotation: str) -> dict:
 
 
 def add_parser(subparsers) -> None:
-    from ..tasks.classification import DEMO, TrainConfig
+    from ..tasks.train_config import DEMO, TrainConfig
 
     p = subparsers.add_parser(
         "train", help="train on an ImageNet-layout folder or the built-in digits",
@@ -47,7 +47,9 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from . import UserError
-    from ..tasks.classification import Interrupted, TrainConfig, TrainingDiverged, resolve_config, train
+    from ..engine.stop import Interrupted, TrainingDiverged
+    from ..tasks.classification import train
+    from ..tasks.train_config import TrainConfig, resolve_config
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if flags["model_kwargs"] is not None and not isinstance(flags["model_kwargs"], dict):

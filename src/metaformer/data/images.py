@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -71,3 +72,20 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         if isinstance(e, DataError):
             raise
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+
+
+def list_images(paths) -> list[Path]:
+    """Image files from files and folders, in the given order (a folder: its images, sorted by name)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(q for q in p.iterdir() if q.is_file() and q.name.lower().endswith(IMG_EXTENSIONS)))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError(f"{p} does not exist")
+    if not out:
+        raise DataError(f"no images found in {', '.join(map(str, paths))} (extensions: {', '.join(IMG_EXTENSIONS)})")
+    return out

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import itertools
 import os
-import random
 import signal
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
@@ -59,16 +57,12 @@ def _worker_init(worker_id: int) -> None:
 
 
 def make_loader(dataset, batch_size: int, sampler, workers: int, drop_last: bool = False,
-                generator: torch.Generator | None = None, pin_memory: bool = False) -> DataLoader:
+                generator: torch.Generator | None = None, pin_memory: bool = False,
+                collate_fn=collate_skip_unreadable) -> DataLoader:
+    """Batches ``(images, targets, unreadable)``; workers leave Ctrl-C to the main process."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      collate_fn=collate_skip_unreadable, worker_init_fn=_worker_init if workers else None,
+                      collate_fn=collate_fn, worker_init_fn=_worker_init if workers else None,
                       generator=generator, pin_memory=pin_memory, persistent_workers=False)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class UnreadableLog:

@@ -1,4 +1,5 @@
-"""Transforms: the recipe's augmentation (timm's ``create_transform``) and each model's eval preprocessing."""
+"""The recipe's training augmentation (timm's ``create_transform``); the eval preprocessing belongs to the weights
+(:func:`metaformer.zoo.eval_transform`)."""
 from __future__ import annotations
 
 from PIL import Image
@@ -22,17 +23,14 @@ def _patch_timm_posterize() -> None:
             auto_augment.NAME_TO_OP[name] = _posterize
 
 
-def train_transform(cfg, info):
-    """The recipe's augmentation, built by timm (RandAugment, random erasing, random-resized crop)."""
+def train_transform(cfg, preprocessing: dict):
+    """The recipe's augmentation, built by timm (RandAugment, random erasing, random-resized crop), normalised
+    with the statistics of the weights' ``preprocessing`` (``mean``, ``std``)."""
     from timm.data import create_transform
 
     _patch_timm_posterize()
     return create_transform(
         input_size=cfg.img_size, is_training=True, scale=tuple(cfg.scale), hflip=cfg.hflip,
-        color_jitter=cfg.color_jitter, auto_augment=None if cfg.aa in (None, "", "none") else cfg.aa, interpolation=cfg.train_interpolation,
-        re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount, mean=info.mean, std=info.std)
-
-
-def eval_transform(info, img_size: int):
-    """The variant's own eval preprocessing (resize floor(size / crop_pct), bicubic, centre crop)."""
-    return info.transforms(img_size)
+        color_jitter=cfg.color_jitter, auto_augment=None if cfg.aa in (None, "", "none") else cfg.aa,
+        interpolation=cfg.train_interpolation, re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount, mean=tuple(preprocessing["mean"]),
+        std=tuple(preprocessing["std"]))

@@ -125,3 +125,32 @@ def reconcile_best(last_path: Path, last: dict, metric: str) -> str | None:
         os.replace(temp, best_path)
         return f"{best_path} was {'missing' if best is None else 'older than ' + last_path.name}: brought up to date"
     return None
+
+
+def load(path: str | os.PathLike, task: str) -> dict:
+    """A training checkpoint of ``task`` (``train``, ``detect`` or ``segment``), read without running code."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder: pass its last.pth, or --resume auto with --output {path}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0][:200]}; it is "
+                              "probably truncated or corrupt (an older one may be in the same folder)") from None
+    found = ckpt.get("task", "train" if "model_config" in ckpt else None) if isinstance(ckpt, dict) else None
+    if found != task or "model" not in ckpt or "optimizer" not in ckpt:
+        verb = {"train": "metaformer train", "detect": "metaformer detect train",
+                "segment": "metaformer segment train"}
+        what = f"a `{verb[found]}` checkpoint" if found in verb else "not a training checkpoint (weights alone " \
+            "hold no optimizer or schedule state)"
+        raise CheckpointError(f"{path} is {what}; --resume needs the last.pth or best.pth of `{verb[task]}`")
+    return ckpt
+
+
+def resume_path(resume: str | None, output: Path) -> Path | None:
+    """``--resume``: a path, ``auto`` (``OUTPUT/last.pth`` when there is one), or nothing."""
+    if resume == "auto":
+        return output / "last.pth" if (output / "last.pth").is_file() else None
+    return Path(resume) if resume else None

@@ -1,306 +1,336 @@
-"""Train a MetaFormer with the paper's recipe, from one CPU to many GPUs.
+"""Image classification: train a MetaFormer with the papers' recipe, from one CPU to many GPUs, and evaluate it.
 
-The recipe is timm's, not rewritten: ``create_optimizer_v2`` (AdamW, no decay on what
-``model.no_weight_decay()`` names), ``create_scheduler_v2`` (warm-up then cosine, stepped per
-update), ``Mixup`` + ``SoftTargetCrossEntropy``, ``LabelSmoothingCrossEntropy``,
-``create_transform`` (RandAugment, random erasing) and ``ModelEmaV3``.
-
-Configuration: :class:`TrainConfig` holds the paper's ImageNet defaults; :data:`DEMO` scales
-them down for the built-in digits. ``resolve_config`` layers defaults < YAML < flags.
+The recipe is timm's, not rewritten: ``create_optimizer_v2`` (AdamW or LAMB, no decay on what
+``model.no_weight_decay()`` names, timm's layer-wise lr decay over ``model.group_matcher()``),
+``create_scheduler_v2`` (warm-up then cosine, stepped per update), ``Mixup`` +
+``SoftTargetCrossEntropy``, ``LabelSmoothingCrossEntropy``, ``create_transform`` (RandAugment,
+random erasing) and ``ModelEmaV3``. What every task shares (devices, torchrun, mixed precision,
+checkpoints, metrics, Ctrl-C) is :mod:`metaformer.engine`; this file is what is particular to
+classification: :func:`train` wires ``build_data``, ``build_model``, ``build_recipe`` and
+:func:`train_one_epoch` / :func:`evaluate` together, as nanoGPT's and torchvision's references do.
 
 Exact resume: every epoch re-seeds python/numpy/torch and the loader generator from
 ``(seed, epoch, rank)`` and the sampler shuffles by epoch, so an epoch's data order,
 augmentation, Mixup and drop-path draws do not depend on what ran before it. Together with
-the model/optimizer/scheduler/scaler/EMA state this makes a resumed CPU run bit-identical to
-an uninterrupted one. A Ctrl-C checkpoint is taken between optimizer steps and resumes at
-the next batch of the same epoch order.
-
-Run under ``torchrun`` for DistributedDataParallel (gloo on CPU, NCCL on GPU).
+the model/optimizer/scaler/EMA state this makes a resumed CPU run bit-identical to an
+uninterrupted one. A Ctrl-C checkpoint is taken between optimizer steps and resumes at the
+next batch of the same epoch order.
 """
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
 import json
-import math
-import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-import yaml
 
 from .. import data as D
-from .. import yaml12
-from ..engine.checkpoint import check_output, prepare_output, reconcile_best, save_pair
-from ..engine.runtime import on_main
-from ..engine.stop import GracefulStop, Interrupted, TrainingDiverged
+from ..engine import checkpoint as ckpt_io
+from ..engine.loop import check_finite, optimizer_step, progress_bar, report_unreadable, wrap_ddp
+from ..engine.metrics import MetricsLog
+from ..engine.runtime import Runtime, epoch_seed, on_main, rng_state, seed_everything, set_rng_state, setup
+from ..engine.stop import GracefulStop, Interrupted
 from ..errors import ConfigError, require
 from ..fast.training import enable_fast_training
-from ..zoo import create_model, get_model_info
+from ..zoo import create_model, eval_transform, get_model_info, get_weights, list_models, split_name
+from .train_config import (DEMO, TrainConfig, coerce_option, keep_previous_config, resolve_config,  # noqa: F401
+                           resume_changes)
+
+
+# ----------------------------------------------------------------------------------------- building
+
+@dataclass
+class Data:
+    """The run's data: loaders, and how an epoch starts (its order, and where a resumed epoch picks up)."""
+
+    train_loader: Any
+    val_loader: Any
+    class_names: list[str]
+    steps_per_epoch: int
+    description: str
+    sampler: Any = None  # map-style data: a ResumableDistributedSampler; shards: None
+    stream: Any = None  # shards: the ShardStream
+    generator: torch.Generator = field(default_factory=torch.Generator)
+
+    def start_epoch(self, epoch: int, step: int, seed: int, micro_per_step: int, batch_size: int) -> None:
+        self.generator.manual_seed(seed)
+        if self.stream is not None:
+            self.stream.set_epoch(epoch, skip_batches=step * micro_per_step)
+        else:
+            self.sampler.set_epoch(epoch, start=step * micro_per_step * batch_size)
+
+
+def preprocessing_for(cfg: TrainConfig) -> dict:
+    """The eval preprocessing of the weights the run starts from (a tag's own crop and statistics), else the
+    variant's default weights', at the run's input size."""
+    if cfg.pretrained and split_name(cfg.pretrained)[0] in list_models() and not Path(cfg.pretrained).exists():
+        return get_weights(cfg.pretrained).preprocessing(cfg.img_size)
+    return get_model_info(cfg.model).preprocessing(cfg.img_size)
+
+
+def build_data(cfg: TrainConfig, rt: Runtime) -> Data:
+    pre = preprocessing_for(cfg)
+    train_tf, eval_tf = D.train_transform(cfg, pre), eval_transform(**pre)
+    source = D.open_source(cfg.data, train_tf, eval_tf, cfg.img_size)
+    train_set, val_set, class_names, description = source.train, source.val, source.class_names, source.description
+    micro = cfg.batch_size * cfg.accum_steps
+    gen = torch.Generator()
+    pin = rt.device.type == "cuda"
+    stream = train_set if isinstance(train_set, D.ShardStream) else None
+    if stream is not None:
+        batches = stream.configure(rt.rank, rt.world, cfg.batch_size, cfg.seed, drop_last=True,
+                                   workers=cfg.workers, accum_steps=cfg.accum_steps)
+        steps = batches // cfg.accum_steps
+        sampler, loader = None, D.make_loader(stream, cfg.batch_size, None, cfg.workers, generator=gen, pin_memory=pin)
+    else:
+        sampler = D.ResumableDistributedSampler(train_set, num_replicas=rt.world, rank=rt.rank, shuffle=True,
+                                                seed=cfg.seed, drop_last=True)
+        steps = len(sampler) // micro
+        loader = D.make_loader(train_set, cfg.batch_size, sampler, cfg.workers, drop_last=True, generator=gen,
+                               pin_memory=pin)
+    if steps == 0:
+        raise ConfigError(f"the training data holds fewer images per process than one optimizer step (batch "
+                          f"{cfg.batch_size} x accum {cfg.accum_steps}); lower --batch-size or --accum-steps")
+    val_loader = eval_loader(val_set, rt, cfg.batch_size, cfg.workers)
+    return Data(loader, val_loader, list(class_names), steps, description, sampler, stream, gen)
+
+
+def eval_loader(dataset, rt: Runtime, batch_size: int, workers: int):
+    """This rank's share of an evaluation set: disjoint and unpadded, so the all-reduced counts are exact."""
+    pin = rt.device.type == "cuda"
+    if isinstance(dataset, D.ShardStream):
+        dataset.configure(rt.rank, rt.world, batch_size, seed=0, drop_last=False, workers=workers)
+        return D.make_loader(dataset, batch_size, None, workers, pin_memory=pin)
+    return D.make_loader(dataset, batch_size, list(range(rt.rank, len(dataset), rt.world)), workers, pin_memory=pin)
+
+
+def _pretrained_source(cfg: TrainConfig) -> tuple[str | None, dict | None, str | None]:
+    """``(variant, stored config, weights source)`` for ``--pretrained``."""
+    if not cfg.pretrained:
+        return None, None, None
+    if not Path(cfg.pretrained).expanduser().exists() and "://" not in cfg.pretrained:
+        arch, _ = split_name(cfg.pretrained)
+        if arch in list_models():  # a tag, or a variant for its default weights
+            w = get_weights(cfg.pretrained)
+            return arch, None, w.url
+        raise ConfigError(f"--pretrained {cfg.pretrained}: no such file, and not a model or tag "
+                          "(`metaformer info` lists them)")
+    from .inference import resolve_checkpoint, stored_metadata
+
+    meta = stored_metadata(resolve_checkpoint(cfg.pretrained))
+    if meta is not None:
+        return meta["variant"], meta["config"], cfg.pretrained
+    return None, None, cfg.pretrained
+
+
+def freeze(model: nn.Module, stages: int) -> list[nn.Module]:
+    """Stop the stem and the first ``stages`` stages learning (parameters fixed, norms in eval mode)."""
+    frozen = ([model.stem] + list(model.stages[:stages])) if stages > 0 else []
+    for m in frozen:
+        m.eval()
+        m.requires_grad_(False)
+    return frozen
+
+
+def build_model(cfg: TrainConfig, rt: Runtime, num_classes: int):
+    """``(raw model, the model the loop runs)``: the architecture, ``--pretrained`` weights (a new classifier
+    when the classes differ), frozen stages, speed options, then torch.compile and DDP."""
+    variant, stored, weights = _pretrained_source(cfg)
+    if variant and cfg.model != variant and cfg.model != TrainConfig.model and not stored:
+        raise ConfigError(f"--pretrained {cfg.pretrained} holds {variant} weights, but --model is {cfg.model}")
+    overrides = dict(cfg.model_kwargs, img_size=cfg.img_size)
+    for key, value in (("depths", cfg.depths), ("dims", cfg.dims), ("drop_path_rate", cfg.drop_path)):
+        if value is not None:
+            overrides[key] = value
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    try:
+        if stored is not None:  # one of ours: its own architecture, with this run's classifier and options
+            from ..zoo import build_from_config
+
+            config = {k: v for k, v in stored.items() if k not in ("features_only", "out_indices")}
+            raw = build_from_config({**config, **overrides, "num_classes": num_classes}, variant)
+        else:
+            raw = create_model(variant or cfg.model, num_classes=num_classes, **overrides)
+    except TypeError as e:
+        raise ConfigError(f"bad model option: {e}") from None
+    if weights:
+        from ..zoo import load_weights
+
+        report = load_weights(raw, weights, strict=True)
+        rt.log(f"pretrained: {report.loaded} tensors from {weights} ({report.layout} layout)"
+               + (", new classifier" if report.reinitialised else ""))
+    freeze(raw, cfg.freeze_stages)
+    if cfg.grad_checkpointing:
+        raw.set_grad_checkpointing()
+    raw.to(rt.device)
+    if cfg.channels_last:
+        raw.to(memory_format=torch.channels_last)
+    if cfg.fast_training:
+        enable_fast_training(raw)
+        if not any(getattr(m, "fast_training", False) for m in raw.modules()):
+            raise ConfigError(f"--fast-training covers PoolFormer blocks (pooling mixer, GroupNorm(1), layer "
+                              f"scales, GELU MLP); {cfg.model} with these options has none: drop the flag")
+    model = torch.compile(raw) if cfg.compile else raw
+    # A head-only warm-up leaves the body without gradients for a while: DDP must not wait for them.
+    return raw, wrap_ddp(model, rt, find_unused=cfg.head_warmup_epochs > 0)
 
 
 @dataclass
-class TrainConfig:
-    # model
-    model: str = field(default="poolformer_s12", metadata={"help": "variant name (see `metaformer info --list`)"})
-    depths: list[int] | None = field(default=None, metadata={"help": "blocks per stage, overriding the variant's"})
-    dims: list[int] | None = field(default=None, metadata={"help": "channels per stage, overriding the variant's"})
-    drop_path: float | None = field(default=None, metadata={"help": "stochastic depth rate (default: the variant's)"})
-    model_kwargs: dict = field(default_factory=dict, metadata={
-        "help": "other MetaFormer arguments as YAML, e.g. \"{token_mixers: identity, norm: ln}\""})
-    # data
-    data: str | None = field(default=None, metadata={
-        "help": "ImageNet-layout root with train/ and val/ class folders; 'builtin' or omitted: the digits"})
-    img_size: int = field(default=224, metadata={"help": "training and eval resolution"})
-    workers: int = field(default=8, metadata={"help": "DataLoader worker processes per rank"})
-    strict_data: bool = field(default=False, metadata={"help": "stop at the first unreadable image instead of skipping"})
-    # optimisation (paper: batch 4096, lr 4e-3 = 1e-3 per 1024 images)
-    epochs: int = field(default=300, metadata={"help": "training epochs"})
-    batch_size: int = field(default=128, metadata={"help": "images per process per micro-step"})
-    accum_steps: int = field(default=1, metadata={"help": "micro-steps per optimizer step (gradient accumulation)"})
-    base_lr: float = field(default=1e-3, metadata={"help": "lr per 1024 images of global batch"})
-    lr: float | None = field(default=None, metadata={"help": "absolute lr (default: base_lr x global batch / 1024)"})
-    min_lr: float = field(default=1e-5, metadata={"help": "cosine floor"})
-    warmup_lr: float = field(default=1e-6, metadata={"help": "lr at the start of warm-up"})
-    warmup_epochs: int = field(default=5, metadata={"help": "linear warm-up epochs"})
-    sched: str = field(default="cosine", metadata={"help": "timm scheduler name"})
-    opt: str = field(default="adamw", metadata={"help": "timm optimizer name"})
-    opt_eps: float = field(default=1e-8, metadata={"help": "optimizer epsilon"})
-    opt_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "Adam betas"})
-    weight_decay: float = field(default=0.05, metadata={"help": "decoupled weight decay (not on biases/norms/scales)"})
-    clip_grad: float | None = field(default=None, metadata={"help": "clip the gradient norm to this (paper: none)"})
-    # regularisation and augmentation
-    smoothing: float = field(default=0.1, metadata={"help": "label smoothing"})
-    mixup: float = field(default=0.8, metadata={"help": "Mixup alpha (0: off)"})
-    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha (0: off)"})
-    mixup_prob: float = field(default=1.0, metadata={"help": "probability of Mixup or CutMix per batch"})
-    mixup_switch_prob: float = field(default=0.5, metadata={"help": "probability of CutMix when both are on"})
-    aa: str | None = field(default="rand-m9-mstd0.5-inc1", metadata={"help": "timm auto-augment policy ('' : off)"})
-    color_jitter: float = field(default=0.4, metadata={"help": "colour jitter (timm disables it under RandAugment)"})
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata={"help": "random-resized-crop scale"})
-    hflip: float = field(default=0.5, metadata={"help": "horizontal flip probability"})
-    train_interpolation: str = field(default="random", metadata={"help": "train resize interpolation"})
-    reprob: float = field(default=0.25, metadata={"help": "random erasing probability"})
-    remode: str = field(default="pixel", metadata={"help": "random erasing mode"})
-    recount: int = field(default=1, metadata={"help": "random erasing count"})
-    ema: bool = field(default=False, metadata={"help": "keep an exponential moving average of the weights"})
-    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay per optimizer step"})
-    # speed
-    amp: str = field(default="auto", metadata={"help": "mixed precision: auto (bf16 on GPU, off on CPU), none, bf16, fp16"})
-    channels_last: bool = field(default=False, metadata={"help": "channels_last memory format"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations to save memory"})
-    fast_training: bool = field(default=False, metadata={
-        "help": "PoolFormer blocks through metaformer.fast.training: same math, about half the activation "
-                "memory, channels_last"})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
-    # bookkeeping
-    seed: int = field(default=0, metadata={"help": "random seed (each rank and epoch derives its own)"})
-    output: str = field(default="runs/train", metadata={"help": "directory for checkpoints, logs and plots"})
-    resume: str | None = field(default=None, metadata={
-        "help": "checkpoint to resume, or 'auto' for OUTPUT/last.pth (options that change the network or the data "
-                "order are refused; the others apply from here on, and the change is logged)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an earlier run in --output instead of refusing"})
-    log_interval: int = field(default=20, metadata={"help": "optimizer steps between TensorBoard points"})
+class Recipe:
+    optimizer: Any
+    scheduler: Any
+    mixup: Any
+    criterion: Any
+    scaler: Any
+    ema: Any
+    lr: float
+    global_batch: int
 
 
-# Scaled down for the built-in digits so the first run ends in ~3 minutes on 2 CPU cores:
-# PoolFormer-S12's architecture at half depth and width, 32 px, and augmentations that suit
-# digits (no flips: a mirrored 2 is not a 2; no Mixup/erasing: 1.4k images, 10 epochs).
-DEMO = dict(model="poolformer_s12", depths=[1, 1, 3, 1], dims=[32, 64, 128, 256], drop_path=0.0, img_size=32,
-            epochs=10, batch_size=64, base_lr=1.6e-2, warmup_epochs=1, mixup=0.0, cutmix=0.0,
-            aa="rand-m5-mstd0.5-inc1", scale=[0.5, 1.0], hflip=0.0, reprob=0.0, train_interpolation="bicubic",
-            workers=0, output="runs/digits")
+def build_recipe(cfg: TrainConfig, rt: Runtime, raw: nn.Module, num_classes: int, steps_per_epoch: int) -> Recipe:
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    global_batch = cfg.batch_size * cfg.accum_steps * rt.world
+    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 1024
+    frozen = {id(p) for p in raw.parameters() if not p.requires_grad}  # --freeze-stages: never optimised
+    with _all_trainable(raw, frozen):
+        optimizer = create_optimizer_v2(raw, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps,
+                                        betas=tuple(cfg.opt_betas), layer_decay=cfg.layer_decay)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, min_lr=cfg.min_lr,
+                                       warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    mixup = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                      switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing, num_classes=num_classes)
+        criterion = SoftTargetCrossEntropy()  # Mixup already smooths the targets
+    elif cfg.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp == "fp16")  # bf16 needs no loss scaling
+    ema = ModelEmaV3(raw, decay=cfg.ema_decay) if cfg.ema else None
+    return Recipe(optimizer, scheduler, mixup, criterion, scaler, ema, lr, global_batch)
 
 
-def coerce_option(name: str, value, annotation: str, source: str):
-    """``value`` as the option's declared type, or a ConfigError naming the option and the type."""
-    optional = annotation.endswith("| None")
-    kind = annotation.replace("| None", "").strip()
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{source}: {name} needs a value ({kind})")
-
-    def number(v, integer):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
-            raise TypeError
-        return int(v) if integer else float(v)
-
+@contextlib.contextmanager
+def _all_trainable(model: nn.Module, frozen: set):
+    """The optimizer holds every parameter but the frozen stages', including a head-only warm-up's body (its
+    gradients are simply absent until it thaws)."""
+    body = [p for p in model.parameters() if not p.requires_grad and id(p) not in frozen]
+    for p in body:
+        p.requires_grad_(True)
     try:
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if kind in ("int", "float"):
-            return number(value, kind == "int")
-        if kind.startswith("list["):
-            if not isinstance(value, (list, tuple)):
-                raise TypeError
-            return [number(v, kind == "list[int]") for v in value]
-        if kind == "dict":
-            if not isinstance(value, dict):
-                raise TypeError
-            return value
-        if not isinstance(value, str):
-            raise TypeError
-        return value
-    except TypeError:
-        kinds = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-                 "dict": "a mapping", "list[int]": "a list of integers", "list[float]": "a list of numbers"}
-        raise ConfigError(f"{source}: {name} must be {kinds.get(kind, kind)}{' or null' if optional else ''}, got "
-                          f"{value!r} ({type(value).__name__})") from None
+        yield
+    finally:
+        for p in body:
+            p.requires_grad_(False)
 
 
-def resolve_config(flags: dict | None = None, config_file: str | None = None) -> TrainConfig:
-    """Defaults (the paper's, or :data:`DEMO` for the built-in data) < YAML file < flags; every value
-    checked against its option's type (so ``lr: 1e-3`` is a number, and ``epochs: ten`` an error)."""
-    fields = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
-    from_file = {}
-    if config_file:
-        from_file = yaml12.load_file(config_file) or {}
-        if not isinstance(from_file, dict):
-            raise ConfigError(f"config file {config_file} must be a YAML mapping of option: value")
-        from_file = {str(k).replace("-", "_"): v for k, v in from_file.items()}
-        unknown = sorted(set(from_file) - set(fields))
-        if unknown:
-            raise ConfigError(f"unknown option(s) in {config_file}: {', '.join(unknown)} (see `metaformer train "
-                              "--help`)")
-        from_file = {k: coerce_option(k, v, fields[k], config_file) for k, v in from_file.items()}
-    cli = {k: coerce_option(k, v, fields[k], f"--{k.replace('_', '-')}") for k, v in (flags or {}).items() if v is not None}
-    user = {**from_file, **cli}
-    base = dict(DEMO) if D.is_builtin(user.get("data")) else {}
-    return TrainConfig(**{**base, **user})
+def set_head_only(raw: nn.Module, head_only: bool, frozen_stages: int) -> None:
+    """During a head warm-up only the classifier learns; afterwards everything but the frozen stages."""
+    for name, p in raw.named_parameters():
+        p.requires_grad_(name.startswith("head.") if head_only else True)
+    freeze(raw, frozen_stages)
 
 
-# Options a resumed run may not change: they define the network, or the data order and the
-# number of steps per epoch that the checkpoint's position (epoch, step) refers to. Every other
-# option applies from the resumed step on (the schedule is re-planned), and the change is logged.
-FIXED_ON_RESUME = ("model", "depths", "dims", "model_kwargs", "img_size", "seed", "batch_size", "accum_steps")
-_NOT_COMPARED = ("resume", "output", "overwrite")
+# ----------------------------------------------------------------------------------------- the loops
+
+@dataclass
+class RunState:
+    """Where the run is; all of it goes into the checkpoint."""
+
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0
+    step: int = 0  # optimizer steps so far
+    best_top1: float = -1.0
+    best_epoch: int | None = None
+    history: list[dict] = field(default_factory=list)
+    rng: dict | None = None  # this rank's RNG streams at a mid-epoch checkpoint
 
 
-def resume_changes(saved: dict, cfg: TrainConfig, world: int, saved_world: int) -> dict[str, tuple]:
-    """``{option: (checkpoint's value, this run's)}`` for options that changed; refuses the fixed ones."""
-    now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as stored
-    same_data = D.is_builtin(saved.get("data")) and D.is_builtin(now.get("data"))
-    changed = {k: (saved[k], v) for k, v in now.items()
-               if k in saved and k not in _NOT_COMPARED and saved[k] != v and not (k == "data" and same_data)}
-    fixed = [k for k in FIXED_ON_RESUME if k in changed]
-    if fixed:
-        shown = "; ".join(f"--{k.replace('_', '-')} {changed[k][0]!r} -> {changed[k][1]!r}" for k in fixed)
-        raise ConfigError(f"--resume: {shown}. These options define the network or the data order the checkpoint's "
-                          "position refers to, so a run cannot change them midway: resume with the checkpoint's "
-                          "values, or start a new run in another --output")
-    if saved_world != world:
-        raise ConfigError(f"--resume: the checkpoint was trained by {saved_world} process(es), this run has {world}; "
-                          "the per-process data shards and random streams would not line up: resume with "
-                          f"{saved_world} process(es)")
-    return changed
+def train_one_epoch(model, raw, data: Data, recipe: Recipe, rt: Runtime, cfg: TrainConfig, state: RunState,
+                    stop: GracefulStop, unreadable, metrics: MetricsLog, save) -> dict:
+    """One epoch of optimizer steps (from ``state.step_in_epoch``); returns the epoch's row."""
+    opt, pin = recipe.optimizer, rt.device.type == "cuda"
+    loss_sum, loss_steps, images, t0 = 0.0, 0, 0, time.time()
+    data_iter = iter(data.train_loader)
+    if state.step_in_epoch and state.rng is not None:
+        # Mid-epoch (Ctrl-C) resume: continue the interrupted RNG streams. Exact with --workers 0; with
+        # workers, their augmentation streams restart, so only the data order is exact.
+        set_rng_state(state.rng)
+    with progress_bar(range(state.step_in_epoch, data.steps_per_epoch), main=rt.main,
+                  desc=f"epoch {state.epoch + 1}/{cfg.epochs}") as bar:
+        for it in bar:
+            batch_loss = torch.zeros(2, device=rt.device)  # [sum of micro-step losses, stop flag]
+            for micro in range(cfg.accum_steps):
+                x, y, bad = next(data_iter)
+                unreadable.add(bad, len(x))
+                if recipe.mixup is not None and len(x) % 2:  # Mixup pairs images; an odd batch lost one to a bad file
+                    x, y = x[:-1], y[:-1]
+                x, y = x.to(rt.device, non_blocking=pin), y.to(rt.device, non_blocking=pin)
+                if cfg.channels_last and len(x):  # an all-unreadable batch is an empty 1-d tensor
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if recipe.mixup is not None and len(x):
+                    x, y = recipe.mixup(x, y)
+                # Gradients are all-reduced only on the last micro-step of an accumulation.
+                sync = not rt.distributed or micro == cfg.accum_steps - 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with rt.autocast():
+                        # A micro-batch of only unreadable files still joins the gradient all-reduce.
+                        loss = recipe.criterion(model(x), y) if len(x) else sum(p.sum() * 0 for p in model.parameters())
+                    recipe.scaler.scale(loss / cfg.accum_steps).backward()
+                batch_loss[0] += loss.detach().float()
+                images += len(x)
+            batch_loss[1] = float(stop.requested)
+            batch_loss = rt.all_reduce_sum(batch_loss)
+            loss_value = batch_loss[0].item() / (cfg.accum_steps * rt.world)
+            check_finite(loss_value, f"step {state.step + 1} (epoch {state.epoch + 1}, iteration {it + 1})", cfg.output,
+                         rt.amp, " or --clip-grad 1.0")
+            optimizer_step(opt, recipe.scaler, raw.parameters(), cfg.clip_grad)
+            state.step += 1
+            recipe.scheduler.step_update(num_updates=state.step)
+            if recipe.ema is not None:
+                recipe.ema.update(raw, step=state.step)
+            loss_sum, loss_steps = loss_sum + loss_value, loss_steps + 1
+            lr = opt.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                            img_s=f"{images * rt.world / max(time.time() - t0, 1e-9):.0f}", refresh=False)
+            if state.step % cfg.log_interval == 0:
+                metrics.scalar("train/loss", loss_value, state.step)
+                metrics.scalar("train/lr", lr, state.step)
+            if batch_loss[1] > 0:
+                state.step_in_epoch = it + 1
+                path = save()
+                raise Interrupted(f"stopped by {stop.signal or 'another rank'} at epoch {state.epoch + 1}, step "
+                                  f"{state.step}; saved {path}. Continue with the same command plus --resume auto")
+    seconds = time.time() - t0
+    return {"epoch": state.epoch + 1, "step": state.step, "train_loss": loss_sum / max(loss_steps, 1),
+            "lr": opt.param_groups[0]["lr"], "images_per_s": images * rt.world / seconds, "epoch_time_s": seconds,
+            "images": images * rt.world}
 
-
-def _keep_previous_config(out: Path) -> Path | None:
-    """Rename ``config.yaml`` to the next free ``config.N.yaml`` (a resumed run never loses the original)."""
-    current = out / "config.yaml"
-    if not current.exists():
-        return None
-    n = 1
-    while (out / f"config.{n}.yaml").exists():
-        n += 1
-    current.rename(out / f"config.{n}.yaml")
-    return out / f"config.{n}.yaml"
-
-
-# ----- distributed helpers -----
-
-def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); joins the torchrun process group when there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible")
-    if world > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (seed * 1_000_003 + epoch * 10_007 + rank) % 2**63
-
-
-# ----- checkpoints -----
-
-def rng_state() -> dict:
-    """Python, numpy and torch RNG states as tensors and numbers (loadable with weights_only=True)."""
-    py = random.getstate()
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": torch.tensor(py[1], dtype=torch.int64), "python_gauss": py[2],
-             "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
-             "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate((3, tuple(state["python"].tolist()), state["python_gauss"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    if Path(path).is_dir():
-        raise ConfigError(f"--resume {path} is a folder: pass its last.pth, or --resume auto with --output {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise ConfigError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0][:200]}; it is probably "
-                          "truncated or corrupt (an older one may be in the same folder)") from None
-    if isinstance(ckpt, dict) and ckpt.get("task") in ("detect", "segment"):
-        raise ConfigError(f"{path} is a `metaformer {ckpt['task']}` checkpoint: resume it with "
-                          f"`metaformer {ckpt['task']} train --resume {path} ...`")
-    if not isinstance(ckpt, dict) or "optimizer" not in ckpt or "model" not in ckpt:
-        raise ConfigError(f"{path} is not a training checkpoint of `metaformer train`: --resume needs its "
-                          f"last.pth or best.pth (weights alone hold no optimizer or schedule state)")
-    return ckpt
-
-
-# ----- evaluation -----
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False, unreadable: D.UnreadableLog | None = None, progress: bool = False) -> dict:
-    """Top-1/top-5 (%) and mean cross-entropy; counts are summed over ranks when distributed."""
-    from tqdm import tqdm
+             channels_last: bool = False, unreadable=None, progress: bool = False, tta: str | None = None) -> dict:
+    """Top-1/top-5 (%) and mean cross-entropy; counts are summed over ranks when distributed.
 
+    ``tta='flip'`` averages the softmax of each image and its mirror image.
+    """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
-    for x, y, bad in tqdm(loader, desc="eval", disable=not progress, leave=False, dynamic_ncols=True):
+    for x, y, bad in progress_bar(loader, main=progress, desc="eval"):
         if unreadable is not None:
             unreadable.add(bad, len(x))
         if not len(x):
@@ -310,6 +340,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x).float()
+            if tta == "flip":
+                probs = (logits.softmax(1) + model(x.flip(-1)).float().softmax(1)) / 2
+                logits = probs.clamp_min(1e-12).log()  # cross-entropy of the averaged prediction
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(y[:, None])
         totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hits[:, 0].sum().double(),
@@ -321,19 +354,185 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n, "images": int(totals[3].item())}
 
 
-# ----- feedback -----
+# ----------------------------------------------------------------------------------------- resume
 
-def write_csv(history: list[dict], path: Path) -> None:
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
+def resume(cfg: TrainConfig, rt: Runtime, raw: nn.Module, recipe: Recipe, class_names: list[str]) -> tuple:
+    """``(RunState, changed options)`` from ``--resume`` (see :mod:`.train_config` for what may change)."""
+    out = Path(cfg.output)
+    path = ckpt_io.resume_path(cfg.resume, out)
+    if path is None:
+        if cfg.resume == "auto":
+            rt.log(f"--resume auto: no {out / 'last.pth'} yet, starting from scratch")
+        return RunState(), {}
+    ckpt = ckpt_io.load(path, "train")
+    if list(ckpt.get("class_names") or class_names) != list(class_names):
+        raise ConfigError(f"--resume: {path} was trained on other classes ({len(ckpt['class_names'])}: "
+                          f"{', '.join(ckpt['class_names'][:5])}...) than --data has ({len(class_names)}: "
+                          f"{', '.join(class_names[:5])}...); resume on the same classes, or start a new run")
+    changed = resume_changes(ckpt.get("train_config") or {}, cfg, rt.world, len(ckpt["rng"]))
+    try:
+        raw.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ConfigError(f"{path} does not fit this model ({str(e).splitlines()[0]}); resume with the options "
+                          f"it was trained with (see {path.parent}/config.yaml)") from None
+    # The optimizer's state (moments, step counts) comes from the checkpoint; its hyperparameters and the
+    # schedule come from this run's options, so a changed --lr or --epochs takes effect (as timm's train.py).
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in recipe.optimizer.param_groups]
+    recipe.optimizer.load_state_dict(ckpt["optimizer"])
+    for group, h in zip(recipe.optimizer.param_groups, hyper):
+        group.update(h)
+    recipe.scaler.load_state_dict(ckpt["scaler"])
+    if recipe.ema is not None:
+        if ckpt.get("ema") is not None:
+            recipe.ema.module.load_state_dict(ckpt["ema"])
+        else:  # EMA switched on at resume: it starts from the resumed weights, not the initial ones
+            from timm.utils import ModelEmaV3
+
+            recipe.ema = ModelEmaV3(raw, decay=cfg.ema_decay)
+    history = list(ckpt["history"])
+    if "best_epoch" not in ckpt and history:  # checkpoints of earlier versions
+        ckpt["best_epoch"] = max(history, key=lambda h: h["val_top1"])["epoch"]
+    if rt.main and path.resolve() == (out / "last.pth").resolve():
+        fixed = ckpt_io.reconcile_best(out / "last.pth", ckpt, "best_top1")
+        if fixed:
+            rt.log(f"resume: {fixed}")
+    state = RunState(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"], ckpt["best_top1"], ckpt.get("best_epoch"),
+                     history, ckpt["rng"][rt.rank])
+    recipe.scheduler.step_update(num_updates=state.step)
+    rt.log(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}")
+    if changed:
+        rt.log("resume: options changed since the checkpoint, applied from here on: " + ", ".join(
+            f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    return state, changed
+
+
+def save_checkpoint(cfg, rt, raw, recipe, state: RunState, class_names, is_best: bool = False) -> Path | None:
+    """Save on rank 0 (collective: every rank must call it, for the RNG gather)."""
+    rngs = rt.gather(rng_state())
+    if not rt.main:
+        return None
+    blob = {"task": "train", "model": raw.state_dict(), "optimizer": recipe.optimizer.state_dict(),
+            "scheduler": recipe.scheduler.state_dict(), "scaler": recipe.scaler.state_dict(),
+            "ema": recipe.ema.module.state_dict() if recipe.ema is not None else None,
+            "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "step": state.step, "rng": rngs,
+            "best_top1": state.best_top1, "best_epoch": state.best_epoch, "history": state.history,
+            "class_names": list(class_names), "model_config": raw.config, "variant": raw.variant,
+            "train_config": dataclasses.asdict(cfg), "world_size": rt.world}
+    return ckpt_io.save_pair(blob, Path(cfg.output), is_best)
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training; returns the summary (best top-1, wall time, images/s, paths)."""
+    if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.epochs < 1:
+        raise ConfigError("--batch-size, --accum-steps and --epochs must be at least 1")
+    rt = setup(cfg.device, cfg.amp)
+    out = Path(cfg.output)
+    on_main(lambda: ckpt_io.check_output(out, bool(cfg.resume), cfg.overwrite), rt.main)  # before any work
+    data = build_data(cfg, rt)
+    unreadable = D.UnreadableLog(strict=cfg.strict_data)
+    on_main(lambda: ckpt_io.prepare_output(out, bool(cfg.resume), cfg.overwrite), rt.main)
+    raw, model = build_model(cfg, rt, len(data.class_names))
+    recipe = build_recipe(cfg, rt, raw, len(data.class_names), data.steps_per_epoch)
+    state, changed = resume(cfg, rt, raw, recipe, data.class_names)
+    if state.epoch >= cfg.epochs:
+        raise ConfigError(f"{out / 'last.pth'} already finished {state.epoch} of {cfg.epochs} epochs; raise --epochs "
+                          "to continue")
+    if rt.main:
+        write_config(cfg, rt, recipe, out, changed)
+    metrics = MetricsLog(out, rt.main, state.history, "epoch", wandb=cfg.wandb, config=dataclasses.asdict(cfg),
+                         purge_step=state.step if state.step else None)
+    rt.log(f"data: {data.description}, {len(data.class_names)} classes | model: {raw.variant} | {rt.world} "
+           f"process(es) on {rt.device.type}, amp {rt.amp} | global batch {recipe.global_batch} ({cfg.batch_size} "
+           f"x {cfg.accum_steps} accum x {rt.world}), lr {recipe.lr:.3g} | output {out}")
+
+    def save(is_best: bool = False):
+        return save_checkpoint(cfg, rt, raw, recipe, state, data.class_names, is_best)
+
+    t_run, images_seen = time.time(), 0
+    with GracefulStop(rt.log) as stop:  # Ctrl-C / SIGTERM: the loop saves and stops between steps
+        try:
+            while state.epoch < cfg.epochs:
+                seed = epoch_seed(cfg.seed, state.epoch, rt.rank)
+                seed_everything(seed)
+                data.start_epoch(state.epoch, state.step_in_epoch, seed, cfg.accum_steps, cfg.batch_size)
+                if cfg.head_warmup_epochs:
+                    set_head_only(raw, state.epoch < cfg.head_warmup_epochs, cfg.freeze_stages)
+                model.train()
+                freeze(raw, cfg.freeze_stages)  # frozen stages keep their norms' statistics
+                row = train_one_epoch(model, raw, data, recipe, rt, cfg, state, stop, unreadable, metrics, save)
+                images_seen += row.pop("images")
+                val = evaluate(model, data.val_loader, rt.device, rt.amp_dtype, cfg.channels_last, unreadable)
+                row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+                if recipe.ema is not None:
+                    ema = evaluate(recipe.ema.module, data.val_loader, rt.device, rt.amp_dtype, cfg.channels_last,
+                                   unreadable)
+                    row.update(ema_loss=ema["loss"], ema_top1=ema["top1"], ema_top5=ema["top5"])
+                bad_files = unreadable.end_epoch()
+                row["unreadable"] = len(bad_files)
+                is_best = val["top1"] > state.best_top1
+                if is_best:
+                    state.best_top1, state.best_epoch = val["top1"], state.epoch + 1
+                state.epoch, state.step_in_epoch, state.rng = state.epoch + 1, 0, None
+                metrics.add(row)
+                save(is_best)
+                log_epoch(rt, cfg, row, is_best, bad_files)
+        finally:
+            metrics.close()
+    summary = finish(cfg, rt, raw, state, time.time() - t_run, images_seen)
+    rt.close()
+    return summary
+
+
+# ----------------------------------------------------------------------------------------- feedback
+
+def write_config(cfg: TrainConfig, rt: Runtime, recipe: Recipe, out: Path, changed: dict) -> None:
+    import yaml
+
+    if changed:
+        kept = keep_previous_config(out)
+        if kept:
+            rt.log(f"resume: the previous config is kept as {kept}")
+    with open(out / "config.yaml", "w") as f:
+        yaml.safe_dump(dict(dataclasses.asdict(cfg), resolved_lr=recipe.lr, global_batch=recipe.global_batch,
+                            world_size=rt.world, amp_resolved=rt.amp), f, sort_keys=False)
+
+
+def log_epoch(rt: Runtime, cfg: TrainConfig, row: dict, is_best: bool, bad_files: list) -> None:
+    rt.log(f"epoch {row['epoch']}/{cfg.epochs}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+           f"top-1 {row['val_top1']:.2f}%  top-5 {row['val_top5']:.2f}%"
+           + (f"  EMA top-1 {row['ema_top1']:.2f}%" if "ema_top1" in row else "")
+           + f"  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['epoch_time_s']:.1f}s"
+           + ("  *best*" if is_best else ""))
+    report_unreadable(rt.log, bad_files, "this epoch")
+
+
+def finish(cfg: TrainConfig, rt: Runtime, raw: nn.Module, state: RunState, wall: float, images_seen: int) -> dict:
+    """The run's summary; every rank must end with the same weights (a difference means a desynchronised run)."""
+    out = Path(cfg.output)
+    digest = hashlib.sha256(b"".join(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                                     for t in raw.state_dict().values())).hexdigest()
+    digests = rt.gather(digest)
+    if len(set(digests)) > 1:
+        rt.log(f"WARNING: the ranks ended with different weights: {digests}")
+    history = state.history
+    best = max(history, key=lambda h: h["val_top1"])
+    summary = {"best_top1": best["val_top1"], "best_epoch": best["epoch"], "final_top1": history[-1]["val_top1"],
+               "final_top5": history[-1]["val_top5"], "epochs": cfg.epochs, "wall_time_s": round(wall, 1),
+               "images_per_s": round(images_seen / wall, 1) if wall > 0 else None,
+               "checkpoint": str(out / "best.pth"), "last": str(out / "last.pth"), "world_size": rt.world,
+               "weights_sha256_per_rank": digests}
+    if rt.main:
+        plot_curves(history, out / "curves.png")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        rt.log(f"done: best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), wall time {wall:.0f}s, "
+               f"{summary['images_per_s']} img/s | {out}/best.pth, metrics.csv, tb/, curves.png, summary.json")
+    return summary
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
     matplotlib = require("matplotlib", "train", "plotting the training curves")
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -357,327 +556,3 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-# ----- the run -----
-
-def train(cfg: TrainConfig) -> dict:
-    """Run training; returns the summary (best top-1, wall time, images/s, paths)."""
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
-    from tqdm import tqdm
-
-    if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.epochs < 1:
-        raise ConfigError("--batch-size, --accum-steps and --epochs must be at least 1")
-    if cfg.amp not in ("auto", "none", "bf16", "fp16"):
-        raise ConfigError(f"--amp must be auto, none, bf16 or fp16, not {cfg.amp!r}")
-    rank, world, device = setup_distributed(cfg.device)
-    ddp, master = world > 1, rank == 0
-    out = Path(cfg.output)
-    log = tqdm.write if master else (lambda *a, **k: None)
-    # The output folder is checked before any work (an earlier run is replaced only with --overwrite).
-    on_main(lambda: check_output(out, resume=bool(cfg.resume), overwrite=cfg.overwrite), master)
-    amp = ("bf16" if device.type == "cuda" else "none") if cfg.amp == "auto" else cfg.amp
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-    # --- data (checked before anything is built) ---
-    info = get_model_info(cfg.model)
-    if D.is_builtin(cfg.data):
-        train_ds = D.Digits("train", cfg.img_size, D.train_transform(cfg, info))
-        val_ds = D.Digits("val", cfg.img_size, D.eval_transform(info, cfg.img_size))
-        class_names, data_name = D.Digits.classes, "builtin digits (sklearn, 1437 train / 360 val)"
-    else:
-        train_dir, val_dir, class_names = D.check_image_folder(cfg.data)
-        train_ds = D.SafeImageFolder(train_dir, D.train_transform(cfg, info))
-        val_ds = D.SafeImageFolder(val_dir, D.eval_transform(info, cfg.img_size), allow_empty=True)
-        data_name = f"{cfg.data} ({len(train_ds)} train / {len(val_ds)} val images)"
-    train_sampler = D.ResumableDistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=cfg.seed, drop_last=True)
-    steps_per_epoch = len(train_sampler) // (cfg.batch_size * cfg.accum_steps)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{len(train_sampler)} training images per process are fewer than one optimizer step "
-                         f"(batch {cfg.batch_size} x accum {cfg.accum_steps}); lower --batch-size or --accum-steps")
-    loader_gen = torch.Generator()
-    pin = device.type == "cuda"
-    train_loader = D.make_loader(train_ds, cfg.batch_size, train_sampler, cfg.workers, drop_last=True,
-                                 generator=loader_gen, pin_memory=pin)
-    # Validation shards are disjoint and unpadded so the all-reduced counts are exact.
-    val_loader = D.make_loader(val_ds, cfg.batch_size, list(range(rank, len(val_ds), world)), cfg.workers,
-                               pin_memory=pin)
-    unreadable = D.UnreadableLog(strict=cfg.strict_data)
-    on_main(lambda: prepare_output(out, resume=bool(cfg.resume), overwrite=cfg.overwrite), master)
-
-    # --- model ---
-    overrides = dict(cfg.model_kwargs, img_size=cfg.img_size)
-    for key, value in (("depths", cfg.depths), ("dims", cfg.dims), ("drop_path_rate", cfg.drop_path)):
-        if value is not None:
-            overrides[key] = value
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    try:
-        raw_model = create_model(cfg.model, num_classes=len(class_names), **overrides)
-    except TypeError as e:
-        raise ConfigError(f"bad model option: {e}") from None
-    if cfg.grad_checkpointing:
-        raw_model.set_grad_checkpointing()
-    raw_model.to(device)
-    if cfg.channels_last:
-        raw_model.to(memory_format=torch.channels_last)
-    if cfg.fast_training:
-        enable_fast_training(raw_model)
-        if not any(getattr(m, "fast_training", False) for m in raw_model.modules()):
-            raise ConfigError(f"--fast-training covers PoolFormer blocks (pooling mixer, GroupNorm(1), layer "
-                             f"scales, GELU MLP); {cfg.model} with these options has none: drop the flag")
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if pin else None)
-
-    # --- the recipe, from timm ---
-    global_batch = cfg.batch_size * cfg.accum_steps * world
-    lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 1024
-    optimizer = create_optimizer_v2(raw_model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps,
-                                    betas=tuple(cfg.opt_betas))
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.sched, num_epochs=cfg.epochs, min_lr=cfg.min_lr,
-                                       warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
-                                       step_on_epochs=False, updates_per_epoch=steps_per_epoch)
-    mixup = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                      switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing,
-                      num_classes=len(class_names))
-        criterion = SoftTargetCrossEntropy()  # Mixup already smooths the targets
-    elif cfg.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
-    ema = ModelEmaV3(raw_model, decay=cfg.ema_decay) if cfg.ema else None
-
-    # --- resume ---
-    start_epoch, start_step, step, best_top1, best_epoch, history, resume_rng = 0, 0, 0, -1.0, None, [], None
-    resume, changed = cfg.resume, {}
-    if resume == "auto":
-        resume = str(out / "last.pth") if (out / "last.pth").exists() else None
-        if resume is None:
-            log(f"--resume auto: no {out / 'last.pth'} yet, starting from scratch")
-    if resume:
-        ckpt = load_checkpoint(resume)
-        if list(ckpt.get("class_names") or class_names) != list(class_names):
-            raise ConfigError(f"--resume: {resume} was trained on other classes ({len(ckpt['class_names'])}: "
-                              f"{', '.join(ckpt['class_names'][:5])}...) than --data has ({len(class_names)}: "
-                              f"{', '.join(class_names[:5])}...); resume on the same classes, or start a new run")
-        changed = resume_changes(ckpt.get("train_config") or {}, cfg, world, len(ckpt["rng"]))
-        try:
-            raw_model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise ConfigError(f"{resume} does not fit this model ({str(e).splitlines()[0]}); resume with the options "
-                              f"it was trained with (see {Path(resume).parent}/config.yaml)") from None
-        # The optimizer's state (moments, step counts) comes from the checkpoint; its hyperparameters and the
-        # schedule come from this run's options, so a changed --lr or --epochs takes effect (as timm's train.py).
-        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group, h in zip(optimizer.param_groups, hyper):
-            group.update(h)
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None:
-            if ckpt.get("ema") is not None:
-                ema.module.load_state_dict(ckpt["ema"])
-            else:  # EMA switched on at resume: it starts from the resumed weights, not the initial ones
-                ema = ModelEmaV3(raw_model, decay=cfg.ema_decay)
-        start_epoch, start_step, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"]
-        history = list(ckpt["history"])
-        if "best_epoch" not in ckpt and history:  # checkpoints of earlier versions
-            ckpt["best_epoch"] = max(history, key=lambda h: h["val_top1"])["epoch"]
-        if master and Path(resume).resolve() == (out / "last.pth").resolve():
-            fixed = reconcile_best(out / "last.pth", ckpt, "best_top1")
-            if fixed:
-                log(f"resume: {fixed}")
-        best_top1, best_epoch = ckpt["best_top1"], ckpt.get("best_epoch")
-        resume_rng = ckpt["rng"][rank]
-        scheduler.step_update(num_updates=step)
-        log(f"resumed from {resume}: epoch {start_epoch + 1}, step {step}")
-        if changed:
-            log("resume: options changed since the checkpoint, applied from here on: " + ", ".join(
-                f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-    if start_epoch >= cfg.epochs:
-        raise ConfigError(f"{resume} already finished {start_epoch} of {cfg.epochs} epochs; raise --epochs to "
-                          "continue")
-
-    # --- outputs (rank 0 only) ---
-    writer = None
-    if master:
-        if changed:
-            kept = _keep_previous_config(out)
-            if kept:
-                log(f"resume: the previous config is kept as {kept}")
-        with open(out / "config.yaml", "w") as f:
-            yaml.safe_dump(dict(dataclasses.asdict(cfg), resolved_lr=lr, global_batch=global_batch, world_size=world,
-                                amp_resolved=amp), f, sort_keys=False)
-        SummaryWriter = require("torch.utils.tensorboard", "train", "TensorBoard logging").SummaryWriter
-
-        writer = SummaryWriter(str(out / "tb"), purge_step=step if resume else None)
-
-    def checkpoint(epoch: int, step_in_epoch: int, is_best: bool = False) -> Path | None:
-        """Save on rank 0 (collective: every rank must call it, for the RNG gather)."""
-        rngs = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if not master:
-            return None
-        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                 "ema": ema.module.state_dict() if ema is not None else None,
-                 "epoch": epoch, "step_in_epoch": step_in_epoch, "step": step, "rng": rngs,
-                 "best_top1": best_top1, "best_epoch": best_epoch, "history": history,
-                 "class_names": list(class_names), "model_config": raw_model.config, "variant": cfg.model,
-                 "train_config": dataclasses.asdict(cfg), "world_size": world}
-        return save_pair(state, out, is_best)
-
-    # Ctrl-C / SIGTERM only raise a flag; the loop agrees on it across ranks and stops between steps.
-    stop = GracefulStop(log).__enter__()
-
-    log(f"data: {data_name}, {len(class_names)} classes | model: {cfg.model} {overrides} | "
-        f"{world} process(es) on {device.type}, amp {amp} | global batch {global_batch} "
-        f"({cfg.batch_size} x {cfg.accum_steps} accum x {world}), lr {lr:.3g} | output {out}")
-    last_good = out / "last.pth" if resume else None
-    t_run = time.time()
-    images_seen, lr_now = 0, optimizer.param_groups[0]["lr"]
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            # Seeding per (seed, epoch, rank) makes the epoch's randomness independent of history.
-            seed = epoch_seed(cfg.seed, epoch, rank)
-            D.seed_everything(seed)
-            loader_gen.manual_seed(seed)
-            train_sampler.set_epoch(epoch, start=start_step * cfg.batch_size * cfg.accum_steps)
-            model.train()
-            data_iter = iter(train_loader)
-            if start_step and resume_rng is not None:
-                # Mid-epoch (Ctrl-C) resume: continue the interrupted RNG streams. Exact with --workers 0;
-                # with workers, their augmentation streams restart, so only the data order is exact.
-                set_rng_state(resume_rng)
-            loss_sum, loss_steps, epoch_images, t0 = 0.0, 0, 0, time.time()
-            bar = tqdm(range(start_step, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not master,
-                       leave=False, dynamic_ncols=True, mininterval=0.5)
-            for it in bar:
-                batch_loss = torch.zeros(2, device=device)  # [sum of micro-step losses, stop flag]
-                for micro in range(cfg.accum_steps):
-                    x, y, bad = next(data_iter)
-                    unreadable.add(bad, len(x))
-                    if mixup is not None and len(x) % 2:  # Mixup pairs images; an odd batch lost one to a bad file
-                        x, y = x[:-1], y[:-1]
-                    x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
-                    if cfg.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    if mixup is not None and len(x):
-                        x, y = mixup(x, y)
-                    # Gradients are all-reduced only on the last micro-step of an accumulation.
-                    sync = not ddp or micro == cfg.accum_steps - 1
-                    with contextlib.nullcontext() if sync else model.no_sync():
-                        with autocast:
-                            # A micro-batch of only unreadable files still joins the gradient all-reduce.
-                            loss = criterion(model(x), y) if len(x) else sum(p.sum() * 0 for p in model.parameters())
-                        scaler.scale(loss / cfg.accum_steps).backward()
-                    batch_loss[0] += loss.detach().float()
-                    epoch_images += len(x)
-                batch_loss[1] = float(stop.requested)
-                batch_loss = all_reduce_sum(batch_loss)
-                loss_value = batch_loss[0].item() / (cfg.accum_steps * world)
-                if not math.isfinite(loss_value):
-                    where = f"{last_good} (resume with --resume {last_good})" if last_good else "none yet"
-                    raise TrainingDiverged(
-                        f"loss is {loss_value} at step {step + 1} (epoch {epoch + 1}, iteration {it + 1}); stopped "
-                        f"without applying it. Last good checkpoint: {where}. Try a lower --lr"
-                        f"{', --amp bf16 instead of fp16' if amp == 'fp16' else ''} or --clip-grad 1.0")
-                if cfg.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                scheduler.step_update(num_updates=step)
-                if ema is not None:
-                    ema.update(raw_model, step=step)
-                loss_sum, loss_steps = loss_sum + loss_value, loss_steps + 1
-                lr_now = optimizer.param_groups[0]["lr"]
-                ips = epoch_images * world / max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.0f}", refresh=False)
-                if writer is not None and step % cfg.log_interval == 0:
-                    writer.add_scalar("train/loss", loss_value, step)
-                    writer.add_scalar("train/lr", lr_now, step)
-                if batch_loss[1] > 0:
-                    bar.close()
-                    path = checkpoint(epoch, it + 1)
-                    raise Interrupted(f"stopped by {stop.signal or 'another rank'} at epoch {epoch + 1}, step "
-                                      f"{step}; saved {path}. Continue with the same command plus --resume auto")
-            bar.close()
-            start_step = 0
-            epoch_time = time.time() - t0
-            images_seen += epoch_images * world
-
-            val = evaluate(model, val_loader, device, amp_dtype=amp_dtype, channels_last=cfg.channels_last,
-                           unreadable=unreadable)
-            row = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(loss_steps, 1), "lr": lr_now,
-                   "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-                   "images_per_s": epoch_images * world / epoch_time, "epoch_time_s": epoch_time}
-            if ema is not None:
-                row["ema_top1"] = evaluate(ema.module, val_loader, device, amp_dtype=amp_dtype,
-                                           channels_last=cfg.channels_last, unreadable=unreadable)["top1"]
-            bad_files = unreadable.end_epoch()
-            row["unreadable"] = len(bad_files)
-            history.append(row)
-            is_best = val["top1"] > best_top1
-            if is_best:
-                best_top1, best_epoch = val["top1"], epoch + 1
-            last_good = checkpoint(epoch + 1, 0, is_best)
-            if master:
-                for k, v in row.items():
-                    if k not in ("epoch", "step"):
-                        writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-                write_csv(history, out / "metrics.csv")
-                log(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f}  val loss {val['loss']:.4f}  "
-                    f"top-1 {val['top1']:.2f}%  top-5 {val['top5']:.2f}%"
-                    + (f"  EMA top-1 {row['ema_top1']:.2f}%" if ema is not None else "")
-                    + f"  lr {lr_now:.2e}  {row['images_per_s']:.0f} img/s  {epoch_time:.1f}s" + ("  *best*" if is_best else ""))
-                if bad_files:
-                    log(f"  skipped {len(bad_files)} unreadable image(s) this epoch:")
-                    for b in bad_files:
-                        log(f"    {b.path}: {b.error}")
-    finally:
-        stop.__exit__()
-        if writer is not None:
-            writer.close()
-
-    wall = time.time() - t_run
-    # Every rank must end with the same weights; a difference means a desynchronised run.
-    digest = hashlib.sha256(b"".join(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                                     for t in raw_model.state_dict().values())).hexdigest()
-    digests = [digest]
-    if ddp:
-        digests = [None] * world
-        dist.all_gather_object(digests, digest)
-        if len(set(digests)) > 1:
-            log(f"WARNING: the ranks ended with different weights: {digests}")
-    best = max(history, key=lambda h: h["val_top1"])
-    summary = {"best_top1": best["val_top1"], "best_epoch": best["epoch"], "final_top1": history[-1]["val_top1"],
-               "final_top5": history[-1]["val_top5"], "epochs": cfg.epochs, "wall_time_s": round(wall, 1),
-               "images_per_s": round(images_seen / wall, 1) if wall > 0 else None,
-               "checkpoint": str(out / "best.pth"), "last": str(out / "last.pth"), "world_size": world,
-               "weights_sha256_per_rank": digests}
-    if master:
-        write_csv(history, out / "metrics.csv")
-        plot_curves(history, out / "curves.png")
-        with open(out / "summary.json", "w") as f:
-            json.dump(summary, f, indent=2)
-        log(f"done: best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), "
-            f"wall time {wall:.0f}s, {summary['images_per_s']} img/s | {out}/best.pth, metrics.csv, tb/, "
-            f"curves.png, summary.json")
-    if ddp:
-        dist.barrier()
-        dist.destroy_process_group()
-    return summary

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import data as D
@@ -99,12 +98,15 @@ def stored_metadata(path: Path) -> dict | None:
 
 
 def load_for_inference(model_name: str | None, checkpoint: str | None = None, num_classes: int | None = None,
-                       device: str | torch.device = "cpu", allow_nonfinite: bool = False) -> Loaded:
+                       device: str | torch.device = "cpu", allow_nonfinite: bool = False, ema: bool = False) -> Loaded:
     """The model, its class names and its eval transform, ready for ``evaluate``/``predict``.
 
     ``checkpoint``: one of ours (its config and class names rebuild the model), any other layout
     loaded into ``model_name``, or None for the variant's published weights (``name.tag`` picks them).
+    ``ema``: the training checkpoint's EMA weights instead of its model weights.
     """
+    if ema and not checkpoint:
+        raise WeightsError("--ema needs --checkpoint: a training checkpoint that kept EMA weights (train --ema)")
     path = resolve_checkpoint(checkpoint) if checkpoint else None
     meta = stored_metadata(path) if path else None
     class_names = None
@@ -122,11 +124,11 @@ def load_for_inference(model_name: str | None, checkpoint: str | None = None, nu
     else:
         model = create_model(model_name, num_classes=num_classes)
     if path:
-        report = load_weights(model, path, strict=True, allow_nonfinite=allow_nonfinite)
+        report = load_weights(model, path, strict=True, allow_nonfinite=allow_nonfinite, ema=ema)
         if any(k.startswith("head.fc.") for k in report.reinitialised):
             raise WeightsError(f"{checkpoint} has a classifier for another number of classes than the model's "
                                f"{model.num_classes}; pass --num-classes N to match it")
-        source = checkpoint
+        source = f"{checkpoint} (EMA weights)" if ema else checkpoint
     else:
         source = f"{model_name} published weights"
     aliases = None
@@ -164,29 +166,60 @@ def class_targets(folder: Path, folder_classes: list[str], names: list[str], ali
 
 
 def eval_dataset(loaded: Loaded, data: str | None, positional: bool = False):
-    """The built-in digits val split, or a class-folder directory mapped onto the model's classes by name."""
-    if D.is_builtin(data):
-        if loaded.class_names != D.Digits.classes:
-            raise DataError("the built-in digits need a model trained on them (10 classes '0'..'9'): pass "
-                            "--checkpoint runs/digits/best.pth, or --data DIR for other data")
-        return D.Digits("val", loaded.img_size, loaded.transform)
-    folder = D.find_eval_dir(data)
-    ds = D.SafeImageFolder(folder, loaded.transform, allow_empty=True)
-    targets = class_targets(folder, ds.classes, loaded.class_names, loaded.class_aliases, positional)
-    if targets != list(range(len(ds.classes))):
+    """What ``--data`` names (the built-in digits' val split, a class-folder directory or an ImageNet root's
+    ``val/``, val shards, a Hugging Face folder's validation split), its classes mapped onto the model's by name."""
+    ds, classes = D.open_eval_source(data, loaded.transform, loaded.img_size)
+    if D.is_builtin(data) and loaded.class_names != list(classes):
+        raise DataError("the built-in digits need a model trained on them (10 classes '0'..'9'): pass "
+                        "--checkpoint runs/digits/best.pth, or --data DIR for other data")
+    targets = class_targets(Path(str(data)), list(classes), loaded.class_names, loaded.class_aliases, positional)
+    if targets != list(range(len(classes))):
         ds.target_transform = targets.__getitem__
     return ds
 
 
-def predict(loaded: Loaded, images: list[str], topk: int = 5, device: str | torch.device = "cpu") -> list[dict]:
-    """For each image: ``{'image', 'predictions': [(class name, probability), ...]}``, best first."""
-    batch = [loaded.transform(D.open_rgb(p)) for p in images]
-    with torch.no_grad():
-        probs = loaded.model(torch.stack(batch).to(device)).float().softmax(dim=1)
-    if probs.shape[1] != len(loaded.class_names):
-        raise WeightsError(f"{loaded.source} gives {probs.shape[1]} class scores but {len(loaded.class_names)} class "
-                           f"names were given with it: predict with the checkpoint it was made from")
-    k = min(topk, probs.shape[1])
-    values, indices = probs.topk(k, dim=1)
-    return [{"image": p, "predictions": [(loaded.class_names[i], v) for v, i in zip(vs.tolist(), ix.tolist())]}
-            for p, vs, ix in zip(images, values, indices)]
+def prepare(loaded: Loaded, device: torch.device, fused: bool = True, channels_last: bool = False) -> list[str]:
+    """Put ``loaded.model`` on ``device`` and make it fast: fused (:func:`metaformer.fuse`, the same numbers)
+    when the model has blocks ``fuse`` covers, else channels_last when asked. Returns what was applied."""
+    model, applied = loaded.model.to(device).eval(), []
+    if fused:
+        from ..fast import fuse
+        from ..fast.fuse import FusedPoolBlock
+
+        candidate = fuse(model)
+        if any(isinstance(m, FusedPoolBlock) for m in candidate.modules()):
+            model = candidate
+            applied.append("fused (channels_last)")
+    if channels_last and not applied:
+        model = model.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    loaded.model = model
+    return applied
+
+
+@torch.no_grad()
+def predict(loaded: Loaded, images: list, topk: int = 5, device: str | torch.device = "cpu", batch_size: int = 32,
+            amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> list[dict]:
+    """For each image: ``{'image', 'predictions': [(class name, probability), ...]}``, best first; read and run
+    ``batch_size`` images at a time."""
+    from ..engine.loop import progress_bar
+
+    device = torch.device(device)
+    k = min(topk, len(loaded.class_names))
+    results = []
+    starts = range(0, len(images), batch_size)
+    for start in progress_bar(starts, main=len(starts) > 1, desc="predict", unit="batch"):
+        paths = images[start:start + batch_size]
+        x = torch.stack([loaded.transform(D.open_rgb(p)) for p in paths]).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            probs = loaded.model(x).float().softmax(dim=1)
+        if probs.shape[1] != len(loaded.class_names):
+            raise WeightsError(f"{loaded.source} gives {probs.shape[1]} class scores but {len(loaded.class_names)} "
+                               "class names were given with it: predict with the checkpoint it was made from")
+        values, indices = probs.topk(k, dim=1)
+        results += [{"image": str(p), "predictions": [(loaded.class_names[i], v) for v, i in zip(vs.tolist(),
+                                                                                               ix.tolist())]}
+                    for p, vs, ix in zip(paths, values.cpu(), indices.cpu())]
+    return results

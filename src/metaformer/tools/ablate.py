@@ -46,7 +46,7 @@ def row_dir(output: Path, row: str, seed_index: int) -> Path:
 
 def run_config(base_flags: dict, row: str, seed_index: int, output: Path, config_file: str | None):
     """The TrainConfig of one (row, seed): the grid's flags plus the row's model change."""
-    from ..tasks.classification import resolve_config
+    from ..tasks.train_config import resolve_config
 
     variant, overrides = ablation_spec(row)
     flags = dict(base_flags)
@@ -70,7 +70,8 @@ def _complexity(run_dir: Path, img_size: int) -> dict:
 def run_one(base_flags: dict, row: str, seed_index: int, output: Path, config_file: str | None,
             device: str | None = None) -> dict:
     """Train one (row, seed) unless its result exists; returns the result."""
-    from ..tasks.classification import TrainingDiverged, train
+    from ..engine.stop import TrainingDiverged
+    from ..tasks.classification import train
 
     out = row_dir(output, row, seed_index)
     done = out / ROW_RESULT

@@ -168,8 +168,18 @@ def _all_tensors(d: dict) -> bool:
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
 
 
-def unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The state dict inside a training checkpoint (timm: 'state_dict', DeiT/ours: 'model'), DDP prefix off."""
+EMA_KEYS = ("ema", "state_dict_ema", "model_ema")  # ours, timm's train.py, DeiT's and the authors'
+
+
+def unwrap(obj: Any, path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict inside a training checkpoint (timm: 'state_dict', DeiT/ours: 'model'), DDP prefix off;
+    with ``ema``, the checkpoint's exponential moving average of the weights instead."""
+    if ema:
+        found = [k for k in EMA_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)]
+        if not found:
+            raise WeightsError(f"{path} holds no EMA weights (looked for {', '.join(EMA_KEYS)}): train with --ema "
+                               "to keep them, or evaluate without --ema")
+        obj = obj[found[0]]
     for _ in range(3):
         if isinstance(obj, dict) and not _all_tensors(obj):
             for key in ("state_dict", "model", "model_state_dict"):
@@ -190,8 +200,10 @@ def unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def read_state_dict(source: Any, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
-    """``(state_dict, safetensors metadata, local path)`` of any supported file, keys as stored."""
+def read_state_dict(source: Any, sha256: str | None = None,
+                    ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+    """``(state_dict, safetensors metadata, local path)`` of any supported file, keys as stored (``ema``: the
+    training checkpoint's EMA weights)."""
     path = resolve(source, sha256)
     if path.stat().st_size == 0:
         raise WeightsError(f"{path}: the file is empty (an interrupted download or save?): get it again.")
@@ -201,4 +213,4 @@ def read_state_dict(source: Any, sha256: str | None = None) -> tuple[dict[str, t
         tensors, metadata = read_safetensors(path)
     else:
         tensors, metadata = read_torch(path), {}
-    return unwrap(tensors, path), metadata, path
+    return unwrap(tensors, path, ema), metadata, path

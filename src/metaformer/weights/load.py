@@ -117,7 +117,8 @@ def _hint(converted: dict[str, tuple], model: nn.Module, mismatched: list,
 
 
 def load_weights(model: nn.Module, source: Any, strict: bool = True, allow_nonfinite: bool = False,
-                 sha256: str | None = None, name_match: Callable[[dict], list[str]] | None = None) -> LoadReport:
+                 sha256: str | None = None, name_match: Callable[[dict], list[str]] | None = None,
+                 ema: bool = False) -> LoadReport:
     """Load a checkpoint of any supported layout into ``model``; see the module docstring.
 
     Args:
@@ -128,8 +129,9 @@ def load_weights(model: nn.Module, source: Any, strict: bool = True, allow_nonfi
         allow_nonfinite: load tensors holding NaN or inf instead of refusing the file.
         sha256: the file's published checksum, verified after a download.
         name_match: names the registered variants whose architecture a file holds (for the hint).
+        ema: load a training checkpoint's EMA weights (ours, timm's ``state_dict_ema``, DeiT's ``model_ema``).
     """
-    sd, metadata, path = read_state_dict(source, sha256)
+    sd, metadata, path = read_state_dict(source, sha256, ema)
     if not allow_nonfinite:
         check_finite(sd, path)
     layout = detect_layout(sd, metadata)

@@ -265,10 +265,10 @@ def variants_matching(file_arch: dict) -> list[str]:
 
 
 def load_weights(model: nn.Module, source: Any, strict: bool = True, allow_nonfinite: bool = False,
-                 sha256: str | None = None) -> LoadReport:
+                 sha256: str | None = None, ema: bool = False) -> LoadReport:
     """:func:`metaformer.weights.load_weights`, naming the variant a mismatched file looks like."""
     return _load_weights(model, source, strict=strict, allow_nonfinite=allow_nonfinite, sha256=sha256,
-                         name_match=variants_matching)
+                         name_match=variants_matching, ema=ema)
 
 
 def _finish(model: MetaFormer, variant: str | None, weights: Weights | None) -> None:

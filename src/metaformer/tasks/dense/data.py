@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ...data import Unreadable, open_rgb
 from ...errors import MetaFormerError, require
 from ...models.metaformer import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IGNORE_INDEX = 255
 BOX_TOLERANCE = 1.0  # px: COCO's float boxes may overshoot the border by rounding
 
@@ -284,7 +284,7 @@ class SegmentationDataset(Dataset):
             if not d.is_dir():
                 raise AnnotationError(f"{d} not found: expected the ADE20K layout images/{split}/*.jpg and "
                                       f"annotations/{split}/*.png under {self.root}")
-        self.images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        self.images = sorted(p for p in img_dir.iterdir() if p.name.lower().endswith(IMG_EXTENSIONS))
         if not self.images:
             raise AnnotationError(f"no images in {img_dir}")
         self.labels = [ann_dir / (p.stem + ".png") for p in self.images]

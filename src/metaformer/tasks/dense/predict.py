@@ -10,17 +10,20 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ...data import open_rgb
+from ...data import list_images, open_rgb
+from ...errors import ConfigError
+from ...engine.checkpoint import load as load_checkpoint
+from ...engine.loop import progress_bar
+from ...engine.runtime import setup
+from ..detection import build_detector_from_checkpoint, detect
+from ..segmentation import build_segmenter_from_checkpoint, segment_logits
 from .data import _normalize, rescale_size
-from .engine import (build_detector_from_checkpoint, build_segmenter_from_checkpoint, detect, iter_images,
-                     load_checkpoint, segment_logits, setup_runtime)
 
 
 def palette(num_classes: int, seed: int = 3) -> np.ndarray:
     """A fixed, well-spread colour per class (the same run to run, so images can be compared)."""
     rng = np.random.default_rng(seed)
     return rng.integers(40, 256, (num_classes, 3), dtype=np.uint8)
-
 
 
 
@@ -45,44 +48,66 @@ def blend_mask(image: Image.Image, pred: np.ndarray, colours: np.ndarray, opacit
 
 
 def predict_detection(checkpoint: str, inputs: Iterable[str], output: str, score_thresh: float = 0.5,
-                      device: str | None = None) -> list[Path]:
-    """Write ``OUTPUT/<name>.png`` per input image: boxes with class and score (and masks)."""
+                      device: str | None = None, amp: str = "auto") -> list[dict]:
+    """Write ``OUTPUT/<name>.png`` per input image (boxes with class and score, and masks); returns per image
+    ``{'image', 'output', 'detections': [{'label', 'score', 'box'}...]}`` for the detections drawn."""
     ckpt = load_checkpoint(checkpoint, "detect")
-    rt = setup_runtime(device)
+    rt = setup(device, amp)
     model = build_detector_from_checkpoint(ckpt).to(rt.device)
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in iter_images(inputs):
+    out_dir = _output_dir(output)
+    results = []
+    for path in progress_bar(list_images(inputs), desc="predict"):
         image = open_rgb(path)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         det = detect(model, [x], rt)[0]
-        dest = out_dir / f"{path.stem}.png"
+        dest = _destination(out_dir, path, results)
         draw_detections(image, det, ckpt["class_names"], score_thresh).save(dest)
-        n = int((det["scores"] >= score_thresh).sum())
-        print(f"{path} -> {dest} ({n} detections >= {score_thresh})")
-        written.append(dest)
-    return written
+        keep = det["scores"] >= score_thresh
+        results.append({"image": str(path), "output": str(dest), "detections": [
+            {"label": ckpt["class_names"][int(lab) - 1], "score": round(float(sc), 4),
+             "box": [round(float(v), 1) for v in box]}
+            for lab, sc, box in zip(det["labels"][keep], det["scores"][keep], det["boxes"][keep])]})
+    return results
 
 
 def predict_segmentation(checkpoint: str, inputs: Iterable[str], output: str, mode: str = "whole",
-                         opacity: float = 0.5, device: str | None = None) -> list[Path]:
-    """Write ``OUTPUT/<name>.png`` per input image: the predicted class colours blended over it."""
+                         opacity: float = 0.5, device: str | None = None, amp: str = "auto") -> list[dict]:
+    """Write ``OUTPUT/<name>.png`` per input image (the predicted class colours blended over it); returns per
+    image ``{'image', 'output', 'classes': {class index: share of the pixels}}``."""
     ckpt = load_checkpoint(checkpoint, "segment")
-    rt = setup_runtime(device)
+    rt = setup(device, amp)
     model = build_segmenter_from_checkpoint(ckpt).to(rt.device).eval()
     colours = palette(model.num_classes)
-    out_dir = Path(output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in iter_images(inputs):
+    out_dir = _output_dir(output)
+    results = []
+    for path in progress_bar(list_images(inputs), desc="predict"):
         image = open_rgb(path)
         x = _normalize(image.resize(rescale_size(*image.size, tuple(ckpt["img_scale"])), Image.BILINEAR))
-        logits = segment_logits(model, x[None].to(rt.device), mode, ckpt["crop_size"]).float()
+        with rt.autocast():
+            logits = segment_logits(model, x[None].to(rt.device), mode, ckpt["crop_size"]).float()
         pred = F.interpolate(logits, size=(image.size[1], image.size[0]), mode="bilinear",
                              align_corners=False).argmax(1)[0].cpu().numpy()
-        dest = out_dir / f"{path.stem}.png"
+        dest = _destination(out_dir, path, results)
         blend_mask(image, pred, colours, opacity).save(dest)
-        print(f"{path} -> {dest} (classes: {sorted(np.unique(pred).tolist())})")
-        written.append(dest)
-    return written
+        classes, counts = np.unique(pred, return_counts=True)
+        results.append({"image": str(path), "output": str(dest),
+                        "classes": {int(c): round(float(n) / pred.size, 4) for c, n in zip(classes, counts)}})
+    return results
+
+
+def _destination(out_dir: Path, image: Path, done: list[dict]) -> Path:
+    """``OUTPUT/<name>.png``; inputs of the same name (from different folders) get ``<name>-2.png``..."""
+    taken = {r["output"] for r in done}
+    dest, k = out_dir / f"{image.stem}.png", 1
+    while str(dest) in taken:
+        k += 1
+        dest = out_dir / f"{image.stem}-{k}.png"
+    return dest
+
+
+def _output_dir(output: str) -> Path:
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out} is a file: give a folder for the pictures")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

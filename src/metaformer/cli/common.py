@@ -1,0 +1,86 @@
+"""What every verb's command line shares: one parser class (defaults shown once, errors with the verb's
+own usage) and one vocabulary of flags (``--output``, ``--checkpoint``, ``--device``, ``--batch-size``,
+``--workers``, ``--amp``, ``--json``), each with the same spelling and meaning in every verb."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to an option's help once: when it has a default worth showing and its help
+    does not already say what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` with :class:`Formatter`; sub-commands built from it use it too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", Formatter)
+        super().__init__(*args, **kwargs)
+
+
+def remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub-)command's namespace its own parser, so an error is answered with that verb's usage."""
+    parser.set_defaults(_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                remember_parsers(sub)
+
+
+def add_output(p, default: str | None, what: str) -> None:
+    if default is None:
+        p.add_argument("--output", "-o", required=True, help=what)
+    else:
+        p.add_argument("--output", "-o", default=default, help=what)
+
+
+def add_run_folder(p, default: str) -> None:
+    """A training run's folder: refused when it holds a run, unless resumed or overwritten."""
+    add_output(p, default, "run folder: checkpoints (last.pth, best.pth), metrics.csv/jsonl, tb/, config")
+    p.add_argument("--resume", metavar="CKPT|auto", help="continue from a checkpoint ('auto': OUTPUT/last.pth "
+                   "when there is one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output (else refused "
+                   "unless --resume)")
+
+
+def add_checkpoint(p, required: bool = False, what: str = "weights: any layout metaformer loads") -> None:
+    p.add_argument("--checkpoint", required=required, help=what)
+
+
+def add_device(p) -> None:
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available; under torchrun, one GPU "
+                                    "per local rank)")
+
+
+def add_amp(p, default: str = "auto") -> None:
+    p.add_argument("--amp", choices=AMP_CHOICES, default=default,
+                   help="mixed precision: auto is bf16 on GPU and off on CPU")
+
+
+def add_batch_size(p, default: int | None, what: str = "images per process") -> None:
+    p.add_argument("--batch-size", "-b", type=int, default=default, help=what)
+
+
+def add_workers(p, default: int = 2) -> None:
+    p.add_argument("--workers", "-j", type=int, default=default, help="data-loading worker processes")
+
+
+def add_json(p, what: str = "print the result as JSON instead of a summary") -> None:
+    p.add_argument("--json", action="store_true", help=what)
+
+
+def print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")

@@ -1,0 +1,79 @@
+"""Pieces of a training loop that every task writes the same way: DDP wrapping, the optimizer step,
+refusing a NaN loss, stopping on any rank's Ctrl-C, listing skipped files, and log lines people can read."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .runtime import Runtime
+from .stop import GracefulStop, TrainingDiverged
+
+
+def wrap_ddp(model: torch.nn.Module, rt: Runtime, find_unused: bool = False) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when the run has several processes, else itself."""
+    if not rt.distributed:
+        return model
+    ids = [rt.device.index] if rt.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP and/or torch.compile."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def check_finite(loss: float, where: str, output: Path, amp: str, hint: str = "") -> None:
+    """Stop the run at a NaN/inf loss, before the step is applied, naming the last good checkpoint."""
+    if math.isfinite(loss):
+        return
+    last = Path(output) / "last.pth"
+    ckpt = f"{last} (resume with --resume {last})" if last.is_file() else "none yet"
+    raise TrainingDiverged(f"loss is {loss} at {where}; stopped without applying it. Last good checkpoint: {ckpt}. "
+                           f"Try a lower --lr{', --amp bf16 instead of fp16' if amp == 'fp16' else ''}{hint}")
+
+
+def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   params: Iterable[torch.nn.Parameter] | None = None, clip_grad: float | None = None) -> None:
+    """Apply the accumulated gradients (unscaled and clipped to ``clip_grad`` when given) and clear them."""
+    if clip_grad is not None:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+def stop_requested(rt: Runtime, stop: GracefulStop) -> bool:
+    """Whether Ctrl-C/SIGTERM reached any rank (all ranks then save and stop at the same step)."""
+    return rt.any_rank(stop.requested)
+
+
+def report_unreadable(log: Callable[[str], None], bad: list, where: str) -> None:
+    if bad:
+        log(f"  skipped {len(bad)} unreadable image(s) {where}:")
+        for b in bad:
+            log(f"    {b.path}: {b.error}")
+
+
+def progress_bar(iterable=None, *, main: bool = True, **kw):
+    """A progress bar on rank 0, in a terminal (not in logs: tqdm's ``disable=None``), that clears itself when
+    done; used as a context manager, so an error or Ctrl-C closes it before the message is printed."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=None if main else True, leave=False, dynamic_ncols=True, mininterval=0.5, **kw)
+
+
+def format_row(row: dict, order: Iterable[str] = ()) -> str:
+    """A metrics row as one readable line: ``key value`` pairs, 4 significant digits, lists left out."""
+    keys = [k for k in order if k in row] + [k for k in row if k not in order]
+    parts = []
+    for k in keys:
+        v = row[k]
+        if isinstance(v, bool) or isinstance(v, (list, dict)) or v is None:
+            continue
+        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    return "  ".join(parts)

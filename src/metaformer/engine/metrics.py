@@ -1,0 +1,81 @@
+"""A run's metrics: ``metrics.csv`` and ``metrics.jsonl`` (one row per epoch or log point), TensorBoard,
+and Weights & Biases when asked for. The files are rewritten from the run's history, which lives in
+its checkpoints: a resumed run continues them from the checkpoint (never a row twice), and a new run
+never appends to another's."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from ..atomic import atomic_write
+from ..errors import require
+
+
+def _scalars(row: dict) -> dict:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MetricsLog:
+    """Rank 0 writes; the other ranks' calls do nothing.
+
+    ``history``: the rows so far (from the checkpoint when resuming). ``step_key``: the row field
+    that orders rows on the TensorBoard axis (``epoch`` or ``iteration``). ``wandb``: a project name,
+    or None (Weights & Biases is optional: ``pip install wandb``).
+    """
+
+    def __init__(self, output: Path, main: bool, history: list[dict], step_key: str = "epoch",
+                 tensorboard: bool = True, wandb: str | None = None, config: dict | None = None,
+                 purge_step: int | None = None):
+        self.output, self.main, self.history, self.step_key = Path(output), main, history, step_key
+        self.tb = self.wandb = None
+        if not main:
+            return
+        if tensorboard:
+            writer = require("torch.utils.tensorboard", "train", "TensorBoard logging").SummaryWriter
+            self.tb = writer(str(self.output / "tb"), purge_step=purge_step)
+        if wandb:
+            self.wandb = require("wandb", "all", "--wandb").init(project=wandb, dir=str(self.output),
+                                                                 name=self.output.name, config=config,
+                                                                 resume="allow")
+        self._write()
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        """A point between rows (the training loss every few steps)."""
+        if self.tb is not None:
+            self.tb.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log({name: value}, step=step)
+
+    def add(self, row: dict) -> None:
+        """Record a row (it also joins ``history``) and rewrite the files."""
+        self.history.append(row)
+        self.update(row)
+
+    def update(self, row: dict) -> None:
+        """``row`` (already in ``history``) changed, e.g. an evaluation was added to it."""
+        if not self.main:
+            return
+        step = row.get(self.step_key, len(self.history))
+        for key, value in _scalars(row).items():
+            if key != self.step_key:
+                self.scalar(f"{self.step_key}/{key}", value, step)
+        self._write()
+
+    def _write(self) -> None:
+        rows = self.history
+        atomic_write(self.output / "metrics.jsonl",
+                     lambda f: f.write("".join(json.dumps(r) + "\n" for r in rows).encode()))
+        keys = list(dict.fromkeys(k for r in rows for k in _scalars(r)))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(self.output / "metrics.csv", lambda f: f.write(buf.getvalue().encode()))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
