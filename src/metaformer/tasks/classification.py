@@ -68,11 +68,13 @@ class Data:
 
 
 def preprocessing_for(cfg: TrainConfig) -> dict:
-    """The eval preprocessing of the weights the run starts from (a tag's own crop and statistics), else the
-    variant's default weights', at the run's input size."""
+    """The eval preprocessing (crop, interpolation, mean/std) of the weights the run starts from: a tag's own,
+    a checkpoint of ours' variant's, else the variant's default weights', at the run's input size."""
     if cfg.pretrained and split_name(cfg.pretrained)[0] in list_models() and not Path(cfg.pretrained).exists():
         return get_weights(cfg.pretrained).preprocessing(cfg.img_size)
-    return get_model_info(cfg.model).preprocessing(cfg.img_size)
+    source = pretrained_source(cfg)
+    variant = source.variant if source and source.variant in list_models() else cfg.model
+    return get_model_info(variant).preprocessing(cfg.img_size)
 
 
 def build_data(cfg: TrainConfig, rt: Runtime) -> Data:
@@ -111,23 +113,31 @@ def eval_loader(dataset, rt: Runtime, batch_size: int, workers: int):
     return D.make_loader(dataset, batch_size, list(range(rt.rank, len(dataset), rt.world)), workers, pin_memory=pin)
 
 
-def _pretrained_source(cfg: TrainConfig) -> tuple[str | None, dict | None, str | None]:
-    """``(variant, stored config, weights source)`` for ``--pretrained``."""
+@dataclass
+class Pretrained:
+    """What ``--pretrained`` names: the weights, and for a checkpoint of ours its architecture and classes."""
+
+    weights: str
+    variant: str | None = None
+    config: dict | None = None
+    class_names: list[str] | None = None
+
+
+def pretrained_source(cfg: TrainConfig) -> Pretrained | None:
     if not cfg.pretrained:
-        return None, None, None
+        return None
     if not Path(cfg.pretrained).expanduser().exists() and "://" not in cfg.pretrained:
         arch, _ = split_name(cfg.pretrained)
         if arch in list_models():  # a tag, or a variant for its default weights
-            w = get_weights(cfg.pretrained)
-            return arch, None, w.url
+            return Pretrained(get_weights(cfg.pretrained).url, arch)
         raise ConfigError(f"--pretrained {cfg.pretrained}: no such file, and not a model or tag "
                           "(`metaformer info` lists them)")
     from .inference import resolve_checkpoint, stored_metadata
 
     meta = stored_metadata(resolve_checkpoint(cfg.pretrained))
-    if meta is not None:
-        return meta["variant"], meta["config"], cfg.pretrained
-    return None, None, cfg.pretrained
+    if meta is None:
+        return Pretrained(cfg.pretrained)
+    return Pretrained(cfg.pretrained, meta["variant"], meta["config"], meta["class_names"])
 
 
 def freeze(model: nn.Module, stages: int) -> list[nn.Module]:
@@ -139,33 +149,37 @@ def freeze(model: nn.Module, stages: int) -> list[nn.Module]:
     return frozen
 
 
-def build_model(cfg: TrainConfig, rt: Runtime, num_classes: int):
+def build_model(cfg: TrainConfig, rt: Runtime, class_names: list[str]):
     """``(raw model, the model the loop runs)``: the architecture, ``--pretrained`` weights (a new classifier
     when the classes differ), frozen stages, speed options, then torch.compile and DDP."""
-    variant, stored, weights = _pretrained_source(cfg)
-    if variant and cfg.model != variant and cfg.model != TrainConfig.model and not stored:
-        raise ConfigError(f"--pretrained {cfg.pretrained} holds {variant} weights, but --model is {cfg.model}")
+    source, num_classes = pretrained_source(cfg), len(class_names)
+    if source and source.variant and cfg.model not in (source.variant, TrainConfig.model) and not source.config:
+        raise ConfigError(f"--pretrained {cfg.pretrained} holds {source.variant} weights, but --model is {cfg.model}")
     overrides = dict(cfg.model_kwargs, img_size=cfg.img_size)
     for key, value in (("depths", cfg.depths), ("dims", cfg.dims), ("drop_path_rate", cfg.drop_path)):
         if value is not None:
             overrides[key] = value
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     try:
-        if stored is not None:  # one of ours: its own architecture, with this run's classifier and options
+        if source and source.config:  # one of ours: its own architecture, with this run's classifier and options
             from ..zoo import build_from_config
 
-            config = {k: v for k, v in stored.items() if k not in ("features_only", "out_indices")}
-            raw = build_from_config({**config, **overrides, "num_classes": num_classes}, variant)
+            config = {k: v for k, v in source.config.items() if k not in ("features_only", "out_indices")}
+            raw = build_from_config({**config, **overrides, "num_classes": num_classes}, source.variant)
         else:
-            raw = create_model(variant or cfg.model, num_classes=num_classes, **overrides)
+            raw = create_model(source.variant if source and source.variant else cfg.model, num_classes=num_classes,
+                               **overrides)
     except TypeError as e:
         raise ConfigError(f"bad model option: {e}") from None
-    if weights:
+    if source:
         from ..zoo import load_weights
 
-        report = load_weights(raw, weights, strict=True)
-        rt.log(f"pretrained: {report.loaded} tensors from {weights} ({report.layout} layout)"
-               + (", new classifier" if report.reinitialised else ""))
+        report = load_weights(raw, source.weights, strict=True)
+        renamed = source.class_names is not None and list(source.class_names) != list(class_names)
+        if renamed and not report.reinitialised:  # as many classes, but other ones: its classifier means nothing here
+            raw.reset_classifier(num_classes)
+        rt.log(f"pretrained: {report.loaded} tensors from {source.weights} ({report.layout} layout)"
+               + (", new classifier" if report.reinitialised or renamed else ""))
     freeze(raw, cfg.freeze_stages)
     if cfg.grad_checkpointing:
         raw.set_grad_checkpointing()
@@ -265,6 +279,7 @@ def train_one_epoch(model, raw, data: Data, recipe: Recipe, rt: Runtime, cfg: Tr
     """One epoch of optimizer steps (from ``state.step_in_epoch``); returns the epoch's row."""
     opt, pin = recipe.optimizer, rt.device.type == "cuda"
     loss_sum, loss_steps, images, t0 = 0.0, 0, 0, time.time()
+    lr = max(g["lr"] for g in opt.param_groups)  # the top layer's, under --layer-decay
     data_iter = iter(data.train_loader)
     if state.step_in_epoch and state.rng is not None:
         # Mid-epoch (Ctrl-C) resume: continue the interrupted RNG streams. Exact with --workers 0; with
@@ -304,7 +319,7 @@ def train_one_epoch(model, raw, data: Data, recipe: Recipe, rt: Runtime, cfg: Tr
             if recipe.ema is not None:
                 recipe.ema.update(raw, step=state.step)
             loss_sum, loss_steps = loss_sum + loss_value, loss_steps + 1
-            lr = opt.param_groups[0]["lr"]
+            lr = max(g["lr"] for g in opt.param_groups)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
                             img_s=f"{images * rt.world / max(time.time() - t0, 1e-9):.0f}", refresh=False)
             if state.step % cfg.log_interval == 0:
@@ -317,7 +332,7 @@ def train_one_epoch(model, raw, data: Data, recipe: Recipe, rt: Runtime, cfg: Tr
                                   f"{state.step}; saved {path}. Continue with the same command plus --resume auto")
     seconds = time.time() - t0
     return {"epoch": state.epoch + 1, "step": state.step, "train_loss": loss_sum / max(loss_steps, 1),
-            "lr": opt.param_groups[0]["lr"], "images_per_s": images * rt.world / seconds, "epoch_time_s": seconds,
+            "lr": lr, "images_per_s": images * rt.world / seconds, "epoch_time_s": seconds,
             "images": images * rt.world}
 
 
@@ -433,7 +448,7 @@ def train(cfg: TrainConfig) -> dict:
     data = build_data(cfg, rt)
     unreadable = D.UnreadableLog(strict=cfg.strict_data)
     on_main(lambda: ckpt_io.prepare_output(out, bool(cfg.resume), cfg.overwrite), rt.main)
-    raw, model = build_model(cfg, rt, len(data.class_names))
+    raw, model = build_model(cfg, rt, data.class_names)
     recipe = build_recipe(cfg, rt, raw, len(data.class_names), data.steps_per_epoch)
     state, changed = resume(cfg, rt, raw, recipe, data.class_names)
     if state.epoch >= cfg.epochs:
