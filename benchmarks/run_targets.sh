@@ -9,17 +9,17 @@ for cond in kept default; do
   out=benchmarks/results/malloc-$cond
   mkdir -p "$out"
   if [ "$cond" = default ]; then export METAFORMER_MALLOC=default; else unset METAFORMER_MALLOC; fi
-  metaformer bench --batch 32 --dtype fp32 --repeats 3 --warmup 1 \
+  metaformer bench --batch-size 32 --dtype fp32 --repeats 3 --warmup 1 \
     --modes eager,eager_cl,fused,fused_compile,ort,timm_eager,timm_cl,timm_compile,timm_ort,gemm_ceiling \
-    --json "$out/fp32_b32.json" --md "$out/fp32_b32.md"
-  metaformer bench --batch 32 --dtype bf16 --repeats 3 --warmup 1 \
+    --output "$out/fp32_b32.json" --md "$out/fp32_b32.md"
+  metaformer bench --batch-size 32 --dtype bf16 --repeats 3 --warmup 1 \
     --modes fused,fused_compile,timm_cl,timm_compile,gemm_ceiling \
-    --json "$out/bf16_b32.json" --md "$out/bf16_b32.md"
+    --output "$out/bf16_b32.json" --md "$out/bf16_b32.md"
   metaformer bench --train-only --train-batch 32 --repeats 6 \
     --train-modes eager,eager_cl,fast,timm_eager,timm_cl \
-    --json "$out/train_b32.json" --md "$out/train_b32.md"
-  metaformer bench --batch 1 --dtype fp32 --repeats 5 --warmup 2 \
+    --output "$out/train_b32.json" --md "$out/train_b32.md"
+  metaformer bench --batch-size 1 --dtype fp32 --repeats 5 --warmup 2 \
     --modes eager,fused,fused_compile,ort,timm_cl,timm_compile,timm_ort,gemm_ceiling \
-    --json "$out/fp32_b1.json" --md "$out/fp32_b1.md"
+    --output "$out/fp32_b1.json" --md "$out/fp32_b1.md"
 done
 python benchmarks/targets_table.py --out benchmarks/results/targets.md

@@ -135,7 +135,7 @@ def test_grad_cam_on_a_hybrid_and_the_cli(tmp_path, capsys):
     photo = tmp_path / "cat.jpg"
     Image.fromarray(skdata.chelsea()).save(photo)
     assert main(["cam", "metaformer_ppaa_s12", str(photo), "--checkpoint", str(ckpt), "--target", "c4",
-                 "--out", str(tmp_path / "cams")]) == 0
+                 "--output", str(tmp_path / "cams")]) == 0
     assert "class 4 (c4" in capsys.readouterr().out
     assert len(list((tmp_path / "cams").glob("*.png"))) == 1
     assert main(["cam", "metaformer_ppaa_s12", str(photo), "--checkpoint", str(ckpt), "--target", "dog"]) == 2
@@ -170,5 +170,5 @@ def test_cam_says_when_the_last_map_is_too_small_to_localise(tmp_path, capsys):
     metaformer.save_weights(metaformer.create_model("poolformer_s12", img_size=32, num_classes=3), ckpt)
     photo = tmp_path / "x.png"
     Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8")).save(photo)
-    assert main(["cam", "poolformer_s12", str(photo), "--checkpoint", str(ckpt), "--out", str(tmp_path)]) == 0
-    assert "cannot localise" in capsys.readouterr().out
+    assert main(["cam", "poolformer_s12", str(photo), "--checkpoint", str(ckpt), "--output", str(tmp_path)]) == 0
+    assert "cannot localise" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_bit_identical(reference, tmp_path):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate()
     assert p.returncode == 130, err
-    assert "saved" in out and "--resume auto" in out
+    assert "saved" in err and "--resume auto" in err
     ckpt = torch.load(tmp_path / "last.pth", weights_only=True)  # must load without pickle
     assert ckpt["epoch"] >= 1
     p = cli("--epochs", "3", "--output", str(tmp_path), "--resume", "auto", *TINY)

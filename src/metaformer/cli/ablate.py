@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import yaml12
 from . import UserError
+from .common import add_json, add_output, print_json
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -71,10 +72,10 @@ def run(args) -> int:
         raise UserError("--seeds must be at least 1")
     flags = dict(BUDGETS[args.budget])
     if args.data:
-        from ..data import check_image_folder, is_builtin
+        from ..data import is_builtin, open_source
 
         if not is_builtin(args.data):
-            check_image_folder(args.data)  # a missing or mislaid folder fails now, not after the first rows
+            open_source(args.data, None, None)  # a missing or mislaid source fails now, not after the first rows
         flags["data"] = args.data
     elif args.budget == "paper":
         raise UserError("--budget paper is the paper's ImageNet recipe: pass --data with an ImageNet-layout root")
@@ -104,6 +105,9 @@ def run(args) -> int:
         return 130
     table = summarise(results)
     md = write_report(table, output, command_line(), flags, args.budget, args.config)
+    if args.json:
+        print_json(table)
+        return 0
     print(md.read_text())
     print(f"grid of {len(rows)} row(s) x {args.seeds} seed(s) done in {time.time() - t0:.0f}s "
           f"-> {md}, {output / 'report.csv'}, {output / 'report.png'}")
@@ -124,11 +128,12 @@ def add_parser(sub) -> None:
     p.add_argument("--budget", choices=list(BUDGETS), default="quick",
                    help="quick: scaled-down S12 on the built-in digits, ~20 min for the whole grid on 2 CPU cores; "
                         "paper: the paper's ImageNet recipe (needs --data)")
-    p.add_argument("--data", help="ImageNet-layout root (default: the built-in digits)")
+    p.add_argument("--data", help="any `metaformer train --data` source (default: the built-in digits)")
     p.add_argument("--config", help="YAML of `metaformer train` options applied to every row")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a `metaformer train` option for every row, "
                    "e.g. --set epochs=10 (repeatable)")
     p.add_argument("--devices", help="comma-separated devices to run rows on in parallel, e.g. cuda:0,cuda:1 "
                    "(default: every GPU when there are several)")
-    p.add_argument("--output", default="runs/ablate", help="grid directory (re-use it to resume)")
+    add_output(p, "runs/ablate", "grid directory (re-use it to resume)")
+    add_json(p, "print the result table as JSON instead of the markdown report")
     p.set_defaults(func=run)

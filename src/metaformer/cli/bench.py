@@ -1,12 +1,15 @@
 """``metaformer bench``: our inference and training modes beside timm and ONNX Runtime, interleaved."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 import sys
 import time
 
 from ..tools import bench as harness
 from . import UserError
+from .common import add_json, print_json
 
 
 def _csv(kind=str):
@@ -16,10 +19,11 @@ def _csv(kind=str):
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark inference and training against timm / ONNX Runtime",
                        description="Times every mode of each configuration in one process, interleaved, after "
-                                   "warm-up; prints a markdown table (median, min-max, latency, max logit "
-                                   "difference vs the plain model, peak training memory) and writes JSON.")
+                                   "warm-up, and prints each configuration's rows of the markdown table as it "
+                                   "finishes (median, min-max, latency, max logit difference vs the plain model, "
+                                   "peak training memory), with the time left; writes all results as JSON.")
     p.add_argument("--variant", type=_csv(), default=["poolformer_s12"], help="comma-separated variants")
-    p.add_argument("--batch", type=_csv(int), default=[1, 32], help="comma-separated batch sizes")
+    p.add_argument("--batch-size", "-b", type=_csv(int), default=[1, 32], help="comma-separated batch sizes")
     p.add_argument("--img-size", type=_csv(int), default=[224], help="comma-separated resolutions")
     p.add_argument("--dtype", type=_csv(), default=["fp32"], help="fp32, bf16, fp16 (comma-separated)")
     p.add_argument("--modes", type=_csv(), default=harness.DEFAULT_INFER,
@@ -28,41 +32,62 @@ def add_parser(sub) -> None:
     p.add_argument("--train-only", action="store_true", help="only benchmark training steps")
     p.add_argument("--train-modes", type=_csv(), default=harness.DEFAULT_TRAIN,
                    help=f"training modes, from {','.join(harness.TRAIN_MODES)}")
-    p.add_argument("--train-batch", type=int, default=32)
+    p.add_argument("--train-batch", type=int, default=32, help="batch size of the training steps")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=None, help="where to write results (default benchmarks/results/bench-*.json)")
-    p.add_argument("--md", default=None, help="also write the markdown table here")
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds per mode")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds per mode first")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--output", "-o", help="where to write the results as JSON (default: "
+                   "benchmarks/results/bench-DATE-TIME.json)")
+    p.add_argument("--md", help="also write the markdown table here")
+    add_json(p, "print the results as JSON (stdout) instead of the table")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from ..engine.loop import progress_bar
+
     for d in args.dtype:
         if d not in harness.DTYPES:
             raise UserError(f"unknown dtype {d!r}; choose from {', '.join(harness.DTYPES)}")
-    results = []
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    jobs = []  # (description, thunk), run one at a time, each printed as soon as it is done
     if not args.train_only:
-        for variant, batch, size, dtype in itertools.product(args.variant, args.batch, args.img_size, args.dtype):
-            log(f"inference: {variant} batch {batch} {size}x{size} {dtype}")
-            results += harness.bench_inference(variant, args.modes, batch, size, dtype, args.device,
-                                               repeats=args.repeats, warmup=args.warmup, log=log)
+        for variant, batch, size, dtype in itertools.product(args.variant, args.batch_size, args.img_size, args.dtype):
+            jobs.append((f"inference: {variant} batch {batch} {size}x{size} {dtype}", functools.partial(
+                harness.bench_inference, variant, args.modes, batch, size, dtype, args.device, repeats=args.repeats,
+                warmup=args.warmup)))
     if args.train or args.train_only:
         for variant, size in itertools.product(args.variant, args.img_size):
-            log(f"training: {variant} batch {args.train_batch} {size}x{size} fp32")
-            results += harness.bench_training(variant, args.train_modes, args.train_batch, size, args.device,
-                                              repeats=max(3, args.repeats // 2), warmup=2,
-                                              memory=not args.no_memory, log=log)
+            jobs.append((f"training: {variant} batch {args.train_batch} {size}x{size} fp32", functools.partial(
+                harness.bench_training, variant, args.train_modes, args.train_batch, size, args.device,
+                repeats=max(3, args.repeats // 2), warmup=2, memory=not args.no_memory)))
     env = harness.environment()
-    table = (f"{env['cpu']}, {env['threads']} threads; torch {env['torch']}, timm {env['timm']}, onnxruntime "
-             f"{env['onnxruntime']}; malloc: {env['malloc']}\n\n" + harness.markdown_table(results))
-    print(table)
-    path = args.json or f"benchmarks/results/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    header = (f"{env['cpu']}, {env['threads']} threads; torch {env['torch']}, timm {env['timm']}, onnxruntime "
+              f"{env['onnxruntime']}; malloc: {env['malloc']}\n\n")
+    lines = harness.markdown_table([]).splitlines()
+    if not args.json:
+        print(header + "\n".join(lines), flush=True)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    results, t0 = [], time.time()
+    with progress_bar(jobs, desc="bench", unit="config") as bar:
+        for k, (what, job) in enumerate(bar, start=1):
+            bar.set_postfix_str(what, refresh=True)
+            rows = job(log=log)
+            results += rows
+            lines += harness.markdown_table(rows).splitlines()[2:]
+            if not args.json:
+                bar.clear()
+                print("\n".join(harness.markdown_table(rows).splitlines()[2:]), flush=True)
+            elapsed = time.time() - t0
+            if bar.disable:  # no terminal: say how far along it is on stderr instead
+                log(f"[{k}/{len(jobs)}] {what} done; {elapsed:.0f}s so far, about "
+                    f"{elapsed / k * (len(jobs) - k):.0f}s left")
+    path = args.output or f"benchmarks/results/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     harness.save_json(results, path, sys.argv)
     if args.md:
         with open(args.md, "w") as f:
-            f.write(table + "\n")
+            f.write(header + "\n".join(lines) + "\n")
+    if args.json:
+        print_json({"environment": env, "results": [dataclasses.asdict(r) for r in results]})
     log(f"wrote {path}")
     return 0

@@ -4,10 +4,16 @@ own usage) and one vocabulary of flags (``--output``, ``--checkpoint``, ``--devi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+
+
+def _worth_showing(default) -> bool:
+    # identity, not equality: a default of 0 is worth showing, False (a plain switch) and None are not
+    return not (default is None or default is False or default is argparse.SUPPRESS)
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
@@ -16,7 +22,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
+        if (not action.option_strings or "default" in text or not _worth_showing(action.default)
                 or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
             return text
         return text + " (default: %(default)s)"
@@ -28,6 +34,12 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", Formatter)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if action.option_strings and not action.help and _worth_showing(action.default):
+            action.help = "(default: %(default)s)"  # argparse prints nothing, not even the default, without a help
+        return action
 
 
 def remember_parsers(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +91,11 @@ def add_workers(p, default: int = 2) -> None:
 
 def add_json(p, what: str = "print the result as JSON instead of a summary") -> None:
     p.add_argument("--json", action="store_true", help=what)
+
+
+def logs_to_stderr(json_output: bool):
+    """Under ``--json``, the run's log lines go to stderr, so stdout holds the JSON alone."""
+    return contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext()
 
 
 def print_json(obj) -> None:

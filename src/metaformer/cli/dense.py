@@ -12,7 +12,7 @@ import sys
 from .. import yaml12
 from . import UserError
 from .common import (add_amp, add_batch_size, add_checkpoint, add_device, add_json, add_output, add_run_folder,
-                     add_workers, print_json)
+                     add_workers, logs_to_stderr, print_json)
 
 
 def _key_values(items: list[str] | None, what: str) -> dict:
@@ -119,7 +119,9 @@ def _det_train(args) -> int:
         arch=args.arch, detector_options=_key_values(args.detector_opt, "--detector-opt"), min_size=args.min_size,
         max_size=args.max_size, epochs=args.epochs, lr_steps=args.lr_steps, lr=args.lr or 1e-4,
         warmup_iters=args.warmup_iters, batch_size=args.batch_size or 2, **_common_train_options(args))
-    _report_run(args, train_detection(cfg), ("epoch", "loss", "bbox_mAP", "segm_mAP"))
+    with logs_to_stderr(args.json):
+        history = train_detection(cfg)
+    _report_run(args, history, ("epoch", "loss", "bbox_mAP", "segm_mAP"))
     return 0
 
 
@@ -181,7 +183,9 @@ def _seg_train(args) -> int:
         crop_size=args.crop_size, ratio_range=args.ratio_range, iters=args.iters, lr=args.lr or 2e-4,
         power=args.power, batch_size=args.batch_size or 4, ckpt_every=args.ckpt_every, eval_every=args.eval_every,
         mode=args.mode, **_common_train_options(args))
-    _report_run(args, train_segmentation(cfg), ("iteration", "loss", "mIoU", "mAcc", "aAcc"))
+    with logs_to_stderr(args.json):
+        history = train_segmentation(cfg)
+    _report_run(args, history, ("iteration", "loss", "mIoU", "mAcc", "aAcc"))
     return 0
 
 
@@ -225,14 +229,20 @@ def _seg_predict(args) -> int:
     return 0
 
 
+def _task(sub, name: str, help: str, description: str):
+    """``metaformer NAME ACTION``: the task's actions, ``make-toy-data`` among them."""
+    actions = sub.add_parser(name, help=help, description=description).add_subparsers(dest="action",
+                                                                                      metavar="ACTION")
+    actions.required = True
+    _add_toy(actions)
+    return actions
+
+
 def add_parser(sub) -> None:
     # ---------------- detect ----------------
-    det = sub.add_parser("detect", help="object detection: RetinaNet / Mask R-CNN (torchvision) on a MetaFormer",
-                         description="RetinaNet or Mask R-CNN with a MetaFormer + FPN backbone, as in the paper; "
-                                     "COCO-format data (an images folder and an instances json).")
-    dsub = det.add_subparsers(dest="action", metavar="ACTION")
-    dsub.required = True
-    _add_toy(dsub)
+    dsub = _task(sub, "detect", "object detection: RetinaNet / Mask R-CNN (torchvision) on a MetaFormer",
+                 "RetinaNet or Mask R-CNN with a MetaFormer + FPN backbone, as in the paper; COCO-format data (an "
+                 "images folder and an instances json).")
 
     p = dsub.add_parser("train", help="train on COCO-format data (paper defaults: AdamW 1e-4, 1x schedule)",
                         description="Train a detector; the defaults are the paper's (1x schedule, AdamW 1e-4, "
@@ -275,12 +285,9 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_det_predict)
 
     # ---------------- segment ----------------
-    seg = sub.add_parser("segment", help="semantic segmentation: Semantic FPN on a MetaFormer (ADE20K layout)",
-                         description="Semantic FPN with a MetaFormer backbone, as in the paper; ADE20K-layout data "
-                                     "(images/SPLIT/*.jpg, annotations/SPLIT/*.png index PNGs).")
-    ssub = seg.add_subparsers(dest="action", metavar="ACTION")
-    ssub.required = True
-    _add_toy(ssub)
+    ssub = _task(sub, "segment", "semantic segmentation: Semantic FPN on a MetaFormer (ADE20K layout)",
+                 "Semantic FPN with a MetaFormer backbone, as in the paper; ADE20K-layout data (images/SPLIT/*.jpg, "
+                 "annotations/SPLIT/*.png index PNGs).")
 
     p = ssub.add_parser("train", help="train (paper defaults: AdamW 2e-4, poly 0.9, 40k iterations, crop 512)",
                         description="Train Semantic FPN; the defaults are the paper's (AdamW 2e-4, poly decay, 40k "

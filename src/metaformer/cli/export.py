@@ -1,9 +1,11 @@
 """``metaformer export`` (ONNX / TorchScript / torch.export, verified) and ``metaformer cam`` (Grad-CAM)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from . import UserError
+from .common import add_checkpoint, add_json, add_output, print_json
 
 
 def _load(args):
@@ -32,6 +34,11 @@ def run_export(args) -> int:
     except ExportError as e:
         raise UserError(str(e)) from None
     size_mb = result.path.stat().st_size / 2**20
+    if args.json:
+        print_json({"path": str(result.path), "format": result.format, "dtype": result.dtype, "size_mib": size_mb,
+                    "max_diff_random": result.max_diff_random, "max_diff_image": result.max_diff_image,
+                    "tolerance": result.tolerance, "top1_agrees": result.top1_agrees, "notes": result.notes})
+        return 0
     print(f"wrote {result.path} ({result.format}, {result.dtype}, {size_mb:.1f} MiB)")
     print(f"check: max |logit diff| vs PyTorch: random input {result.max_diff_random:.3g}, "
           f"real image {result.max_diff_image:.3g} (tolerance {result.tolerance:g}); top-1 agrees: {result.top1_agrees}")
@@ -52,14 +59,19 @@ def run_cam(args) -> int:
     grid = getattr(loaded.model, "token_grid", None)
     if grid is not None and min(grid) < 2:
         print(f"note: at {loaded.img_size}px the last stage's map is {grid[0]}x{grid[1]}, so Grad-CAM cannot "
-              "localise (the heatmap is flat); use a model built for larger images (e.g. 224)")
-    out_dir = Path(args.out)
+              "localise (the heatmap is flat); use a model built for larger images (e.g. 224)", file=sys.stderr)
+    out_dir, done = Path(args.output), []
     for image in images:
         pil = open_rgb(image)
         result = grad_cam(loaded.model, pil, loaded.transform, target, loaded.class_names, name=image)
         path = save_overlay(result, out_dir)
-        print(f"{image}: class {result.target} ({result.target_name}, p={result.probability:.3f}), "
-              f"peak at (row, col) {result.peak} of {result.heatmap.shape} -> {path}")
+        done.append({"image": str(image), "output": str(path), "target": result.target,
+                     "target_name": result.target_name, "probability": result.probability, "peak": result.peak})
+        if not args.json:
+            print(f"{image}: class {result.target} ({result.target_name}, p={result.probability:.3f}), "
+                  f"peak at (row, col) {result.peak} of {result.heatmap.shape} -> {path}")
+    if args.json:
+        print_json(done)
     return 0
 
 
@@ -67,7 +79,7 @@ def _common(p, model_positional: bool = True):
     if model_positional:
         p.add_argument("model", nargs="?", help="variant name, e.g. poolformer_s12 (optional with a checkpoint "
                        "saved by metaformer, which stores its config)")
-    p.add_argument("--checkpoint", help="weights: any layout metaformer loads (default: the authors' release)")
+    add_checkpoint(p, what="weights: any layout metaformer loads (default: the variant's published weights)")
     p.add_argument("--num-classes", type=int, help="classifier width of a checkpoint without stored config")
     p.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN or inf instead of "
                    "refusing them")
@@ -79,12 +91,14 @@ def add_parser(sub) -> None:
                                    "random input and a real image, and fail if it differs from PyTorch by more "
                                    "than 1e-4 (fp32).")
     _common(p)
-    p.add_argument("--format", choices=["onnx", "torchscript", "exported"], default="onnx")
+    p.add_argument("--format", choices=["onnx", "torchscript", "exported"], default="onnx",
+                   help="ONNX (run in ONNX Runtime), TorchScript, or torch.export's .pt2")
     p.add_argument("--output", "-o", help="output file (default: MODEL[_fused].onnx|.pt|.pt2)")
     p.add_argument("--fused", action="store_true", help="export the fused inference model (metaformer.fuse)")
     p.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
     p.add_argument("--dynamic-size", action="store_true", help="any image size at run time (pooling models only)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights and input precision")
+    add_json(p, "print the written file and its check as JSON")
     p.set_defaults(func=run_export)
 
     c = sub.add_parser("cam", help="Grad-CAM heatmaps over images (last stage, as the authors did)")
@@ -92,5 +106,6 @@ def add_parser(sub) -> None:
                    "of ours) followed by image files")
     _common(c, model_positional=False)
     c.add_argument("--target", help="class index or name (default: the predicted class)")
-    c.add_argument("--out", default="cam", help="folder for the PNG overlays (default: ./cam)")
+    add_output(c, "cam", "folder for the PNG overlays")
+    add_json(c, "print each image's target, probability, peak and overlay path as JSON")
     c.set_defaults(func=run_cam)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from .. import yaml12
+from .common import add_json, logs_to_stderr, print_json
 
 
 def _flag_type(annotation: str) -> dict:
@@ -35,13 +37,16 @@ def add_parser(subparsers) -> None:
         description="Train a MetaFormer with the paper's recipe (AdamW, warm-up + cosine, Mixup/CutMix, RandAugment, "
                     "random erasing, label smoothing). Without --data: the built-in digits with scaled-down "
                     "defaults (" + ", ".join(f"{k}={v}" for k, v in DEMO.items()) + "). "
-                    "Distributed: torchrun --nproc_per_node=N -m metaformer train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "Distributed: torchrun --nproc_per_node=N -m metaformer train ... Recipes: docs/training.md.")
     p.add_argument("--config", metavar="FILE", help="YAML file of options (flags override it)")
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                       help=f"{f.metadata['help']} (default: {default})", **_flag_type(str(f.type)))
+        text = f.metadata["help"]
+        if default not in (None, False) and "default" not in text:  # the real default is resolved later (YAML)
+            text += f" (default: {default})"
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=text,
+                       **_flag_type(str(f.type)))
+    add_json(p, "print the run's summary as JSON at the end")
     p.set_defaults(func=run)
 
 
@@ -56,10 +61,13 @@ def run(args) -> int:
         raise UserError("--model-kwargs must be a YAML mapping, e.g. \"{token_mixers: identity}\"")
     cfg = resolve_config(flags, args.config)
     try:
-        train(cfg)
+        with logs_to_stderr(args.json):
+            summary = train(cfg)
     except TrainingDiverged as e:
         raise UserError(str(e)) from None
     except Interrupted as e:
-        print(f"metaformer train: {e}")
+        print(f"metaformer train: {e}", file=sys.stderr)
         return 130
+    if args.json and summary is not None:
+        print_json(summary)
     return 0
