@@ -36,7 +36,7 @@ class MetricsLog:
             writer = require("torch.utils.tensorboard", "train", "TensorBoard logging").SummaryWriter
             self.tb = writer(str(self.output / "tb"), purge_step=purge_step)
         if wandb:
-            self.wandb = require("wandb", "all", "--wandb").init(project=wandb, dir=str(self.output),
+            self.wandb = require("wandb", "wandb", "--wandb").init(project=wandb, dir=str(self.output),
                                                                  name=self.output.name, config=config,
                                                                  resume="allow")
         self._write()
