@@ -1,5 +1,6 @@
-"""timm conformance: every model we register in timm's registry (all variants, the S12 hybrids and the
-Table-5 ablation rows) passes the checks of timm's generic per-model tests (pytorch-image-models'
+"""timm conformance: the models we register in timm's registry (every PoolFormer variant, the S12 hybrids,
+the Table-5 ablation rows, and one size of each MetaFormer Baselines family; their other sizes are
+built through timm on the meta device) pass the checks of timm's generic per-model tests (pytorch-image-models'
 tests/test_models.py), asserted here in our own words: forward (and with gradient checkpointing),
 backward, default_cfgs, load_pretrained (in_chans=1, num_classes 5 and 0), TorchScript,
 forward_features (FeatureInfo), forward_intermediates and its features variant, FX forward and
@@ -22,6 +23,15 @@ from metaformer.weights import from_ours
 from metaformer.zoo import get_model_info, split_name
 
 OURS = sorted(timm.list_models("metaformer_*"))
+# The MetaFormer Baselines' sizes differ from each other only in depths and dims, and these checks build
+# every model with one block per stage: one size per family runs the whole matrix, beside every
+# PoolFormer v1 model (each ablation row is a code path of its own). The other sizes are built through
+# timm on the meta device below. This keeps the file at CI speed (the matrix over all 51 models took
+# ~12 CPU-minutes).
+BASELINES = ("identityformer", "randformer", "poolformerv2", "convformer", "caformer")
+REPRESENTATIVES = {"metaformer_identityformer_s12", "metaformer_randformer_s12", "metaformer_poolformerv2_s12",
+                   "metaformer_convformer_s18", "metaformer_caformer_s18"}
+CHECKED = [n for n in OURS if split_name(n)[0].split("_")[0] not in BASELINES or n in REPRESENTATIVES]
 SMALL = dict(depths=[1, 1, 1, 1])
 FEAT = 96  # the size timm's feature tests use
 
@@ -52,8 +62,8 @@ def test_every_model_is_registered_without_shadowing_timm():
     from timm.models._registry import _model_to_module
 
     assert len(OURS) == len(metaformer.list_models())
-    assert {f"metaformer_s12_{row}" for row in metaformer.ABLATIONS if row != "baseline"
-            and not row.startswith("hybrid")} <= set(OURS)  # the Table-5 rows too
+    assert {f"metaformer_s12_{row}" for row, (overrides, *_) in metaformer.ABLATIONS.items() if row != "baseline"
+            and "variant" not in overrides} <= set(OURS)  # the Table-5 rows too (hybrid and family rows are variants)
     for name in metaformer.list_models():
         assert metaformer.zoo.timm_name(name) in OURS
     for name in OURS:
@@ -64,7 +74,25 @@ def test_every_model_is_registered_without_shadowing_timm():
         assert type(timm.create_model(theirs, pretrained=False)).__module__ == "timm.models.metaformer"
 
 
-@pytest.mark.parametrize("name", OURS)
+def test_every_other_size_builds_through_timm_with_its_tags():
+    """The Baselines' sizes the matrix leaves out: built by timm (meta device: shapes only), each tag's
+    config, the classifier and first conv it names, four feature stages."""
+    others = [n for n in OURS if n not in CHECKED]
+    assert len(others) == 18 and REPRESENTATIVES <= set(CHECKED)
+    for name in others:
+        for tag in timm.list_pretrained(name) or [name]:
+            with torch.device("meta"):
+                model = timm.create_model(tag, pretrained=False)
+            cfg = model.pretrained_cfg
+            weights = metaformer.get_weights(tag[len("metaformer_"):])
+            assert cfg["input_size"] == (3, weights.img_size, weights.img_size) and cfg["crop_pct"] == 1.0
+            assert model.num_classes == weights.num_classes
+            state = model.state_dict()
+            assert cfg["classifier"] + ".weight" in state and cfg["first_conv"] + ".weight" in state
+            assert [f["reduction"] for f in model.feature_info] == [4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("name", CHECKED)
 def test_forward_and_gradient_checkpointing(name):
     model = build(name).eval()
     x = inputs(model)
@@ -74,7 +102,7 @@ def test_forward_and_gradient_checkpointing(name):
     torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)  # grad enabled: the checkpointed path
 
 
-@pytest.mark.parametrize("name", OURS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_backward_reaches_every_parameter(name):
     model = build(name, num_classes=42).train()
     out = model(inputs(model, batch=2))
@@ -84,7 +112,7 @@ def test_backward_reaches_every_parameter(name):
     assert out.shape[-1] == 42 and not torch.isnan(out).any()
 
 
-@pytest.mark.parametrize("name", OURS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_default_cfg_heads_and_reset_classifier(name):
     model = build(name).eval()
     cfg = model.default_cfg
@@ -108,7 +136,7 @@ def test_default_cfg_heads_and_reset_classifier(name):
     assert unpooled(x).ndim == 4
 
 
-@pytest.mark.parametrize("name", [n for n in OURS if timm.models.get_pretrained_cfg(n).has_weights])
+@pytest.mark.parametrize("name", [n for n in CHECKED if timm.models.get_pretrained_cfg(n).has_weights])
 @pytest.mark.parametrize("layout", ["authors", "timm"])
 def test_load_pretrained_with_another_stem_and_classifier(name, layout, tmp_path):
     """timm's own pretrained path (its loader, our filter), from a file in the authors' or timm's layout."""
@@ -127,7 +155,7 @@ def test_load_pretrained_with_another_stem_and_classifier(name, layout, tmp_path
         torch.testing.assert_close(model.state_dict()[key], source.state_dict()[key])
 
 
-@pytest.mark.parametrize("name", OURS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_torchscript(name):
     with timm.layers.set_scriptable(True):
         model = build(name).eval()
@@ -137,7 +165,7 @@ def test_torchscript(name):
         torch.testing.assert_close(scripted(x), model(x))
 
 
-@pytest.mark.parametrize("name", OURS)
+@pytest.mark.parametrize("name", CHECKED)
 @pytest.mark.parametrize("feature_cls", [None, "getter"])
 def test_features_only(name, feature_cls):
     kwargs = {} if feature_cls is None else {"feature_cls": feature_cls}
@@ -152,7 +180,7 @@ def test_features_only(name, feature_cls):
         assert not torch.isnan(o).any()
 
 
-@pytest.mark.parametrize("name", OURS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_forward_intermediates(name):
     fixed = build(name).default_cfg.get("fixed_input_size")
     model = build(name, **({"img_size": FEAT} if fixed else {})).eval()
@@ -171,7 +199,7 @@ def test_forward_intermediates(name):
     assert kept == [0, 1] and len(model.stages) == 2 and model.num_features == info.channels()[1]
 
 
-@pytest.mark.parametrize("name", OURS)
+@pytest.mark.parametrize("name", CHECKED)
 def test_fx_forward_backward_and_torchscript(name):
     model = build(name).eval()
     x = inputs(model)
@@ -200,7 +228,7 @@ def test_torchscript_of_fx_features(name):
     assert [o.shape[1] for o in outs] == model.feature_info.channels()
 
 
-@pytest.mark.parametrize("name", [n for n in timm.list_pretrained("metaformer_*")])
+@pytest.mark.parametrize("name", [n for n in timm.list_pretrained("metaformer_*") if n.split(".")[0] in CHECKED])
 def test_timm_data_config_reproduces_our_eval_transform(name):
     """timm.data.resolve_model_data_config + create_transform == the weights' own eval transform, to the pixel."""
     model = timm.create_model(name, pretrained=False, **SMALL)

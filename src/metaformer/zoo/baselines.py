@@ -102,7 +102,7 @@ for _family, _rows in _SMALL.items():
         _name = f"{_family}_{_size}"
         _w = Weights("sail_in1k", url=URL.format(family=_family, file=_name),
                      hf_hub_id=f"timm/{_name}.sail_in1k" if _family == "poolformerv2" else None,  # timm has no other
-                     crop_pct=1.0, top1=_top1, gmacs=_pm, recipe=RECIPE.format(config=f"{_family}_imagenet.yaml"))
+                     crop_pct=1.0, top1=_top1, gmacs=_pm, recipe=RECIPE.format(config=f"{_family}_s12_imagenet.yaml"))
         _register(_family, _size, *SMALL_SIZES[_size], _exact, _pp, _pm, _top1, _dpr, (_w,))
 
 
@@ -134,7 +134,7 @@ for _family, _rows in _CONV.items():
         _name = f"{_family}_{_size}"
         _weights = []
         for _tag, (_suffix, _dataset, _res, _i) in _TAGS.items():
-            _config = f"{_family}_imagenet_384_finetune.yaml" if _res == 384 else f"{_family}_imagenet.yaml"
+            _config = f"{_family}_s18_imagenet{'_384_finetune' if _res == 384 else ''}.yaml"
             _weights.append(Weights(
                 _tag, url=URL.format(family=_family, file=_name + _suffix), hf_hub_id=f"timm/{_name}.{_tag}",
                 dataset=_dataset, img_size=_res, crop_pct=1.0, top1=None if _i is None else _top1s[_i],

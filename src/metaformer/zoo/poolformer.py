@@ -69,6 +69,17 @@ ABLATIONS: dict[str, tuple[dict, str, str, float, float]] = {
     "hybrid_ppaa": ({"variant": "metaformer_ppaa_s12"}, "stages [P, P, Attention, Attention]", "16.5M", 2.5, 81.0),
     "hybrid_pppf": ({"variant": "metaformer_pppf_s12"}, "stages [P, P, P, SpatialFC]", "11.9M", 1.8, 77.5),
     "hybrid_ppff": ({"variant": "metaformer_ppff_s12"}, "stages [P, P, SpatialFC, SpatialFC]", "12.2M", 1.9, 77.9),
+    # The MetaFormer Baselines (arXiv:2210.13452; figures from the authors' README, their own recipe): the
+    # same question, which mixer, asked with their stem/downsampling norms, StarReLU and ResScale.
+    "identityformer": ({"variant": "identityformer_s12"}, "Baselines: IdentityFormer-S12 (identity mixer)",
+                       "11.9M", 1.8, 74.6),
+    "randformer": ({"variant": "randformer_s12"}, "Baselines: RandFormer-S12 (random mixing in stages 3-4)",
+                   "11.9M (+0.2M frozen)", 1.9, 76.6),
+    "poolformerv2": ({"variant": "poolformerv2_s12"}, "Baselines: PoolFormerV2-S12 (pooling)", "11.9M", 1.8, 78.0),
+    "convformer": ({"variant": "convformer_s18"}, "Baselines: ConvFormer-S18 (separable convs)",
+                   "26.8M (README: 27M)", 3.9, 83.0),
+    "caformer": ({"variant": "caformer_s18"}, "Baselines: CAFormer-S18 (sepconv x2, attention x2)",
+                 "26.3M (README: 26M)", 4.1, 83.6),
 }
 
 
