@@ -213,8 +213,8 @@ def test_harness_smoke(tmp_path):
 def test_cli_registers_bench():
     from metaformer.cli import build_parser
 
-    args = build_parser().parse_args(["bench", "--batch", "1,8", "--dtype", "fp32,bf16"])
-    assert args.batch == [1, 8] and args.dtype == ["fp32", "bf16"]
+    args = build_parser().parse_args(["bench", "--batch-size", "1,8", "--dtype", "fp32,bf16"])
+    assert args.batch_size == [1, 8] and args.dtype == ["fp32", "bf16"]
 
 
 # ----- the MetaFormer Baselines: PoolFormerV2 and IdentityFormer fuse too -----

@@ -121,7 +121,7 @@ def _det_train(args) -> int:
         warmup_iters=args.warmup_iters, batch_size=args.batch_size or 2, **_common_train_options(args))
     with logs_to_stderr(args.json):
         history = train_detection(cfg)
-    _report_run(args, history, ("epoch", "loss", "bbox_mAP", "segm_mAP"))
+    _report_run(args, history, ("epoch", "loss", "bbox_mAP", "bbox_mAP_50", "segm_mAP", "segm_mAP_50"))
     return 0
 
 

@@ -67,13 +67,13 @@ def progress_bar(iterable=None, *, main: bool = True, **kw):
     return tqdm(iterable, disable=None if main else True, leave=False, dynamic_ncols=True, mininterval=0.5, **kw)
 
 
-def format_row(row: dict, order: Iterable[str] = ()) -> str:
-    """A metrics row as one readable line: ``key value`` pairs, 4 significant digits, lists left out."""
-    keys = [k for k in order if k in row] + [k for k in row if k not in order]
+def format_row(row: dict, keys: Iterable[str]) -> str:
+    """The ``keys`` of a metrics row that it has, as one readable line (``key value``, 4 significant digits);
+    the whole row is in the metrics files."""
     parts = []
     for k in keys:
-        v = row[k]
-        if isinstance(v, bool) or isinstance(v, (list, dict)) or v is None:
+        v = row.get(k)
+        if v is None or isinstance(v, (bool, list, dict)):
             continue
         parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
     return "  ".join(parts)

@@ -59,6 +59,10 @@ class DetectionConfig:
     wandb: str | None = None  # a Weights & Biases project
 
 
+LOGGED = ("iteration", "loss", "bbox_mAP", "bbox_mAP_50", "segm_mAP", "segm_mAP_50", "lr", "time_s", "unreadable",
+          "val_unreadable")  # on the console; metrics.csv has every loss and AP
+
+
 def detection_lr(cfg: DetectionConfig, epoch: int, it: int) -> float:
     lr = cfg.lr * 0.1 ** sum(epoch >= s for s in cfg.lr_steps)
     if it < cfg.warmup_iters:
@@ -115,8 +119,7 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
                 run.save(pending_eval=validate is not None)  # the epoch is on disk before it is evaluated
                 if validate is not None:
                     run.evaluate_into(row, validate)
-                rt.log(f"epoch {run.epoch}/{cfg.epochs}  " + format_row(
-                    {k: v for k, v in row.items() if k != "epoch"}, ("loss", "bbox_mAP", "segm_mAP")))
+                rt.log(f"epoch {run.epoch}/{cfg.epochs}  " + format_row(row, LOGGED))
         finally:
             history = run.close()
     rt.close()

@@ -152,8 +152,8 @@ def checkpoint_and_evaluate(run: DenseRun, validate, t0: float) -> None:
     if eval_due:
         run.evaluate_into(row, validate)
     if row is not None:
-        run.rt.log(f"iteration {it}/{cfg.iters}  " + format_row(
-            {k: v for k, v in row.items() if k != "iteration"}, ("loss", "mIoU", "mAcc", "aAcc")))
+        run.rt.log(f"iteration {it}/{cfg.iters}  " + format_row(row, ("loss", "mIoU", "mAcc", "aAcc", "lr", "time_s",
+                                                                      "unreadable", "val_unreadable")))
 
 
 @torch.no_grad()
