@@ -375,3 +375,24 @@ def test_ablation_rows_compare_the_families():
                          ("caformer", "caformer_s18")):
         assert ablation_spec(row) == (variant, {})
         assert ABLATIONS[row][4] == get_model_info(variant).top1 and ABLATIONS[row][3] == get_model_info(variant).paper_macs
+
+
+@pytest.mark.parametrize("name", ["caformer_s18", "randformer_s12"])
+def test_grad_cam_on_attention_and_random_mixing_models(name):
+    """Grad-CAM hooks the last stage of any family: a map over the image for the predicted class."""
+    import numpy as np
+    import torchvision.transforms as T
+    from PIL import Image
+
+    from metaformer.tools.cam import grad_cam
+
+    torch.manual_seed(0)
+    model = create_model(name, depths=[1, 1, 1, 1], dims=[16, 32, 64, 64], img_size=64, num_classes=3).eval()
+    transform = T.Compose([T.Resize((64, 64)), T.ToTensor()])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    result = grad_cam(model, image, transform)
+    with torch.no_grad():
+        probs = model(transform(image)[None]).softmax(-1)[0]
+    assert result.target == int(probs.argmax()) and result.probability == pytest.approx(float(probs.max()), abs=1e-6)
+    assert result.heatmap.shape == (64, 64) and np.isfinite(result.heatmap).all()
+    assert result.heatmap.min() >= 0 and result.heatmap.max() > result.heatmap.min()

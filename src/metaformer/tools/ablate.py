@@ -27,8 +27,8 @@ from ..zoo import ABLATIONS, ablation_spec, build_from_config
 # What a budget changes on top of `metaformer train`'s defaults (which are the paper's recipe,
 # or the scaled-down digits demo when no data is given).
 BUDGETS = {
-    # S12's design at half width and 6 blocks, 32 px, on the built-in digits: the whole 19-row
-    # grid takes ~10 minutes on 2 quiet CPU cores. 20 epochs and a higher lr than the demo,
+    # Each row's design at about half width and 5 blocks, 32 px, on the built-in digits: the whole
+    # 24-row grid takes ~13 minutes on 2 quiet CPU cores. 20 epochs and a higher lr than the demo,
     # because with LayerScale starting at 1e-5 fewer steps leave every block near identity and
     # all rows score the same.
     "quick": dict(epochs=20, base_lr=4e-2, warmup_epochs=2, depths=[1, 1, 2, 1], dims=[32, 64, 128, 256],
