@@ -35,3 +35,12 @@ def test_info_counts_live_at_another_size_and_stored_figures_are_exact(capsys):
 def test_info_unknown_model_is_one_clear_line(capsys):
     assert main(["info", "poolformer_s13"]) == 2
     assert "did you mean poolformer_s36, poolformer_s12" in capsys.readouterr().err
+
+
+def test_info_of_one_model_lists_every_weight_tag_and_says_what_a_21k_head_is(capsys):
+    assert main(["info", "convformer_s18"]) == 0
+    out = capsys.readouterr().out
+    tags = [line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  convformer_s18.")]
+    assert tags == [f"convformer_s18.{t}" for t in ("sail_in1k", "sail_in1k_384", "sail_in22k_ft_in1k",
+                                                    "sail_in22k_ft_in1k_384", "sail_in22k")]
+    assert "sail_in22k: imagenet-22k, 224px, 21841 classes, no ImageNet-1k top-1" in out and "None" not in out

@@ -55,7 +55,8 @@ def details(name: str) -> str:
     info = get_model_info(name)
     lines = [f"{name}: {info.description} ({info.family}, {info.paper})"]
     for w in info.weights or ():
-        lines.append(f"  {name}.{w.tag}: {w.dataset}, {w.img_size}px, top-1 {w.top1}, eval resize "
+        top1 = f"top-1 {w.top1}" if w.top1 is not None else f"{w.num_classes} classes, no ImageNet-1k top-1"
+        lines.append(f"  {name}.{w.tag}: {w.dataset}, {w.img_size}px, {top1}, eval resize "
                      f"{info.eval_resize(w.img_size) if w.crop_pct == info.crop_pct else w.img_size} "
                      f"({w.interpolation}, crop_pct {w.crop_pct}); {w.url or w.hf_hub_id}")
     if not info.weights:
