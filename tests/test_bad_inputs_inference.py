@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from digits import write_digits
 from PIL import Image
 
 import metaformer
@@ -21,11 +22,7 @@ def trained(tmp_path_factory):
     """A tiny digits classifier (3 epochs, far above chance) and the val split as a class folder."""
     root = tmp_path_factory.mktemp("digits")
     assert main(["train", "--output", str(root / "run"), "--epochs", "3", *TINY]) == 0
-    val = D.Digits("val", 32)
-    for i, (img, t) in enumerate(zip(val.images, val.targets)):
-        (root / "val" / str(t)).mkdir(parents=True, exist_ok=True)
-        img.save(root / "val" / str(t) / f"{i}.png")
-    return root
+    return write_digits(root, splits=("val",))
 
 
 def one_line_error(capsys, *argv) -> str:

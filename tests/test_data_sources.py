@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
+from digits import write_digits
 from PIL import Image
 
 import metaformer
@@ -32,14 +33,7 @@ TF = T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])  # no augmenta
 
 @pytest.fixture(scope="module")
 def digits_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    for split in ("train", "val"):
-        ds = D.Digits(split, 32)
-        for i, (img, target) in enumerate(zip(ds.images, ds.targets)):
-            d = root / split / str(target)
-            d.mkdir(parents=True, exist_ok=True)
-            img.save(d / f"{i:04d}.png")
-    return root
+    return write_digits(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture(scope="module")

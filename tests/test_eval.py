@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from digits import write_digits
 
 from metaformer import data as D
 from metaformer.cli import main
@@ -38,11 +39,8 @@ def test_eval_on_a_class_folder_and_safetensors(demo, tmp_path, capsys):
 
     loaded = load_for_inference(None, str(demo / "best.pth"))
     save_weights(loaded.model, tmp_path / "digits.safetensors", class_names=loaded.class_names)
-    val = D.Digits("val", 32)
-    for i, (img, t) in enumerate(zip(val.images[:40], val.targets[:40])):
-        (tmp_path / "folder" / str(t)).mkdir(parents=True, exist_ok=True)
-        img.save(tmp_path / "folder" / str(t) / f"{i}.png")
-    assert main(["eval", "--checkpoint", str(tmp_path / "digits.safetensors"), "--data", str(tmp_path / "folder"),
+    folder = write_digits(tmp_path / "folder", splits=("val",), limit=40) / "val"
+    assert main(["eval", "--checkpoint", str(tmp_path / "digits.safetensors"), "--data", str(folder),
                  "--json", "--workers", "0"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 40 and result["top1"] > 50

@@ -7,12 +7,12 @@ import sys
 import pytest
 import timm
 import torch
+from digits import write_digits
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
 import metaformer
-from metaformer import data as D
 from metaformer.cli import main
 
 ARCH = dict(depths=[1, 1, 1, 1], dims=[32, 64, 128, 256], img_size=32)
@@ -20,13 +20,7 @@ ARCH = dict(depths=[1, 1, 1, 1], dims=[32, 64, 128, 256], img_size=32)
 
 @pytest.fixture(scope="module")
 def digits_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    for split in ("train", "val"):
-        ds = D.Digits(split, 32)
-        for i, (img, t) in enumerate(zip(ds.images, ds.targets)):
-            (root / split / str(t)).mkdir(parents=True, exist_ok=True)
-            img.save(root / split / str(t) / f"{i}.png")
-    return root
+    return write_digits(tmp_path_factory.mktemp("digits"))
 
 
 def test_the_runner_gives_timm_scripts_our_models(tmp_path, capsys):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..atomic import atomic_write, clean_stale_temps
 from ..errors import require
@@ -36,8 +37,8 @@ from .images import DataError, Padding, Unreadable, to_rgb
 
 INFO, CLASSES = "_info.json", "classes.json"
 SPLITS = ("train", "val")
-# The extensions torchvision's ImageFolder reads, without the dot: a packed file keeps its own.
-IMAGE_EXTS = ("jpg", "jpeg", "png", "ppm", "bmp", "pgm", "tif", "tiff", "webp")
+# The extensions torchvision's ImageFolder reads, without the dot (a sample's keys): a packed file keeps its own.
+IMAGE_EXTS = tuple(e.lstrip(".") for e in IMG_EXTENSIONS)
 SHUFFLE_BUFFER = 2000  # samples (undecoded bytes) a training reader mixes; pack shuffles globally already
 PADDING_WARN = 0.10  # warn when more than this share of a training epoch's items is padding
 
