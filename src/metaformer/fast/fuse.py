@@ -24,8 +24,18 @@ block removes them with exact algebra (``REFERENCE.md`` §7):
   is a pathological scalar loop, ~6x slower).
 
 The ``aten`` backend expresses the same math with portable ops (``conv2d``, ``gelu``, ``add``):
-it is what runs on CUDA and what ``torch.compile`` sees (inductor with freezing then does the
-conv + post-op fusion itself, and a custom oneDNN call would only hide the graph from it).
+it is what ``torch.compile`` sees (inductor with freezing then does the conv + post-op fusion
+itself, and a custom oneDNN call would only hide the graph from it), and what runs on a GPU
+without Triton.
+
+The ``triton`` backend (CUDA; :mod:`metaformer.fast.triton_ops`) runs each GroupNorm(1) block as
+four kernels: the token mixer in one read and one write of the activation (emitting norm2's
+statistics), fc1 as a GEMM that centres each input tile as it loads it and scales the product by
+``1/sigma`` (norm2 never materialised; its affine folded into fc1), then adds the bias and applies
+the activation, and fc2 as a
+GEMM whose epilogue adds the residual and emits the next block's norm1 statistics. Blocks of a
+stage pass those statistics along, so a block reads its input once. ``docs/gpu.md`` counts the
+bytes each path moves.
 
 The MetaFormer Baselines' PoolFormerV2 and IdentityFormer blocks fuse the same way. Their
 norms have no bias (the shift term is zero), ResScale ``r`` scales the skip path (the mixer
@@ -48,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.layers import LayerNorm2d, StarReLU
-from ..models.metaformer import Downsampling, MetaFormerBlock, NormPoolHead, Stem
+from ..models.metaformer import Downsampling, MetaFormerBlock, MetaFormerStage, NormPoolHead, Stem
 from ..models.mixers import Pooling
 
 CL = torch.channels_last
@@ -280,7 +290,41 @@ class FusedPoolBlock(FusedModule):
             return torch.addcmul(x * (self.res1.to(x.dtype) - a), a, p)  # r x + a (p - x)
         return torch.addcmul(self._skip(x) + shift, a, p)
 
+    def triton_ready(self) -> bool:
+        """Whether this block runs as Triton kernels under the ``triton`` backend (GroupNorm(1) blocks
+        with an activation the kernels have; the others run the ``aten`` math)."""
+        return self.norm_kind == "gn1" and (not self.use_mlp or self._triton_act() is not None)
+
+    def _triton_act(self) -> int | None:
+        from . import triton_ops as T
+
+        if self.squared_relu:
+            return T.ACT_RELU2
+        kind = type(self.act)
+        if kind is nn.GELU and self.act.approximate == "none":
+            return T.ACT_GELU
+        return {nn.ReLU: T.ACT_RELU, nn.SiLU: T.ACT_SILU}.get(kind)
+
+    def forward_triton(self, x: torch.Tensor, stats: torch.Tensor | None = None):
+        """This block as Triton kernels; ``stats``: partial sums of ``x`` from the block before (or None).
+        Returns the output and its partial sums, for the next block."""
+        from . import triton_ops as T
+
+        x = x.contiguous(memory_format=CL)
+        n = x[0].numel()
+        mu, rstd = T.finish_stats(T.sample_partials(x) if stats is None else stats, n, self.eps1)
+        mode = T.MIX_IDENTITY if self.mixer_kind == "identity" else T.MIX_SUBTRACT if self.subtract else T.MIX_POOL
+        y, ys = T.pool_mix(x, mu, rstd, self.mix_scale, self.mix_shift, self.res1, None, mode, self.pool_size)
+        if not self.use_mlp:
+            return y, ys
+        mu2, rstd2 = T.finish_stats(ys, n, self.eps2)
+        hid, _ = T.pointwise_conv(y, self.fc1_weight, self.fc1_bias, norm=(mu2, rstd2),
+                                  act_out=self._triton_act())
+        return T.pointwise_conv(hid, self.fc2_weight, self.fc2_bias, skip=y, res=self.res2, stats=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton" and self.triton_ready():
+            return self.forward_triton(x)[0]
         x = x.contiguous(memory_format=CL)
         y = self._mixer(x)
         if not self.use_mlp:
@@ -334,14 +378,51 @@ class FusedHead(FusedModule):
         return pooled if pre_logits else self.fc(pooled)
 
 
+class FusedBlocks(nn.Sequential):
+    """A stage's blocks (same keys as the ``nn.Sequential`` it replaces). Under the ``triton`` backend,
+    each block's last kernel hands the partial sums of its output to the next block, whose norm1
+    statistics then cost no extra read."""
+
+    backend = "mkldnn"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend != "triton":
+            return super().forward(x)
+        stats = None
+        for block in self:
+            if isinstance(block, FusedPoolBlock) and block.triton_ready():
+                x, stats = block.forward_triton(x, stats)
+            else:
+                x, stats = block(x), None
+        return x
+
+
 def _fused_modules(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, FusedModule)]
+    return [m for m in model.modules() if isinstance(m, (FusedModule, FusedBlocks))]
+
+
+BACKENDS = ("mkldnn", "aten", "triton")
+
+
+def triton_available(device: torch.device | str = "cuda") -> bool:
+    """Triton kernels can run here: a CUDA device (compute capability 8.0+, for bfloat16) and Triton."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(dev) >= (8, 0)
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """``mkldnn``: oneDNN fused convs (CPU eager). ``aten``: portable ops (CUDA, torch.compile)."""
-    if backend not in ("mkldnn", "aten"):
-        raise ValueError(f"backend must be 'mkldnn' or 'aten', got {backend!r}")
+    """``mkldnn``: oneDNN fused convs (CPU eager). ``aten``: portable ops (any device, torch.compile).
+    ``triton``: Triton kernels for the GroupNorm(1) blocks (CUDA), portable ops for the rest."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "triton":
+        from . import triton_ops  # noqa: F401  (fails here, with Triton's own message, if it is missing)
     for m in _fused_modules(model):
         m.backend = backend
     return model
@@ -353,7 +434,8 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.M
     Works for every PoolFormer variant and for the pooling stages of hybrids (attention and
     spatial-MLP stages are kept as they are) at any input size the model accepts. The result
     runs channels_last; cast it with ``.to(torch.bfloat16)`` for bf16 inference.
-    ``backend='auto'`` picks oneDNN fused convs on CPU and portable ops elsewhere.
+    ``backend='auto'`` picks oneDNN fused convs on CPU, Triton kernels on a CUDA GPU that Triton
+    supports, and portable ops elsewhere.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -361,7 +443,7 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.M
     first = next(model.parameters())
     device, dtype = first.device, first.dtype  # folding runs in fp64; the result keeps the model's dtype
     if backend == "auto":
-        backend = "mkldnn" if mkldnn_available(device) else "aten"
+        backend = "mkldnn" if mkldnn_available(device) else "triton" if triton_available(device) else "aten"
 
     def convert(parent: nn.Module):
         for name, child in parent.named_children():
@@ -377,6 +459,8 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.M
                 setattr(parent, name, FusedConv(child))
             else:
                 convert(child)
+                if isinstance(parent, MetaFormerStage) and name == "blocks" and type(child) is nn.Sequential:
+                    setattr(parent, name, FusedBlocks(*child))
 
     with torch.no_grad():
         convert(model)

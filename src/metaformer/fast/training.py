@@ -30,6 +30,7 @@ On the 2-core CPU of ``benchmarks/README.md`` this is a memory path: S12 at batc
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -61,21 +62,32 @@ def _sum_bhw(t: torch.Tensor) -> torch.Tensor:
 
 class PoolMixer(torch.autograd.Function):
     """``y = r * x + keep * g * (pool(norm1(x)) - norm1(x))``; ``scale`` (LayerScale ``g``) and ``res``
-    (ResScale ``r``) may be None (1), and so may norm1's ``bias`` (it cancels either way)."""
+    (ResScale ``r``) may be None (1), and so may norm1's ``bias`` (it cancels either way). With
+    ``use_triton`` the passes run as :mod:`~metaformer.fast.triton_ops` kernels (CUDA): the statistics,
+    then one read and one write for ``y``; backward one reduction pass and one pass for ``dx``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, res, keep, eps: float, pool_size: int):
-        mu, rstd = gn1_stats(x, eps)
-        rk = rstd * keep.view(-1, 1, 1, 1).float()
-        gw = (weight if scale is None else scale * weight).view(1, -1, 1, 1).float()
-        p = F.avg_pool2d(x, pool_size, 1, pool_size // 2, count_include_pad=False)
-        a = (gw * rk).to(x.dtype)
-        if res is None:
-            y = torch.lerp(x, p, a)
+    def forward(ctx, x, weight, bias, scale, res, keep, eps: float, pool_size: int, use_triton: bool = False):
+        b = x.shape[0]
+        gw = weight if scale is None else scale * weight
+        if use_triton:
+            from . import triton_ops as T
+
+            mu, rstd = T.gn1_stats(x, eps)
+            y, _ = T.pool_mix(x, mu, rstd, gw, None, res, keep, T.MIX_SUBTRACT, pool_size, stats=False)
+            mu, rstd = mu.view(b, 1, 1, 1), rstd.view(b, 1, 1, 1)
+            rk = rstd * keep.view(-1, 1, 1, 1).float()
         else:
-            y = torch.addcmul(x * (res.view(1, -1, 1, 1).to(x.dtype) - a), a, p)  # r x + a (p - x)
+            mu, rstd = gn1_stats(x, eps)
+            rk = rstd * keep.view(-1, 1, 1, 1).float()
+            p = F.avg_pool2d(x, pool_size, 1, pool_size // 2, count_include_pad=False)
+            a = (gw.view(1, -1, 1, 1).float() * rk).to(x.dtype)
+            if res is None:
+                y = torch.lerp(x, p, a)
+            else:
+                y = torch.addcmul(x * (res.view(1, -1, 1, 1).to(x.dtype) - a), a, p)  # r x + a (p - x)
         ctx.save_for_backward(x, weight, bias, scale, res, mu, rstd, rk)
-        ctx.eps, ctx.k = eps, pool_size
+        ctx.eps, ctx.k, ctx.use_triton = eps, pool_size, use_triton
         return y
 
     @staticmethod
@@ -85,22 +97,32 @@ class PoolMixer(torch.autograd.Function):
         b, c, h, w = x.shape
         dy = dy.contiguous(memory_format=CL)
         gw = (weight if scale is None else scale * weight).float()
-        d = F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False).sub_(x)  # recomputed, not stored
-        t = (dy * d).sum((2, 3), dtype=torch.float32)  # [B, C]: sum over tokens of dy * (pool(x) - x)
+        if ctx.use_triton:
+            from . import triton_ops as T
+
+            # t[b, c] = sum over tokens of dy * (pool(x) - x), pool recomputed, not stored
+            t, dres = T.pool_mix_backward_sums(x, dy, k, res is not None)
+        else:
+            d = F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False).sub_(x)  # recomputed, not stored
+            t = (dy * d).sum((2, 3), dtype=torch.float32)  # [B, C]
+            dres = None if res is None else _sum_bhw(dy * x)
         tr = (t * rk.view(b, 1)).sum(0)
         dscale = None if scale is None else (tr * weight.float()).to(scale.dtype)
         dweight = (tr if scale is None else tr * scale.float()).to(weight.dtype)
         s = (t * gw).sum(1) * rk.view(b) / rstd.view(b)  # per sample: d loss / d(1/sigma) * keep
-        ad = dy * (gw.view(1, c, 1, 1) * rk).to(dy.dtype)
-        # d(pool)^T: the adjoint of count_include_pad=False pooling is aten's own avg_pool2d backward.
-        dx = torch.ops.aten.avg_pool2d_backward(ad, x, [k, k], [1, 1], [k // 2, k // 2], False, False, None)
-        dx = dx.add_(dy if res is None else dy * res.view(1, c, 1, 1).to(dy.dtype)).sub_(ad)
         # 1/sigma depends on x: d(1/sigma)/dx = -(x - mu) / (N sigma^3).
-        coef = (-s * rstd.view(b).pow(3) / (c * h * w)).view(b, 1, 1, 1)
-        dx = dx.addcmul_(x - mu.to(x.dtype), coef.to(x.dtype))
-        dres = None if res is None else _sum_bhw(dy * x).to(res.dtype)
+        coef = -s * rstd.view(b).pow(3) / (c * h * w)
+        if ctx.use_triton:
+            dx = T.pool_mix_backward_dx(x, dy, gw, rk.view(b), res, coef, mu.view(b), k)
+        else:
+            ad = dy * (gw.view(1, c, 1, 1) * rk).to(dy.dtype)
+            # d(pool)^T: the adjoint of count_include_pad=False pooling is aten's own avg_pool2d backward.
+            dx = torch.ops.aten.avg_pool2d_backward(ad, x, [k, k], [1, 1], [k // 2, k // 2], False, False, None)
+            dx = dx.add_(dy if res is None else dy * res.view(1, c, 1, 1).to(dy.dtype)).sub_(ad)
+            dx = dx.addcmul_(x - mu.to(x.dtype), coef.view(b, 1, 1, 1).to(x.dtype))
+        dres = None if res is None else dres.to(res.dtype)
         dbias = None if bias is None else torch.zeros_like(bias)
-        return dx, dweight, dbias, dscale, dres, None, None, None
+        return dx, dweight, dbias, dscale, dres, None, None, None, None
 
 
 class MlpBranch(torch.autograd.Function):
@@ -118,17 +140,51 @@ class MlpBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, nw, nb, w1, b1, w2, b2, scale, res, act_scale, act_bias, keep, eps: float,
-                cdt: torch.dtype):
+                cdt: torch.dtype, use_triton: bool = False):
         bsz, c, h, w = y.shape
-        n, mean, rstd = torch.native_group_norm(y, nw, nb, bsz, c, h * w, 1, eps)
-        a = F.conv2d(n.to(cdt), w1.to(cdt), None if b1 is None else b1.to(cdt))
-        hid = MlpBranch._act(a, act_scale, act_bias)
-        sk = keep.view(-1, 1, 1, 1) if scale is None else scale.view(1, -1, 1, 1) * keep.view(-1, 1, 1, 1)
-        z = F.conv2d(hid, w2.to(cdt), None if b2 is None else b2.to(cdt)).to(y.dtype).mul_(sk)
-        z = z.add_(y) if res is None else z.addcmul_(y, res.view(1, -1, 1, 1).to(y.dtype))
+        if use_triton:
+            a, z, mean, rstd = MlpBranch._forward_triton(y, nw, nb, w1, b1, w2, b2, scale, res, act_scale, act_bias,
+                                                         keep, eps, cdt)
+        else:
+            n, mean, rstd = torch.native_group_norm(y, nw, nb, bsz, c, h * w, 1, eps)
+            a = F.conv2d(n.to(cdt), w1.to(cdt), None if b1 is None else b1.to(cdt))
+            hid = MlpBranch._act(a, act_scale, act_bias)
+            sk = keep.view(-1, 1, 1, 1) if scale is None else scale.view(1, -1, 1, 1) * keep.view(-1, 1, 1, 1)
+            z = F.conv2d(hid, w2.to(cdt), None if b2 is None else b2.to(cdt)).to(y.dtype).mul_(sk)
+            z = z.add_(y) if res is None else z.addcmul_(y, res.view(1, -1, 1, 1).to(y.dtype))
         ctx.save_for_backward(y, nw, nb, w1, b1, w2, b2, scale, res, act_scale, act_bias, keep, a, mean, rstd)
         ctx.eps, ctx.cdt = eps, cdt
         return z
+
+    @staticmethod
+    def _forward_triton(y, nw, nb, w1, b1, w2, b2, scale, res, act_scale, act_bias, keep, eps, cdt):
+        """Two GEMM kernels: fc1 on the raw ``y`` with norm2's affine folded into its weights and the
+        per-sample standardisation in its prologue/epilogue (writes the pre-activation, which backward
+        needs); fc2 applying the activation as it loads that, with LayerScale (and StarReLU's scalar
+        affine) folded into its weights and drop path plus the residual in its epilogue."""
+        from . import triton_ops as T
+
+        bsz = y.shape[0]
+        mu, rstd = T.gn1_stats(y, eps)
+        w1f = w1.flatten(1).float()
+        b1f = (torch.zeros(w1f.shape[0], device=y.device) if b1 is None else b1.float())
+        if nb is not None:
+            b1f = b1f + w1f @ nb.float()
+        w1f = (w1f * nw.float()[None, :]).to(cdt)
+        a, _ = T.pointwise_conv(y, w1f, b1f, norm=(mu, rstd), out_dtype=cdt)
+        w2f = w2.flatten(1).float()
+        b2f = torch.zeros(w2f.shape[0], device=y.device) if b2 is None else b2.float()
+        if act_scale is None:
+            act_in = T.ACT_GELU
+        else:  # s relu(a)^2 + b with scalar s, b: (s W2) relu(a)^2 + (b2 + b W2 1)
+            act_in = T.ACT_RELU2
+            b2f = b2f + act_bias.float() * w2f.sum(1)
+            w2f = act_scale.float() * w2f
+        if scale is not None:
+            w2f, b2f = scale.float()[:, None] * w2f, scale.float() * b2f
+        z, _ = T.pointwise_conv(a, w2f.to(cdt), b2f, act_in=act_in, keep=keep, skip=y, res=res, out_dtype=y.dtype)
+        # as native_group_norm returns them, for its backward
+        return a, z, mu.to(y.dtype).view(bsz, 1), rstd.to(y.dtype).view(bsz, 1)
 
     @staticmethod
     def backward(ctx, dz):
@@ -173,7 +229,7 @@ class MlpBranch(torch.autograd.Function):
             dy = dy.addcmul_(dz, res.view(1, -1, 1, 1).to(dz.dtype))
             dres = _sum_bhw(dz * y).to(res.dtype)
         return (dy, dnw, dnb if nb is not None else None, dw1, db1, dw2, db2, dscale, dres, dact_scale, dact_bias,
-                None, None, None)
+                None, None, None, None)
 
 
 def _keep_mask(block: MetaFormerBlock, x: torch.Tensor) -> torch.Tensor:
@@ -189,8 +245,20 @@ def _param(module: nn.Module, name: str):
     return getattr(module, name, None)
 
 
-def _fast_forward(self: MetaFormerBlock, x: torch.Tensor) -> torch.Tensor:
+BACKENDS = ("auto", "aten", "triton")
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    if backend == "auto":
+        from .fuse import triton_available
+
+        return triton_available(x.device)
+    return backend == "triton"
+
+
+def _fast_forward(self: MetaFormerBlock, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     dev = x.device.type
+    use_triton = _use_triton(backend, x)
     # Under autocast the 1x1 convs run in autocast's dtype and the rest in fp32, as autocast
     # would run the plain block; autocast itself is off inside (the Functions cast explicitly).
     cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -198,7 +266,7 @@ def _fast_forward(self: MetaFormerBlock, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.norm1.weight.dtype).contiguous(memory_format=CL)
         y = PoolMixer.apply(x, self.norm1.weight, self.norm1.bias, _param(self.layer_scale1, "scale"),
                             _param(self.res_scale1, "scale"), _keep_mask(self, x), float(self.norm1.eps),
-                            self.token_mixer.pool_size)
+                            self.token_mixer.pool_size, use_triton)
         if not self.use_mlp:
             return y
         act = self.mlp.act
@@ -206,7 +274,8 @@ def _fast_forward(self: MetaFormerBlock, x: torch.Tensor) -> torch.Tensor:
         return MlpBranch.apply(y, self.norm2.weight, self.norm2.bias, self.mlp.fc1.weight, self.mlp.fc1.bias,
                                self.mlp.fc2.weight, self.mlp.fc2.bias, _param(self.layer_scale2, "scale"),
                                _param(self.res_scale2, "scale"), act.scale if star else None,
-                               act.bias if star else None, _keep_mask(self, y), float(self.norm2.eps), cdt)
+                               act.bias if star else None, _keep_mask(self, y), float(self.norm2.eps), cdt,
+                               use_triton)
 
 
 def _scale_or_none(m: nn.Module) -> bool:
@@ -228,17 +297,22 @@ def _supported(block: MetaFormerBlock) -> bool:
     return ok
 
 
-def enable_fast_training(model: nn.Module) -> nn.Module:
+def enable_fast_training(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Switch a MetaFormer (in place) to the memory-saving training path; returns it.
 
     Parameters, their names and the state dict are unchanged (only the forward of each
     supported block is swapped), so optimizers, checkpoints and EMA work as before. Blocks
     the path does not cover (other mixers or norms, ablation switches) keep their forward.
-    The model is moved to channels_last.
+    The model is moved to channels_last. ``backend``: ``auto`` runs the passes as Triton kernels
+    on a CUDA GPU that Triton supports and as aten ops elsewhere; ``aten`` or ``triton`` forces one.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "triton":
+        from . import triton_ops  # noqa: F401  (fails here, with Triton's own message, if it is missing)
     for m in model.modules():
         if isinstance(m, MetaFormerBlock) and _supported(m):
-            m.forward = types.MethodType(_fast_forward, m)
+            m.forward = types.MethodType(functools.partial(_fast_forward, backend=backend), m)
             m.fast_training = True
     return model.to(memory_format=CL)
 

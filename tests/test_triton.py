@@ -1,0 +1,238 @@
+"""The Triton kernels compute what the plain block computes, checked on the CPU under Triton's
+interpreter (conftest.py sets TRITON_INTERPRET=1 where no GPU is present; on a GPU the same tests
+run the compiled kernels). Tiny and odd shapes: 7x9 and 1x1 maps, batch 1, channel counts that are
+not powers of two."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metaformer
+from metaformer.fast import fuse
+from metaformer.fast.fuse import FusedPoolBlock
+from metaformer.fast.training import enable_fast_training
+from metaformer.models.mixers import Pooling
+from metaformer.tools import bench
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    from metaformer.fast import triton_ops as T
+
+    if not T.INTERPRET:
+        pytest.skip("no GPU, and Triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
+else:
+    from metaformer.fast import triton_ops as T
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+CL = torch.channels_last
+SHAPES = [(2, 24, 7, 9), (1, 16, 1, 1), (3, 40, 5, 4)]
+# float32: exact to rounding. float16: the stored output's rounding. bfloat16 under the
+# interpreter: its float32 -> bfloat16 casts truncate (torch rounds to nearest), so up to 2 ulp.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _rand(*shape, dtype=torch.float32, g=None):
+    return torch.randn(*shape, generator=g).to(device=DEV, dtype=dtype)
+
+
+def _cl(t):
+    return t.contiguous(memory_format=CL)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def _pool(x, k=3):
+    return F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gn1_stats(shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = _cl(_rand(*shape, dtype=dtype, g=g) * 3 + 5)  # a mean far from 0: E[x^2] - mu^2 must not cancel
+    mu, rstd = T.gn1_stats(x, 1e-5)
+    xf = x.double()
+    var, mean = torch.var_mean(xf.flatten(1), 1, correction=0)
+    assert torch.allclose(mu.double(), mean, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(rstd.double(), torch.rsqrt(var + 1e-5), rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", [T.MIX_SUBTRACT, T.MIX_POOL, T.MIX_IDENTITY])
+def test_pool_mix_matches_the_plain_mixer(shape, dtype, mode):
+    """y = r x + g (mixer(norm(x))) with GroupNorm(1) and drop-path keep, and y's statistics."""
+    b, c, h, w = shape
+    g = torch.Generator().manual_seed(1)
+    x = _cl(_rand(*shape, dtype=dtype, g=g))
+    nw, nb, ls, r = (_rand(c, g=g) for _ in range(4))
+    keep = torch.tensor([2.0, 0.0, 1.0], device=DEV)[:b]
+    mu, rstd = T.gn1_stats(x, 1e-5)
+    y = torch.full_like(x, float("nan"))  # poisoned: every element must be written
+    y, part = T.pool_mix(x, mu, rstd, ls * nw, ls * nb, r, keep, mode, 3)
+    xf = x.float()
+    n = F.group_norm(xf, 1, nw, nb, 1e-5)
+    mixed = {T.MIX_SUBTRACT: _pool(n) - n, T.MIX_POOL: _pool(n), T.MIX_IDENTITY: n}[mode]
+    ref = r.view(1, c, 1, 1) * xf + keep.view(b, 1, 1, 1) * ls.view(1, c, 1, 1) * mixed
+    assert not y.isnan().any()
+    assert _rel(y, ref) <= TOL[dtype]
+    s = part.sum(1)
+    yf = y.float().flatten(1)
+    assert torch.allclose(s[:, 0], yf.sum(1), rtol=1e-4, atol=1e-3)
+    assert torch.allclose(s[:, 1], yf.square().sum(1), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("pool_size", [3, 5])
+def test_pool_mix_backward_matches_autograd(pool_size):
+    b, c, h, w = 2, 24, 7, 9
+    g = torch.Generator().manual_seed(2)
+    x, dy = _cl(_rand(b, c, h, w, g=g)), _cl(_rand(b, c, h, w, g=g))
+    scale, r = _rand(c, g=g), _rand(c, g=g)
+    rk, coef, mu = _rand(b, g=g), _rand(b, g=g), _rand(b, g=g)
+    t, dres = T.pool_mix_backward_sums(x, dy, pool_size, True)
+    d = _pool(x, pool_size) - x
+    assert torch.allclose(t, (dy * d).sum((2, 3)), atol=1e-4)
+    assert torch.allclose(dres, (dy * x).sum((0, 2, 3)), atol=1e-4)
+    dx = T.pool_mix_backward_dx(x, dy, scale, rk, r, coef, mu, pool_size)
+    xr = x.clone().requires_grad_()
+    a = (scale.view(1, c, 1, 1) * rk.view(b, 1, 1, 1))
+    y = r.view(1, c, 1, 1) * xr + a * (_pool(xr, pool_size) - xr)
+    ref = torch.autograd.grad(y, xr, dy)[0] + coef.view(b, 1, 1, 1) * (x - mu.view(b, 1, 1, 1))
+    assert (dx - ref).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 96, 7, 9), (1, 16, 64, 1, 1), (3, 40, 20, 5, 4)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pointwise_conv_prologue_and_epilogue(shape, dtype):
+    """fc1 (norm2 folded, GELU) and fc2 (activation on load, keep, residual, statistics) as one GEMM each."""
+    b, k, n, h, w = shape
+    g = torch.Generator().manual_seed(3)
+    x = _cl(_rand(b, k, h, w, dtype=dtype, g=g) + 2)
+    weight = (_rand(n, k, g=g) / k ** 0.5).to(dtype)
+    bias = _rand(n, g=g)
+    mu, rstd = T.gn1_stats(x, 1e-5)
+    out, _ = T.pointwise_conv(x, weight, bias, norm=(mu, rstd), act_out=T.ACT_GELU, out_dtype=torch.float32)
+    nrm = F.group_norm(x.float(), 1, None, None, 1e-5)
+    ref = F.gelu(F.conv2d(nrm.to(dtype).float(), weight.float().view(n, k, 1, 1), bias))
+    assert _rel(out, ref) <= TOL[dtype]
+
+    hid = _cl(_rand(b, k, h, w, dtype=dtype, g=g))
+    skip, res = _cl(_rand(b, n, h, w, g=g)), _rand(n, g=g)
+    keep = torch.tensor([0.0, 2.0, 1.0], device=DEV)[:b]
+    for act, fn in ((T.ACT_RELU2, lambda t: torch.relu(t).square()), (T.ACT_GELU, F.gelu)):
+        out, part = T.pointwise_conv(hid, weight, bias, act_in=act, keep=keep, skip=skip, res=res, stats=True)
+        inp = fn(hid.float()).to(dtype).float()
+        ref = keep.view(b, 1, 1, 1) * F.conv2d(inp, weight.float().view(n, k, 1, 1), bias) + skip * res.view(1, n, 1, 1)
+        assert _rel(out, ref) <= TOL[dtype]
+        s = part.sum(1)
+        assert torch.allclose(s[:, 0], out.float().flatten(1).sum(1), rtol=1e-4, atol=1e-3)
+
+
+def _model(name, **kw):
+    torch.manual_seed(0)
+    m = metaformer.create_model(name, num_classes=10, img_size=64, **kw).eval()
+    bench._randomize_affine(m)  # non-trivial affines and layer scales exercise every folded term
+    return m.to(DEV)
+
+
+TINY = dict(depths=(1, 1, 2, 1), dims=(16, 24, 32, 64))
+MODELS = [
+    ("poolformer_s12", {}),
+    ("poolformerv2_s12", {}),  # bias-free norms, ResScale, StarReLU folded into fc2
+    ("identityformer_s12", {}),
+    ("poolformer_s12", {"act": "silu", "pool_size": 5}),
+    ("poolformer_s12", {"pool_subtract": False}),  # the "pool only" variant keeps the norm's shift
+    ("poolformer_s12", {"token_mixers": ["pooling", "pooling", "pooling", "attention"]}),  # hybrid
+]
+
+
+class _Counter:
+    def __init__(self, monkeypatch):
+        self.calls = {"pool_mix": 0, "pointwise_conv": 0}
+        for name in self.calls:
+            fn = getattr(T, name)
+
+            def counted(*a, _fn=fn, _name=name, **k):
+                self.calls[_name] += 1
+                return _fn(*a, **k)
+
+            monkeypatch.setattr(T, name, counted)
+
+
+@pytest.mark.parametrize("name,kw", MODELS)
+def test_fuse_triton_matches_the_plain_model(name, kw, monkeypatch):
+    m = _model(name, **TINY, **kw)
+    x = _rand(2, 3, 64, 64, g=torch.Generator().manual_seed(4))
+    counter = _Counter(monkeypatch)
+    with torch.no_grad():
+        ref = m(x)
+        f = fuse(m, backend="triton")
+        ready = [blk for blk in f.modules() if isinstance(blk, FusedPoolBlock) and blk.triton_ready()]
+        pooling_blocks = sum(1 for blk in m.modules() if isinstance(blk, metaformer.MetaFormerBlock)
+                             and isinstance(blk.token_mixer, (Pooling, torch.nn.Identity)))
+        assert len(ready) == pooling_blocks >= 4
+        out = f(x)
+    # every pooling-family block ran as kernels: one mixer and two GEMMs each
+    assert counter.calls == {"pool_mix": len(ready), "pointwise_conv": 2 * len(ready)}
+    assert _rel(out, ref) <= 1e-5
+    with torch.no_grad():  # fp16: no further from fp32 than the plain fp16 model
+        plain16 = copy.deepcopy(m).half()(x.half())
+        f16 = fuse(copy.deepcopy(m).half(), backend="triton")(x.half())
+    assert _rel(f16, ref) <= 1.5 * _rel(plain16, ref) + 1e-4
+
+
+def test_fuse_triton_bf16():
+    m = _model("poolformer_s12", **TINY)
+    x = _rand(1, 3, 64, 64, g=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = m(x)
+        plain = copy.deepcopy(m).bfloat16()(x.bfloat16())
+        out = fuse(copy.deepcopy(m).bfloat16(), backend="triton")(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert _rel(out, ref) <= 2 * _rel(plain, ref)
+
+
+@pytest.mark.parametrize("name", ["poolformer_s12", "poolformerv2_s12"])
+def test_fast_training_triton_gradients_match(name, monkeypatch):
+    m = _model(name, **TINY, drop_path_rate=0.2).train()
+    f = enable_fast_training(copy.deepcopy(m), backend="triton")
+    counter = _Counter(monkeypatch)
+    x = _rand(2, 3, 64, 64, g=torch.Generator().manual_seed(6))
+    torch.manual_seed(1)
+    m(x).square().sum().backward()
+    torch.manual_seed(1)
+    f(x).square().sum().backward()
+    blocks = sum(getattr(b, "fast_training", False) for b in f.modules())
+    assert blocks == 5 and counter.calls == {"pool_mix": blocks, "pointwise_conv": 2 * blocks}
+    for (pname, p), q in zip(m.named_parameters(), f.parameters()):
+        scale = p.grad.abs().max().item()
+        if pname.endswith("norm1.bias"):  # cancels exactly: plain autograd gives rounding noise, we give 0
+            assert scale < 1e-5 and q.grad.abs().max() == 0
+            continue
+        assert (p.grad - q.grad).abs().max().item() <= 2e-4 * scale + 1e-7, pname
+
+
+def test_fast_training_triton_under_fp16_autocast():
+    """Under autocast the GEMMs run in autocast's dtype, the residual stream stays fp32."""
+    m = _model("poolformer_s12", **TINY).train()
+    f = enable_fast_training(copy.deepcopy(m), backend="triton")
+    x, y = _rand(2, 3, 64, 64, g=torch.Generator().manual_seed(7)), torch.tensor([3, 7], device=DEV)
+    losses = []
+    for net in (m, f):
+        with torch.autocast(DEV, dtype=torch.float16):
+            out = net(x)
+            loss = F.cross_entropy(out, y)
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 for p in net.parameters())
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=2e-3)
+
+
+def test_triton_backend_refuses_cpu_tensors_when_compiled(monkeypatch):
+    monkeypatch.setattr(T, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        T.check_tensor(torch.zeros(1), "pool_mix")
