@@ -33,6 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--train-modes", type=_csv(), default=harness.DEFAULT_TRAIN,
                    help=f"training modes, from {','.join(harness.TRAIN_MODES)}")
     p.add_argument("--train-batch", type=int, default=32, help="batch size of the training steps")
+    p.add_argument("--train-dtype", default="fp32", choices=list(harness.DTYPES),
+                   help="training precision: fp32, or bf16/fp16 mixed precision under autocast")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds per mode first")
@@ -58,12 +60,14 @@ def run(args) -> int:
                 warmup=args.warmup)))
     if args.train or args.train_only:
         for variant, size in itertools.product(args.variant, args.img_size):
-            jobs.append((f"training: {variant} batch {args.train_batch} {size}x{size} fp32", functools.partial(
-                harness.bench_training, variant, args.train_modes, args.train_batch, size, args.device,
-                repeats=max(3, args.repeats // 2), warmup=2, memory=not args.no_memory)))
+            jobs.append((f"training: {variant} batch {args.train_batch} {size}x{size} {args.train_dtype}",
+                         functools.partial(harness.bench_training, variant, args.train_modes, args.train_batch, size,
+                                           args.device, repeats=max(3, args.repeats // 2), warmup=2,
+                                           memory=not args.no_memory, dtype=args.train_dtype)))
     env = harness.environment()
-    header = (f"{env['cpu']}, {env['threads']} threads; torch {env['torch']}, timm {env['timm']}, onnxruntime "
-              f"{env['onnxruntime']}; malloc: {env['malloc']}\n\n")
+    gpu = f"; {env['cuda']} (driver {env.get('driver')}, CUDA {env.get('cuda_runtime')})" if env["cuda"] else ""
+    header = (f"{env['cpu']} ({env['isa']}), {env['threads']} threads{gpu}; torch {env['torch']}, timm {env['timm']}, "
+              f"triton {env['triton']}, onnxruntime {env['onnxruntime']}; malloc: {env['malloc']}\n\n")
     lines = harness.markdown_table([]).splitlines()
     if not args.json:
         print(header + "\n".join(lines), flush=True)

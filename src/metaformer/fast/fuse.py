@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.layers import LayerNorm2d, StarReLU
+from ..models.layers import LayerNorm2d, StarReLU, eager
 from ..models.metaformer import Downsampling, MetaFormerBlock, MetaFormerStage, NormPoolHead, Stem
 from ..models.mixers import Pooling
 
@@ -158,7 +158,8 @@ class FusedModule(nn.Module):
     def _conv(self, name, x, weight, bias, attr="none", other=None):
         """Conv with an optional fused unary post-op (``attr``) or residual add (``other``)."""
         pk = self._packed[name]
-        if self.backend == "mkldnn" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        if self.backend == "mkldnn" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
+                and eager():  # packed oneDNN weights are opaque to tracing and export: those get conv2d
             w = pk.get(weight, x.shape)
             if other is not None:
                 return torch.ops.mkldnn._convolution_pointwise.binary(
@@ -323,7 +324,7 @@ class FusedPoolBlock(FusedModule):
         return T.pointwise_conv(hid, self.fc2_weight, self.fc2_bias, skip=y, res=self.res2, stats=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton" and self.triton_ready():
+        if self.backend == "triton" and self.triton_ready() and eager():
             return self.forward_triton(x)[0]
         x = x.contiguous(memory_format=CL)
         y = self._mixer(x)
@@ -386,7 +387,9 @@ class FusedBlocks(nn.Sequential):
     backend = "mkldnn"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend != "triton":
+        # Traced, compiled or exported, the portable math runs: the kernels are opaque to those tools
+        # (torch.compile then generates its own fused kernels from it).
+        if self.backend != "triton" or not eager():
             return super().forward(x)
         stats = None
         for block in self:

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.layers import StarReLU
+from ..models.layers import StarReLU, eager
 from ..models.metaformer import MetaFormerBlock
 from ..models.mixers import Pooling
 from .fuse import CL, _plain_mlp, gn1_stats
@@ -249,6 +249,8 @@ BACKENDS = ("auto", "aten", "triton")
 
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    if not eager():  # under torch.compile the aten math runs, and inductor fuses it itself
+        return False
     if backend == "auto":
         from .fuse import triton_available
 

@@ -10,8 +10,8 @@ eps 1e-6 where the authors use 1e-5).
 
 Peak training memory is RSS growth on CPU, measured in a fresh subprocess per mode (RSS is a
 process-wide high-water mark, so modes sharing a process would hide each other's peaks),
-and ``torch.cuda.max_memory_allocated`` on CUDA. The CUDA path is written but has not been
-run on a GPU by us.
+and ``torch.cuda.max_memory_allocated`` on CUDA. Times come from a :class:`Timer`: the host clock
+on CPU, CUDA events on a GPU (``benchmarks/gpu_check.py`` runs this harness on one).
 
 Used by ``metaformer bench`` and by the scripts in ``benchmarks/``.
 """
@@ -40,9 +40,9 @@ from ..zoo import create_model
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CL = torch.channels_last
 
-INFER_MODES = ["eager", "eager_cl", "fused", "fused_compile", "ort",
+INFER_MODES = ["eager", "eager_cl", "fused", "fused_graph", "fused_compile", "ort",
                "timm_eager", "timm_cl", "timm_compile", "timm_ort", "gemm_ceiling"]
-TRAIN_MODES = ["eager", "eager_cl", "fast", "fast_compile", "timm_eager", "timm_cl"]
+TRAIN_MODES = ["eager", "eager_cl", "fast", "fast_compile", "timm_eager", "timm_cl", "timm_compile"]
 DEFAULT_INFER = ["eager", "eager_cl", "fused", "timm_eager", "timm_cl", "gemm_ceiling"]
 DEFAULT_TRAIN = ["eager", "fast", "timm_eager", "timm_cl"]
 
@@ -87,6 +87,46 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Timer:
+    """Seconds spent by the work between :meth:`start` and :meth:`stop`, the work done when ``stop``
+    returns. The host clock around a synchronisation measures CPU work exactly; on a GPU,
+    :class:`EventTimer` reads the device's own clock (events recorded in the stream), so queueing
+    and launch latency before the first kernel stay out of the figure."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter() - self._t0
+
+
+class EventTimer(Timer):
+    """Device events around the work (``event`` makes one: ``torch.cuda.Event`` with timing on a GPU;
+    tests pass a stand-in with the same ``record`` / ``synchronize`` / ``elapsed_time`` surface)."""
+
+    def __init__(self, device: torch.device, event: Callable | None = None):
+        super().__init__(device)
+        self.event = event or (lambda: torch.cuda.Event(enable_timing=True))
+
+    def start(self) -> None:
+        self._start, self._end = self.event(), self.event()
+        self._start.record()
+
+    def stop(self) -> float:
+        self._end.record()
+        self._end.synchronize()
+        return self._start.elapsed_time(self._end) / 1e3  # elapsed_time is in milliseconds
+
+
+def make_timer(device: torch.device) -> Timer:
+    return EventTimer(device) if device.type == "cuda" else Timer(device)
+
+
 # Our variants that timm implements itself, under the same name (timm has no IdentityFormer or RandFormer).
 TIMM_FAMILIES = ("poolformer", "poolformerv2", "convformer", "caformer")
 
@@ -113,11 +153,45 @@ def _cast(model: nn.Module, dtype: torch.dtype, device, channels_last: bool) -> 
     return model.to(memory_format=CL) if channels_last else model
 
 
-def _compile(model: nn.Module):
-    import torch._inductor.config as inductor_config
+def compile_options(device: torch.device, inference: bool = True) -> dict:
+    """Inductor options for a fair compiled peer: inference on a GPU in max-autotune (GEMM templates
+    tuned per shape, CUDA graphs), with freezing (weights become constants: on CPU, oneDNN
+    pre-packing and post-op fusion); training in the default mode (what ``train --compile`` uses).
+    Passed per call, so nothing global changes."""
+    import torch._inductor
 
-    inductor_config.freezing = True  # weights as constants: oneDNN pre-packing and post-op fusion
-    return torch.compile(model)
+    if not inference:
+        return {}
+    options = dict(torch._inductor.list_mode_options("max-autotune")) if device.type == "cuda" else {}
+    options["freezing"] = True
+    return options
+
+
+def _compile(model: nn.Module, device: torch.device | None = None, inference: bool = True):
+    device = device or next(model.parameters()).device
+    return torch.compile(model, options=compile_options(device, inference))
+
+
+def cuda_graph(fn: Callable, x: torch.Tensor) -> Callable:
+    """``fn`` captured once in a CUDA graph and replayed (one launch for the whole forward: what
+    ``mode='max-autotune'`` gives a compiled model). The input is copied into the captured buffer."""
+    static = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up outside the graph (kernel compilation, allocator)
+            fn(static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(static)
+
+    def replay(inp: torch.Tensor) -> torch.Tensor:
+        static.copy_(inp)
+        graph.replay()
+        return out
+
+    return replay
 
 
 def _ort_session(model: nn.Module, x: torch.Tensor):
@@ -171,9 +245,14 @@ def build_infer_mode(mode: str, model: nn.Module, dtype: torch.dtype, device, x:
         return _cast(copy.deepcopy(model), dtype, device, True), "eager_fp32"
     if mode == "fused":
         return fuse(_cast(copy.deepcopy(model), dtype, device, False)), "eager_fp32"
+    if mode == "fused_graph":
+        if device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a GPU")
+        fused = fuse(_cast(copy.deepcopy(model), dtype, device, False))
+        return cuda_graph(fused, x.contiguous(memory_format=CL)), "eager_fp32"
     if mode == "fused_compile":
         fused = fuse(_cast(copy.deepcopy(model), dtype, device, False), backend="aten")
-        return _compile(fused), "eager_fp32"
+        return _compile(fused, device), "eager_fp32"
     if mode == "ort":
         if device.type != "cpu" or dtype != torch.float32:
             raise RuntimeError("ONNX Runtime mode is CPU fp32 only here")
@@ -188,7 +267,7 @@ def build_infer_mode(mode: str, model: nn.Module, dtype: torch.dtype, device, x:
         if kind == "cl":
             return _cast(ref, dtype, device, True), "timm_fp32"
         if kind == "compile":
-            return _compile(_cast(ref, dtype, device, True)), "timm_fp32"
+            return _compile(_cast(ref, dtype, device, True), device), "timm_fp32"
         if kind == "ort":
             if device.type != "cpu" or dtype != torch.float32:
                 raise RuntimeError("ONNX Runtime mode is CPU fp32 only here")
@@ -197,8 +276,10 @@ def build_infer_mode(mode: str, model: nn.Module, dtype: torch.dtype, device, x:
 
 
 def interleaved_timing(fns: dict[str, Callable], x: torch.Tensor, device, repeats: int, warmup: int,
-                       min_time: float = 0.0) -> dict[str, list[float]]:
+                       min_time: float = 0.0, timer: Timer | None = None) -> dict[str, list[float]]:
     """Seconds per call for each fn; each repeat visits every fn once, in a rotated order."""
+    device = torch.device(device)
+    timer = timer or make_timer(device)
     names = list(fns)
     for name in names:
         for _ in range(warmup):
@@ -206,20 +287,17 @@ def interleaved_timing(fns: dict[str, Callable], x: torch.Tensor, device, repeat
         synchronize(device)
     inner = {}
     for name in names:  # enough calls per sample that tiny batches are not timer noise
-        t0 = time.perf_counter()
+        timer.start()
         fns[name](x)
-        synchronize(device)
-        inner[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-6)))
+        inner[name] = max(1, int(min_time / max(timer.stop(), 1e-6)))
     times = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            synchronize(device)
-            t0 = time.perf_counter()
+            timer.start()
             for _ in range(inner[name]):
                 fns[name](x)
-            synchronize(device)
-            times[name].append((time.perf_counter() - t0) / inner[name])
+            times[name].append(timer.stop() / inner[name])
     return times
 
 
@@ -276,6 +354,10 @@ def bench_inference(variant: str, modes: list[str], batch: int, img_size: int, d
                     out = fns[mode](x).float()
                     r.diff_ref = refs[mode]
                     r.max_abs_diff = (out - ref_out[refs[mode]]).abs().max().item()
+                    ref = ref_out[refs[mode]]
+                    r.extra["rel_diff"] = ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+                    if device.type == "cuda":  # the allocator's peak is exact and cheap to read
+                        r.peak_mem_mib = inference_peak_memory(fns[mode], x, device)
             r.gflop_per_image = per_image
             results.append(r)
     return results
@@ -296,9 +378,13 @@ def _randomize_affine(model: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------- training
+CL_TRAIN_MODES = ("eager_cl", "fast", "fast_compile", "timm_cl", "timm_compile")
+
+
 def build_train_mode(mode: str, model: nn.Module, device):
     from ..fast.training import enable_fast_training
 
+    device = torch.device(device)
     m = copy.deepcopy(model).to(device).train()
     if mode == "eager":
         return m
@@ -307,26 +393,39 @@ def build_train_mode(mode: str, model: nn.Module, device):
     if mode == "fast":
         return enable_fast_training(m)
     if mode == "fast_compile":
-        return torch.compile(enable_fast_training(m))
+        return torch.compile(enable_fast_training(m), options=compile_options(device, inference=False))
     if mode.startswith("timm_"):
         ref = timm_reference(model)
         if ref is None:
             raise RuntimeError("timm is not installed or has no such variant")
         ref = ref.to(device).train()
-        return ref.to(memory_format=CL) if mode == "timm_cl" else ref
+        if mode == "timm_eager":
+            return ref
+        ref = ref.to(memory_format=CL)
+        if mode == "timm_cl":
+            return ref
+        if mode == "timm_compile":
+            return torch.compile(ref, options=compile_options(device, inference=False))
     raise ConfigError(f"unknown training mode {mode!r}; choose from {TRAIN_MODES}")
 
 
-def _train_step_fn(net: nn.Module, x: torch.Tensor, target: torch.Tensor, channels_last: bool):
+def _train_step_fn(net: nn.Module, x: torch.Tensor, target: torch.Tensor, channels_last: bool, dtype: str = "fp32"):
+    """One optimizer step; ``bf16``/``fp16``: mixed precision under autocast (fp16 with a GradScaler),
+    as ``metaformer train --amp`` runs it."""
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.05)
     xin = x.contiguous(memory_format=CL) if channels_last else x
     loss_fn = nn.CrossEntropyLoss()
+    dev = x.device.type
+    amp = DTYPES[dtype] if dtype != "fp32" else None
+    scaler = torch.amp.GradScaler(dev, enabled=amp is torch.float16)
 
     def step(_x=None):
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(xin), target)
-        loss.backward()
-        opt.step()
+        with torch.autocast(dev, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = loss_fn(net(xin), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         return loss
 
     return step
@@ -362,12 +461,13 @@ def _peak_rss_mib() -> float:
 
 
 def train_memory(variant: str, mode: str, batch: int, img_size: int, device: str = "cpu", steps: int = 2,
-                 in_subprocess: bool = True, **overrides) -> float | None:
+                 in_subprocess: bool = True, dtype: str = "fp32", **overrides) -> float | None:
     """Peak memory (MiB) a training step adds over the model + optimizer + batch already in memory."""
     dev = torch.device(device)
     if dev.type == "cpu" and in_subprocess:
         cmd = [sys.executable, "-m", "metaformer.tools.bench", "--memprobe",
-               json.dumps(dict(variant=variant, mode=mode, batch=batch, img_size=img_size, overrides=overrides))]
+               json.dumps(dict(variant=variant, mode=mode, batch=batch, img_size=img_size, dtype=dtype,
+                               overrides=overrides))]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
         if out.returncode != 0:
             return None
@@ -378,7 +478,7 @@ def train_memory(variant: str, mode: str, batch: int, img_size: int, device: str
     del model
     x = torch.randn(batch, 3, img_size, img_size, device=dev)
     target = torch.randint(0, net.num_classes if hasattr(net, "num_classes") else 1000, (batch,), device=dev)
-    step = _train_step_fn(net, x, target, mode in ("eager_cl", "fast", "fast_compile", "timm_cl"))
+    step = _train_step_fn(net, x, target, mode in CL_TRAIN_MODES, dtype)
     if dev.type == "cuda":
         step()  # optimizer state exists after the first step; it is part of every mode's baseline
         torch.cuda.synchronize(dev)
@@ -399,7 +499,7 @@ def train_memory(variant: str, mode: str, batch: int, img_size: int, device: str
 
 def bench_training(variant: str, modes: list[str], batch: int, img_size: int, device: str = "cpu",
                    repeats: int = 5, warmup: int = 2, memory: bool = True, log: Callable[[str], None] = print,
-                   **overrides) -> list[Result]:
+                   dtype: str = "fp32", **overrides) -> list[Result]:
     dev = torch.device(device)
     torch.manual_seed(0)
     model = create_model(variant, img_size=img_size, **overrides)
@@ -410,7 +510,7 @@ def bench_training(variant: str, modes: list[str], batch: int, img_size: int, de
     for mode in modes:
         try:
             net = build_train_mode(mode, model, dev)
-            steps[mode] = _train_step_fn(net, x, target, mode in ("eager_cl", "fast", "fast_compile", "timm_cl"))
+            steps[mode] = _train_step_fn(net, x, target, mode in CL_TRAIN_MODES, dtype)
             steps[mode]()
         except Exception as e:
             notes[mode] = f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
@@ -419,14 +519,14 @@ def bench_training(variant: str, modes: list[str], batch: int, img_size: int, de
     times = interleaved_timing(steps, x, dev, repeats, warmup)
     results = []
     for mode in modes:
-        r = Result("train", mode, variant, batch, img_size, "fp32", dev.type, note=notes.get(mode, ""))
+        r = Result("train", mode, variant, batch, img_size, dtype, dev.type, note=notes.get(mode, ""))
         if mode in times:
             ts = times[mode]
             med = statistics.median(ts)
             r.latency_ms = med * 1e3
             r.images_per_s, r.images_per_s_min, r.images_per_s_max = (batch / t for t in (med, max(ts), min(ts)))
             if memory:
-                r.peak_mem_mib = train_memory(variant, mode, batch, img_size, device, **overrides)
+                r.peak_mem_mib = train_memory(variant, mode, batch, img_size, device, dtype=dtype, **overrides)
         results.append(r)
     return results
 
@@ -448,18 +548,29 @@ def environment() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    flags = ""
+    flags = set()
     with contextlib.suppress(Exception):
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    return {
-        "cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+           if f in flags]
+    env = {
+        "cpu": cpu, "isa": " ".join(isa) or "unknown", "threads": torch.get_num_threads(), "cores": os.cpu_count(),
         "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(), "torch": torch.__version__, "timm": version("timm"),
-        "onnxruntime": version("onnxruntime"), "metaformer": version("metaformer"),
+        "triton": version("triton"), "onnxruntime": version("onnxruntime"), "metaformer": version("metaformer"),
         "malloc": malloc_mode(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(cuda_runtime=torch.version.cuda, capability=f"{props.major}.{props.minor}",
+                   gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), multiprocessors=props.multi_processor_count)
+        with contextlib.suppress(Exception):
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10)
+            env["driver"] = out.stdout.strip().splitlines()[0]
+    return env
 
 
 def markdown_table(results: list[Result]) -> str:
@@ -531,7 +642,8 @@ def inference_peak_memory(fn: Callable, x: torch.Tensor, device) -> float:
 
 def _memprobe(spec: str) -> None:
     s = json.loads(spec)
-    print(train_memory(s["variant"], s["mode"], s["batch"], s["img_size"], in_subprocess=False, **s["overrides"]))
+    print(train_memory(s["variant"], s["mode"], s["batch"], s["img_size"], in_subprocess=False,
+                       dtype=s.get("dtype", "fp32"), **s["overrides"]))
 
 
 if __name__ == "__main__":

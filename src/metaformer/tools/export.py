@@ -208,6 +208,9 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int
     file, so ``metaformer predict --exported`` runs it with its own class names and preprocessing.
     """
     model = model.eval()
+    if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
+        # the file does not depend on where the model lives: write and verify it from a CPU copy
+        model = copy.deepcopy(model).cpu()
     check_combination(model, fmt, dynamic_size, dtype)
     size = img_size or model.img_size[0]
     torch_dtype = DTYPES[dtype]
