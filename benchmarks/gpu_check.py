@@ -64,6 +64,7 @@ class Check:
         self.batch_train = 2 if dry else 128
         self.tiny = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128)) if dry else {}
         self.compile = not dry  # inductor compiles take minutes on a 2-core CPU
+        self.full = False  # also the compiled variants whose compiles cost minutes (--full)
         self.results: dict = {}
 
     def model(self, name: str, **kw):
@@ -95,6 +96,23 @@ def timed(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> float
         ts.append(timer.stop())
     ts.sort()
     return ts[len(ts) // 2]
+
+
+def timed_graph(fn, device: torch.device, calls: int = 10, repeats: int = 10) -> float:
+    """Median seconds per call with ``calls`` calls captured in one CUDA graph and replayed: the kernels'
+    own time, without the host's launch gaps (the host clock on the CPU)."""
+    if device.type != "cuda":
+        return timed(fn, device, repeats=2, warmup=1)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return timed(graph.replay, device, repeats=repeats, warmup=2) / calls
 
 
 # ----------------------------------------------------------------------------- sections
@@ -154,6 +172,47 @@ def sec_fuse(c: Check) -> dict:
     return out
 
 
+def sec_graphs(c: Check) -> dict:
+    """Each fused piece captured in a CUDA graph and replayed, against the same piece run eagerly
+    (relative difference; NaN means the replay read memory nothing wrote)."""
+    from metaformer.fast import triton_ops as T
+
+    if c.device.type != "cuda":
+        return {"skipped": "CUDA graphs need a GPU"}
+    out = {}
+    g = torch.Generator(device=c.device).manual_seed(5)
+    x = torch.randn(8, 64, 56, 56, device=c.device, generator=g).to(torch.bfloat16).contiguous(memory_format=CL)
+    scale = torch.rand(64, device=c.device, generator=g)
+    w1 = (torch.randn(256, 64, device=c.device, generator=g) / 8).to(torch.bfloat16)
+    m = c.model("poolformer_s12").to(c.device)
+    xin = torch.randn(8, 3, c.img, c.img, device=c.device, generator=g).to(torch.bfloat16)
+    f = fuse(m.to(torch.bfloat16), backend="triton")
+    fa = fuse(m, backend="aten")
+    blk = f.stages[0].blocks[0]
+
+    def stats_mix(t):
+        mu, rstd = T.gn1_stats(t, 1e-5)
+        return T.pool_mix(t, mu, rstd, scale)[0]
+
+    pieces = {
+        "gn1_stats + pool_mix": (stats_mix, x),
+        "pointwise_conv (fc1)": (lambda t: T.pointwise_conv(t, w1, None, act_out=T.ACT_GELU)[0], x),
+        "one fused block": (lambda t: blk.forward_triton(t)[0], x),
+        "fused model, triton": (f, xin),
+        "fused model, aten": (fa, xin),
+        "plain model": (m, xin),
+    }
+    with torch.no_grad():
+        for name, (fn, inp) in pieces.items():
+            try:
+                ref = fn(inp).float().clone()
+                got = bench.cuda_graph(fn, inp)(inp).float()
+                out[name] = {"rel_graph_vs_eager": rel(got, ref), "nan": bool(got.isnan().any())}
+            except Exception as e:  # noqa: BLE001
+                out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
+
+
 def sec_kernels(c: Check) -> dict:
     """Each kernel at PoolFormer-S12's stage shapes (bf16, the inference batch): achieved bandwidth,
     counting the bytes it must move (each input read once, each output written once), as a share of
@@ -188,9 +247,23 @@ def sec_kernels(c: Check) -> dict:
             "mixer backward dx": (lambda: T.pool_mix_backward_dx(x, x, scale, rstd, res, mu, mu, 3), 3 * t_bytes),
         }
         for name, (fn, nbytes) in cases.items():
-            t = timed(fn, c.device, repeats=2 if c.dry else 20, warmup=1 if c.dry else 3)
-            out[f"{name} C={ch} {hw}x{hw}"] = {"ms": t * 1e3, "GBps": nbytes / t / 1e9,
-                                               "share_of_copy": nbytes / t / 1e9 / copy_bw}
+            t = timed_graph(fn, c.device)
+            t_launch = timed(fn, c.device, repeats=2 if c.dry else 20, warmup=1 if c.dry else 3)
+            out[f"{name} C={ch} {hw}x{hw}"] = {"ms": t * 1e3, "ms_with_launch": t_launch * 1e3,
+                                               "GBps": nbytes / t / 1e9, "share_of_copy": nbytes / t / 1e9 / copy_bw}
+        if ch in (64, 320, 16):  # fc1's tile sizes, and what its GELU epilogue costs
+            sweep = {}
+            for cfg in ({}, {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4}, {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4},
+                        {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 4},
+                        {"BLOCK_M": 128, "BLOCK_N": 256, "num_warps": 8}, {"BLOCK_M": 256, "BLOCK_N": 128, "num_warps": 8}):
+                for act in (T.ACT_GELU, T.ACT_NONE):
+                    try:
+                        t = timed_graph(lambda: T.pointwise_conv(x, w1, None, norm=(mu, rstd), act_out=act, config=cfg),
+                                        c.device, repeats=5)
+                        sweep[f"{cfg or 'default'} act={act}"] = round(t * 1e3, 4)
+                    except Exception as e:  # noqa: BLE001 (a config may not fit the hardware)
+                        sweep[f"{cfg or 'default'} act={act}"] = f"{type(e).__name__}"
+            out[f"fc1 sweep C={ch} {hw}x{hw} (ms)"] = sweep
         # correctness at this size, against torch in float32
         y, _ = T.pool_mix(x, mu, rstd, scale, None, res)
         xf = x.float()
@@ -258,10 +331,18 @@ def sec_bench_infer(c: Check) -> dict:
     return _bench_rows(rows)
 
 
+def sec_bench_infer_eager(c: Check) -> dict:
+    """The inference modes that need no compiling (a quick re-measure after a change)."""
+    modes = ["eager_cl", "fused", "timm_eager", "timm_cl"] + ([] if c.dry else ["fused_graph"])
+    rows = bench.bench_inference("poolformer_s12", modes, c.batch_infer, c.img, "bf16", str(c.device),
+                                 repeats=3 if c.dry else 10, warmup=1 if c.dry else 3, log=print, **c.tiny)
+    return _bench_rows(rows)
+
+
 def sec_bench_train(c: Check) -> dict:
     modes = ["eager_cl", "fast", "timm_eager", "timm_cl"]
     if c.compile:
-        modes += ["fast_compile", "timm_compile"]
+        modes += ["timm_compile"] + (["fast_compile"] if c.full else [])
     rows = bench.bench_training("poolformer_s12", modes, c.batch_train, c.img, str(c.device),
                                 repeats=3 if c.dry else 6, warmup=1 if c.dry else 2, memory=not c.dry, log=print,
                                 dtype="bf16", **c.tiny)
@@ -298,8 +379,9 @@ def sec_train_digits(c: Check) -> dict:
         configs = {"fast": ["--fast-training"]}
         dev = ["--device", "cpu", "--amp", "bf16", "--channels-last"]
     else:
-        configs = {"plain": [], "fast": ["--fast-training"], "compile": ["--compile"],
-                   "fast+compile": ["--fast-training", "--compile"]}
+        configs = {"plain": [], "fast": ["--fast-training"]}
+        if c.full:
+            configs.update({"compile": ["--compile"], "fast+compile": ["--fast-training", "--compile"]})
         dev = ["--device", "cuda", "--amp", "bf16", "--channels-last"]
     for name, extra in configs.items():
         out[f"gpu bf16 {name}"] = _train(c, [*dev, *extra, *size], tmp / name.replace("+", "_"), 300)
@@ -408,14 +490,16 @@ def sec_pytest_triton(c: Check) -> dict:
 
 
 SECTIONS = {  # priority order: what the targets need first
-    "env": sec_env, "ceilings": sec_ceilings, "fuse": sec_fuse, "kernels": sec_kernels,
+    "env": sec_env, "ceilings": sec_ceilings, "fuse": sec_fuse, "kernels": sec_kernels, "graphs": sec_graphs,
     "bench_infer": sec_bench_infer, "bench_train": sec_bench_train, "families": sec_families,
     "train_digits": sec_train_digits, "export": sec_export, "dense": sec_dense,
-    "inductor_traffic": sec_inductor_traffic, "pytest_triton": sec_pytest_triton,
+    "bench_infer_eager": sec_bench_infer_eager, "inductor_traffic": sec_inductor_traffic,
+    "pytest_triton": sec_pytest_triton,
 }
 # rough device seconds per section (most of it compiling), for the budget
-COST = {"bench_infer": 150, "bench_train": 120, "train_digits": 120, "dense": 60, "inductor_traffic": 40,
-        "pytest_triton": 90}
+# (measured on an H200: bench_infer's two max-autotune compiles took 384 s of the first run)
+COST = {"bench_infer": 400, "bench_train": 110, "train_digits": 60, "dense": 40, "inductor_traffic": 30,
+        "pytest_triton": 90, "bench_infer_eager": 20, "families": 25, "fuse": 30}
 
 
 # ----------------------------------------------------------------------------- report
@@ -478,7 +562,7 @@ def report(results: dict) -> str:
         pred = traffic.predictions(224, ceil.get("copy_GBps", 4300) * 1e9)
         lines.append("Traffic model at that bandwidth (S12 224 bf16): " + ", ".join(
             f"{k} {v['mb_per_image']:.1f} MB/image -> {v['images_per_s']:.0f} images/s" for k, v in pred.items()))
-    for sec in ("bench_infer", "bench_train"):
+    for sec in ("bench_infer", "bench_train", "bench_infer_eager"):
         rows = results.get(sec)
         if isinstance(rows, dict) and rows and "error" not in rows:
             lines += ["", f"## {sec}", "", "| mode | images/s | min-max | latency ms | peak MiB | rel diff | note |",
@@ -488,7 +572,7 @@ def report(results: dict) -> str:
                 rd = "" if r.get("rel_diff") is None else f"{r['rel_diff']:.2e}"
                 lines.append(f"| {mode} | {r['images_per_s']:.0f} | {r['min']:.0f}-{r['max']:.0f} | "
                              f"{r['latency_ms']:.2f} | {mem} | {rd} | {r.get('note', '')} |")
-    for sec in ("kernels", "fuse", "families", "train_digits", "export", "dense", "inductor_traffic",
+    for sec in ("graphs", "kernels", "fuse", "families", "train_digits", "export", "dense", "inductor_traffic",
                 "pytest_triton"):
         if sec in results:
             lines += ["", f"## {sec}", "", "```", json.dumps(results[sec], indent=1, default=str)[:20000], "```"]
@@ -504,6 +588,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="the same code on the CPU at tiny sizes (Triton interpreted)")
     ap.add_argument("--only", help="comma-separated sections (default: all): " + ",".join(SECTIONS))
     ap.add_argument("--budget", type=float, default=460, help="seconds; sections that would not fit are skipped")
+    ap.add_argument("--full", action="store_true", help="also compile the fast training path (bench and digits runs)")
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; use --dry-run on a CPU", file=sys.stderr)
@@ -514,6 +599,7 @@ def main(argv=None) -> int:
         print(f"gpu_check: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
         return 2
     c = Check(args.dry_run, Path(args.out))
+    c.full = args.full
     prev = Path(args.out) / "gpu_check.json"
     if args.only and prev.exists():  # a partial rerun adds to the last report
         c.results = json.loads(prev.read_text())

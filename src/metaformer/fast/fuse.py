@@ -236,12 +236,12 @@ class FusedPoolBlock(FusedModule):
             self.eps2 = float(block.norm2.eps)
             w2, b2 = _affine(block.norm2, dim, ref)
             W1 = fc1.weight.detach().double().flatten(1)
-            bias1 = fc1.bias.detach().double() if fc1.bias is not None else torch.zeros(W1.shape[0]).double()
+            bias1 = fc1.bias.detach().double() if fc1.bias is not None else W1.new_zeros(W1.shape[0])
             W1f = W1 * w2[None, :]
             b1f = bias1 + W1 @ b2
             g2 = _scale_of(block.layer_scale2, dim, ref)
             W2 = fc2.weight.detach().double().flatten(1)
-            bias2 = fc2.bias.detach().double() if fc2.bias is not None else torch.zeros(dim).double()
+            bias2 = fc2.bias.detach().double() if fc2.bias is not None else W1.new_zeros(dim)
             if type(act) is StarReLU:
                 # s * relu(h)^2 + b with scalar s, b: fc2(s * r + b) = (s W2) r + (b2 + b W2 1)
                 s, b = act.scale.detach().double(), act.bias.detach().double()

@@ -410,7 +410,8 @@ def _gemm_blocks(m: int, n: int, k: int, itemsize: int) -> dict:
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                    norm: tuple[torch.Tensor, torch.Tensor] | None = None, act_in: int = ACT_NONE,
                    act_out: int = ACT_NONE, keep: torch.Tensor | None = None, skip: torch.Tensor | None = None,
-                   res: torch.Tensor | None = None, stats: bool = False, out_dtype: torch.dtype | None = None):
+                   res: torch.Tensor | None = None, stats: bool = False, out_dtype: torch.dtype | None = None,
+                   config: dict | None = None):
     """A 1x1 convolution of a channels_last ``x`` [B, K, H, W] by ``weight`` [N, K(, 1, 1)] as one GEMM
     over tokens, with (in this order) the per-sample ``norm = (mu, rstd)`` (``x - mu`` as it is
     loaded, ``* rstd`` on the product), ``act_in`` on the input, ``bias``, ``act_out``, ``keep`` [B],
@@ -427,7 +428,7 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         raise ValueError(f"pointwise_conv: weight has {w2.shape[1]} input channels, x has {k}")
     m = b * h * w
     out = torch.empty(b, n, h, w, device=x.device, dtype=out_dtype or x.dtype, memory_format=torch.channels_last)
-    cfg = _gemm_blocks(m, n, k, w2.element_size())
+    cfg = {**_gemm_blocks(m, n, k, w2.element_size()), **(config or {})}
     nnb = triton.cdiv(n, cfg["BLOCK_N"])
     ps = torch.empty(b, h * w * nnb, 2, device=x.device, dtype=torch.float32) if stats else out
     mu, rstd = norm if norm is not None else (out, out)
