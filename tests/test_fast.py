@@ -205,6 +205,10 @@ def test_harness_smoke(tmp_path):
     tr = bench.bench_training("poolformer_s12", ["eager", "fast"], batch=2, img_size=64, repeats=2, warmup=1,
                               memory=False, depths=(1, 1, 1, 1))
     assert all(r.images_per_s > 0 for r in tr)
+    # mixed precision as a GPU trains (autocast; fp16 with a GradScaler), here on the CPU
+    half = bench.bench_training("poolformer_s12", ["eager_cl", "fast"], batch=2, img_size=64, repeats=1, warmup=1,
+                                memory=False, dtype="fp16", depths=(1, 1, 1, 1))
+    assert all(r.images_per_s > 0 and r.dtype == "fp16" and not r.note for r in half)
     table = bench.markdown_table(res + tr)
     assert "fused" in table and "| train |" in table
     bench.save_json(res, str(tmp_path / "r.json"))
@@ -291,3 +295,22 @@ def test_training_gradients_match_poolformerv2():
         scale = p.grad.abs().max().item()
         assert (p.grad - q.grad).abs().max().item() <= 1e-4 * scale + 1e-7, name
         assert q.grad.stride() == q.stride(), name
+
+
+def test_portable_group_norm_matches_aten():
+    """The elementwise GroupNorm(1) the fast path uses where aten's kernel refuses channels_last (CUDA)."""
+    from metaformer.fast.training import group_norm, group_norm_backward
+
+    g = torch.Generator().manual_seed(0)
+    y = (torch.randn(2, 24, 7, 9, generator=g) * 3 + 2).contiguous(memory_format=torch.channels_last)
+    w, b, dn = torch.randn(24, generator=g), torch.randn(24, generator=g), torch.randn(2, 24, 7, 9, generator=g)
+    ref = group_norm(y, w, b, 1e-5, portable=False)
+    got = group_norm(y, w, b, 1e-5, portable=True)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for r, o in zip(ref, got):
+        assert torch.allclose(r, o, atol=1e-5)
+    assert torch.allclose(group_norm(y, w, b, 1e-5, ref[1], ref[2], portable=True)[0], ref[0], atol=1e-5)
+    for r, o in zip(group_norm_backward(dn, y, ref[1], ref[2], w, True, portable=False),
+                    group_norm_backward(dn, y, ref[1], ref[2], w, True, portable=True)):
+        assert torch.allclose(r, o, atol=1e-4)
+    assert group_norm_backward(dn, y, ref[1], ref[2], w, False, portable=True)[2] is None

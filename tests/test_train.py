@@ -195,3 +195,13 @@ def test_fast_training_flag_refuses_a_model_it_cannot_speed_up(tmp_path, capsys)
     code = main(["train", "--epochs", "1", "--output", str(tmp_path), *TINY, "--model-kwargs",
                  "{token_mixers: identity}", "--fast-training"])
     assert code == 2 and "--fast-training covers PoolFormer blocks" in capsys.readouterr().err
+
+
+def test_fp16_autocast_with_grad_scaler_on_the_cpu(tmp_path):
+    """The GPU's fp16 recipe (autocast + GradScaler, channels_last, the fast path) runs on the CPU too: the
+    scaler's state is live and saved, and the run learns (the digits are 10 classes: chance is 10%)."""
+    assert main(["train", "--epochs", "1", "--output", str(tmp_path), *TINY, "--batch-size", "64", "--amp", "fp16",
+                 "--channels-last", "--fast-training", "--drop-path", "0"]) == 0
+    ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert ckpt["scaler"]["scale"] > 0 and ckpt["scaler"]["_growth_tracker"] >= 1
+    assert ckpt["history"][-1]["val_top1"] > 20

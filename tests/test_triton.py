@@ -105,7 +105,7 @@ def test_pool_mix_backward_matches_autograd(pool_size):
     assert (dx - ref).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("shape", [(2, 24, 96, 7, 9), (1, 16, 64, 1, 1), (3, 40, 20, 5, 4)])
+@pytest.mark.parametrize("shape", [(2, 24, 96, 7, 9), (1, 16, 64, 1, 1), (3, 40, 20, 5, 4), (1, 20, 320, 3, 5)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pointwise_conv_prologue_and_epilogue(shape, dtype):
     """fc1 (norm2 folded, GELU) and fc2 (activation on load, keep, residual, statistics) as one GEMM each."""

@@ -2,7 +2,7 @@
 
 A PoolFormer block spends most of its time outside the 1x1 convolutions in memory-bound
 passes (GroupNorm, average pooling, subtraction, LayerScale, GELU, residual add). The fused
-block removes them with exact algebra (``REFERENCE.md`` §7):
+block removes them with exact algebra (``docs/fast.md``):
 
 * Token mixer.  For GroupNorm(1) statistics ``mu, sigma`` of ``x`` (scalars per sample),
   ``g * (pool(norm(x)) - norm(x)) = (g * w / sigma) * (pool(x) - x)``: average pooling with

@@ -7,7 +7,7 @@ block input ``x``, the mixer output ``y`` and the 4C-wide fc1 pre-activation, wi
 norm statistics, and recompute the rest in backward:
 
 * :class:`PoolMixer`: ``y = x + keep * g * (pool(norm1(x)) - norm1(x))`` computed as
-  ``x + a * (pool(x) - x)``, ``a = keep * g * w / sigma`` (``REFERENCE.md`` §7). Its gradient
+  ``x + a * (pool(x) - x)``, ``a = keep * g * w / sigma`` (``docs/fast.md``). Its gradient
   is that of the same expression, differentiated through ``sigma(x)``; norm1's bias gets a zero
   gradient (it cancels exactly, as in the plain model).
 * :class:`MlpBranch`: ``z = y + keep * g2 * fc2(gelu(fc1(norm2(y))))``; backward recomputes
@@ -146,7 +146,7 @@ class MlpBranch(torch.autograd.Function):
             a, z, mean, rstd = MlpBranch._forward_triton(y, nw, nb, w1, b1, w2, b2, scale, res, act_scale, act_bias,
                                                          keep, eps, cdt)
         else:
-            n, mean, rstd = torch.native_group_norm(y, nw, nb, bsz, c, h * w, 1, eps)
+            n, mean, rstd = group_norm(y, nw, nb, eps)
             a = F.conv2d(n.to(cdt), w1.to(cdt), None if b1 is None else b1.to(cdt))
             hid = MlpBranch._act(a, act_scale, act_bias)
             sk = keep.view(-1, 1, 1, 1) if scale is None else scale.view(1, -1, 1, 1) * keep.view(-1, 1, 1, 1)
@@ -215,13 +215,12 @@ class MlpBranch(torch.autograd.Function):
             dact_bias = dhid.sum(dtype=torch.float32).reshape(act_bias.shape).to(act_bias.dtype)
             da = dhid * r.mul_(2 * act_scale.to(r.dtype))
         del dhid, hid, hf
-        n = torch.native_group_norm(y, nw, nb, bsz, c, h * w, 1, ctx.eps)[0]  # recomputed
+        n = group_norm(y, nw, nb, ctx.eps, mean, rstd)[0]  # recomputed
         daf = _flat(da)
         dw1 = _like(daf.t() @ _flat(n.to(cdt)), w1)
         db1 = None if b1 is None else daf.sum(0, dtype=torch.float32).to(b1.dtype)
         dn = F.conv2d(da, w1.to(cdt).transpose(0, 1)).to(y.dtype)
-        dy, dnw, dnb = torch.ops.aten.native_group_norm_backward(dn, y, mean, rstd, nw, bsz, c, h * w, 1,
-                                                                 [True, True, nb is not None])
+        dy, dnw, dnb = group_norm_backward(dn, y, mean, rstd, nw, nb is not None)
         if res is None:
             dy = dy.add_(dz)
             dres = None
@@ -230,6 +229,48 @@ class MlpBranch(torch.autograd.Function):
             dres = _sum_bhw(dz * y).to(res.dtype)
         return (dy, dnw, dnb if nb is not None else None, dw1, db1, dw2, db2, dscale, dres, dact_scale, dact_bias,
                 None, None, None, None)
+
+
+def _native_gn(y: torch.Tensor, portable: bool | None) -> bool:
+    # aten's CUDA GroupNorm kernels take only NCHW-contiguous tensors (its CPU kernels take channels_last
+    # too); elsewhere the same math runs elementwise, keeping the channels_last layout (no copies).
+    return not portable if portable is not None else (y.device.type == "cpu" or y.is_contiguous())
+
+
+def group_norm(y: torch.Tensor, weight, bias, eps: float, mean=None, rstd=None, portable: bool | None = None):
+    """GroupNorm(1) of ``y``: ``(n, mean, rstd)`` as ``native_group_norm`` returns them ([B, 1], y's dtype);
+    given ``mean`` and ``rstd`` (a recomputation), only ``n`` is new."""
+    bsz, c, h, w = y.shape
+    if _native_gn(y, portable):
+        if mean is None:
+            return torch.native_group_norm(y, weight, bias, bsz, c, h * w, 1, eps)
+        return torch.native_group_norm(y, weight, bias, bsz, c, h * w, 1, eps)[0], mean, rstd
+    if mean is None:
+        mu, rs = gn1_stats(y, eps)
+        mean, rstd = mu.view(bsz, 1).to(y.dtype), rs.view(bsz, 1).to(y.dtype)
+    n = (y.float() - mean.float().view(bsz, 1, 1, 1)) * rstd.float().view(bsz, 1, 1, 1) * weight.float().view(1, c, 1, 1)
+    if bias is not None:
+        n = n + bias.float().view(1, c, 1, 1)
+    return n.to(y.dtype), mean, rstd
+
+
+def group_norm_backward(dn: torch.Tensor, y: torch.Tensor, mean, rstd, weight, has_bias: bool,
+                        portable: bool | None = None):
+    """Gradients of :func:`group_norm` w.r.t. ``y``, its weight and (``has_bias``) its bias."""
+    bsz, c, h, w = y.shape
+    if _native_gn(y, portable):
+        return torch.ops.aten.native_group_norm_backward(dn, y, mean, rstd, weight, bsz, c, h * w, 1,
+                                                        [True, True, has_bias])
+    rs = rstd.float().view(bsz, 1, 1, 1)
+    xhat = (y.float() - mean.float().view(bsz, 1, 1, 1)) * rs
+    dnf = dn.float()
+    g = dnf * weight.float().view(1, c, 1, 1)
+    dweight = _sum_bhw(dnf * xhat).to(weight.dtype)
+    dbias = _sum_bhw(dnf).to(weight.dtype) if has_bias else None
+    m1 = g.mean((1, 2, 3), keepdim=True)
+    m2 = (g * xhat).mean((1, 2, 3), keepdim=True)
+    dy = ((g - m1 - xhat * m2) * rs).to(y.dtype)
+    return dy, dweight, dbias
 
 
 def _keep_mask(block: MetaFormerBlock, x: torch.Tensor) -> torch.Tensor:

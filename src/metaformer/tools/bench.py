@@ -181,6 +181,7 @@ def cuda_graph(fn: Callable, x: torch.Tensor) -> Callable:
     with torch.cuda.stream(stream):
         for _ in range(2):  # warm-up outside the graph (kernel compilation, allocator)
             fn(static)
+        expected = fn(static).float()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -191,6 +192,12 @@ def cuda_graph(fn: Callable, x: torch.Tensor) -> Callable:
         graph.replay()
         return out
 
+    # A replay that differs from the eager call (seen once on an H200: NaN logits from a replay that
+    # matched eager at a smaller batch) must not be timed as if it were the model.
+    got = replay(x).float()
+    if not torch.isfinite(got).all() or (got - expected).abs().max() > 1e-3 * expected.abs().max().clamp_min(1):
+        raise RuntimeError(f"the CUDA graph's replay differs from the eager call (max abs difference "
+                           f"{(got - expected).abs().max().item():.3g}); not timed")
     return replay
 
 
