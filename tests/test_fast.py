@@ -1,15 +1,19 @@
 """The fused inference model and the fast training path compute what the plain model computes."""
 import copy
+import importlib
 import pickle
 
 import pytest
 import torch
 
 import metaformer
-from metaformer.tools import bench
-from metaformer.fast import fuse
+from metaformer.fast import fuse, fusion_report
 from metaformer.fast.fuse import FusedPoolBlock, set_backend
-from metaformer.fast.training import enable_fast_training
+from metaformer.models.metaformer import MetaFormerBlock
+from metaformer.tools import bench
+
+fuse_mod = importlib.import_module("metaformer.fast.fuse")  # the module (metaformer.fast.fuse is the function)
+from metaformer.fast.training import enable_fast_training, fast_training_report
 
 VARIANTS = ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m36", "poolformer_m48"]
 
@@ -21,10 +25,26 @@ def _model(name="poolformer_s12", **kw):
     return m
 
 
-def _max_diff(model, x, backend="auto"):
+def _max_diff(model, x, backend="auto", kept=0):
+    """Max logit difference of the fused model, after checking that every block fusion covers was fused
+    (``kept``: how many blocks this model must keep as they are)."""
     fused = fuse(model, backend=backend)
+    report = fusion_report(fused)
+    blocks = sum(isinstance(m, MetaFormerBlock) for m in model.modules())
+    assert len(report.fused) == blocks - kept and len(report.kept) == kept, report
     with torch.no_grad():
         return (model(x) - fused(x)).abs().max().item()
+
+
+@pytest.fixture(params=["this cpu", "no bf16 packing"])
+def cpu_answer(request):
+    """Run a test under this CPU's answer and under "oneDNN cannot pack bf16" (an AVX2-only CPU's),
+    which exercises the fallback on any machine."""
+    if request.param == "this cpu":
+        yield fuse_mod.cpu_capabilities()
+    else:
+        with fuse_mod.assume_cpu_capabilities(bf16_packing=False) as caps:
+            yield caps
 
 
 def test_fused_s12_224_exact():
@@ -46,18 +66,43 @@ def test_fused_any_size_and_backend(backend, size):
     assert _max_diff(_model(), x, backend) <= 1e-4
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("metaformer_ppaa_s12", {}),  # channel LayerNorm pooling stages + attention stages left as they are
-    ("metaformer_pppf_s12", {"img_size": 64}),  # spatial-MLP stage left as it is
-    ("poolformer_s12", {"pool_subtract": False}),
-    ("poolformer_s12", {"pool_size": 5}),
-    ("poolformer_s12", {"act": "relu"}),
-    ("poolformer_s12", {"norm": "bn"}),  # not fusable: blocks kept, still correct
-    ("poolformer_s12", {"layer_scale": False}),
+@pytest.mark.parametrize("name,kw,kept", [
+    ("metaformer_ppaa_s12", {}, 8),  # channel LayerNorm pooling stages + attention stages left as they are
+    ("metaformer_pppf_s12", {"img_size": 64}, 2),  # spatial-MLP stage left as it is
+    ("poolformer_s12", {"pool_subtract": False}, 0),
+    ("poolformer_s12", {"pool_size": 5}, 0),
+    ("poolformer_s12", {"act": "relu"}, 0),
+    ("poolformer_s12", {"norm": "bn"}, 12),  # not fusable: blocks kept, still correct
+    ("poolformer_s12", {"layer_scale": False}, 0),
 ])
-def test_fused_hybrids_and_ablations(name, kw):
+def test_fused_hybrids_and_ablations(name, kw, kept):
     x = torch.randn(2, 3, 64, 64)
-    assert _max_diff(_model(name, **kw), x) <= 1e-4
+    assert _max_diff(_model(name, **kw), x, kept=kept) <= 1e-4
+
+
+def test_fusion_report_and_strict():
+    f = fuse(_model("metaformer_ppaa_s12"))
+    report = fusion_report(f)
+    assert len(report.fused) == 4 and len(report.kept) == 8
+    assert all(name.startswith(("stages.2.", "stages.3.")) for name in report.kept)
+    assert "Attention" in next(iter(report.kept.values())) and "4/12 blocks fused" in report.summary()
+    with pytest.raises(metaformer.fast.FusionError, match=r"8 block\(s\) cannot be fused: stages\.2\.blocks\.0: its "
+                                                          "token mixer is Attention"):
+        fuse(_model("metaformer_ppaa_s12"), strict=True)
+    assert fusion_report(fuse(_model(), strict=True)).kept == {}
+
+
+def test_grad_checkpointing_recomputes_each_block():
+    """With checkpointing, backward runs every block's forward again; without, never."""
+    for on, calls_per_block in ((False, 1), (True, 2)):
+        m = _model(num_classes=10, depths=(1, 1, 2, 1)).train()
+        m.set_grad_checkpointing(on)
+        calls = []
+        for blk in m.modules():
+            if isinstance(blk, MetaFormerBlock):  # count calls of forward itself (the recompute runs no hooks)
+                blk.forward = lambda x, _f=blk.forward: calls.append(1) or _f(x)
+        m(torch.randn(2, 3, 64, 64)).sum().backward()
+        assert len(calls) == 5 * calls_per_block, (on, len(calls))
 
 
 def test_fused_features_only():
@@ -69,24 +114,38 @@ def test_fused_features_only():
             assert (a - b).abs().max() <= 1e-4
 
 
-def test_fused_bf16_close():
+def test_fused_bf16_close(cpu_answer):
     m = _model()
     x = torch.randn(2, 3, 64, 64)
     f = fuse(m).to(torch.bfloat16)
+    report = fusion_report(f)
+    assert ("oneDNN packed" in report.convs) == cpu_answer.bf16_packing, report.convs
     with torch.no_grad():
         ref = m(x)
         out = f(x.bfloat16()).float()
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
-def test_fuse_a_bf16_model():
+def test_fuse_a_bf16_model(cpu_answer):
     m = _model()
     x = torch.randn(2, 3, 64, 64)
     f = fuse(copy.deepcopy(m).to(torch.bfloat16))
+    assert len(fusion_report(f).fused) == 12
+    if not cpu_answer.bf16_packing:
+        assert "cannot pack bfloat16" in fusion_report(f).convs
     with torch.no_grad():
         ref = m(x)
         out = f(x.bfloat16()).float()
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_capabilities_come_from_torch_and_can_be_assumed():
+    caps = fuse_mod.detect_cpu_capabilities()
+    assert caps.isa == torch.backends.cpu.get_cpu_capability()
+    assert caps.bf16_packing == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    with fuse_mod.assume_cpu_capabilities(bf16_packing=False):
+        assert fuse_mod.packed_dtypes() == (torch.float32,)
+    assert fuse_mod.cpu_capabilities() == caps
 
 
 def test_fused_is_eval_only_and_picklable():
@@ -105,6 +164,8 @@ def test_fused_is_eval_only_and_picklable():
 def test_training_gradients_match():
     m = _model(num_classes=10, drop_path_rate=0.2).train()
     f = enable_fast_training(copy.deepcopy(m))
+    on, off = fast_training_report(f)
+    assert len(on) == 12 and not off  # every block on the fast path
     x = torch.randn(2, 3, 64, 64)
     torch.manual_seed(1)
     m(x).square().sum().backward()

@@ -66,7 +66,8 @@ def run(args) -> int:
                                            memory=not args.no_memory, dtype=args.train_dtype)))
     env = harness.environment()
     gpu = f"; {env['cuda']} (driver {env.get('driver')}, CUDA {env.get('cuda_runtime')})" if env["cuda"] else ""
-    header = (f"{env['cpu']} ({env['isa']}), {env['threads']} threads{gpu}; torch {env['torch']}, timm {env['timm']}, "
+    header = (f"{env['cpu']} ({env['isa']}; torch dispatch {env['onednn']}), {env['threads']} threads{gpu}; "
+              f"torch {env['torch']}, timm {env['timm']}, "
               f"triton {env['triton']}, onnxruntime {env['onnxruntime']}; malloc: {env['malloc']}\n\n")
     lines = harness.markdown_table([]).splitlines()
     if not args.json:

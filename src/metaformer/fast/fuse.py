@@ -51,12 +51,17 @@ LayerNorm.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import MetaFormerError
 from ..models.layers import LayerNorm2d, StarReLU, eager
 from ..models.metaformer import Downsampling, MetaFormerBlock, MetaFormerStage, NormPoolHead, Stem
 from ..models.mixers import Pooling
@@ -68,6 +73,67 @@ _ACT_ATTR = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "swish"}
 def mkldnn_available(device: torch.device | str = "cpu") -> bool:
     return (torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+@dataclass(frozen=True)
+class CpuCapabilities:
+    """What this CPU's oneDNN can do, as torch reports it. ``bf16_packing``: oneDNN reorders bf16 weights
+    (needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU has neither, and there the packed
+    bf16 call raises)."""
+
+    isa: str  # torch's own dispatch level: DEFAULT, AVX2, AVX512 ...
+    bf16_packing: bool
+    avx512_bf16: bool
+    amx: bool
+    vnni: bool
+
+    def describe(self) -> str:
+        extras = [n for n, on in (("avx512_bf16", self.avx512_bf16), ("amx", self.amx), ("vnni", self.vnni)) if on]
+        return f"{self.isa}{' + ' + ', '.join(extras) if extras else ''}; oneDNN bf16 packing: " \
+               f"{'yes' if self.bf16_packing else 'no'}"
+
+
+def _probe(name: str) -> bool:
+    fn = getattr(torch.cpu, name, None)
+    try:
+        return bool(fn()) if fn is not None else False
+    except RuntimeError:
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def detect_cpu_capabilities() -> CpuCapabilities:
+    bf16 = False
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported"):
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return CpuCapabilities(isa=torch.backends.cpu.get_cpu_capability(), bf16_packing=bf16,
+                           avx512_bf16=_probe("_is_avx512_bf16_supported"), amx=_probe("_is_amx_tile_supported"),
+                           vnni=_probe("_is_vnni_supported"))
+
+
+def cpu_capabilities() -> CpuCapabilities:
+    """The answer the fused path acts on: this CPU's, unless a caller substitutes another
+    (:func:`assume_cpu_capabilities`, e.g. a test forcing "no bf16 packing" on any machine)."""
+    return _ASSUMED[-1] if _ASSUMED else detect_cpu_capabilities()
+
+
+_ASSUMED: list[CpuCapabilities] = []
+
+
+@contextlib.contextmanager
+def assume_cpu_capabilities(**changes):
+    """Act as if the CPU's capabilities were these (fields of :class:`CpuCapabilities`) inside the block."""
+    _ASSUMED.append(dataclasses.replace(cpu_capabilities(), **changes))
+    try:
+        yield _ASSUMED[-1]
+    finally:
+        _ASSUMED.pop()
+
+
+def packed_dtypes() -> tuple[torch.dtype, ...]:
+    """Dtypes the oneDNN packed-weight convs run in on this CPU; others take aten's conv2d (which the
+    plain model uses too, so the fused model runs wherever the plain one does)."""
+    return (torch.float32, torch.bfloat16) if cpu_capabilities().bf16_packing else (torch.float32,)
 
 
 def _is_gn1(m: nn.Module) -> bool:
@@ -158,7 +224,7 @@ class FusedModule(nn.Module):
     def _conv(self, name, x, weight, bias, attr="none", other=None):
         """Conv with an optional fused unary post-op (``attr``) or residual add (``other``)."""
         pk = self._packed[name]
-        if self.backend == "mkldnn" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) \
+        if self.backend == "mkldnn" and x.device.type == "cpu" and x.dtype in packed_dtypes() \
                 and eager():  # packed oneDNN weights are opaque to tracing and export: those get conv2d
             w = pk.get(weight, x.shape)
             if other is not None:
@@ -195,6 +261,24 @@ def _plain_mlp(mlp: nn.Module) -> bool:
         isinstance(d, nn.Identity) or getattr(d, "p", 0) == 0 for d in drops)
 
 
+def unfusable_reason(block: MetaFormerBlock) -> str | None:
+    """Why ``fuse()`` keeps ``block`` as it is, or None if it fuses."""
+    mixer, norm1 = block.token_mixer, block.norm1
+    # nn.Identity: IdentityFormer's mixer (and the "identity" ablation)
+    if not isinstance(mixer, (Pooling, nn.Identity)):
+        return f"its token mixer is {type(mixer).__name__} (pooling and identity mixers fuse)"
+    if not block.residual:
+        return "it has no residual connection (the ablation)"
+    if not (_is_gn1(norm1) or _is_ln(norm1)):
+        return f"its norm is {type(norm1).__name__} (GroupNorm(1) and channel LayerNorm fuse)"
+    if block.use_mlp:
+        if not _plain_mlp(block.mlp):
+            return "its MLP has a norm or active dropout inside"
+        if type(block.norm2) is not type(norm1):
+            return f"norm2 ({type(block.norm2).__name__}) differs from norm1 ({type(norm1).__name__})"
+    return None
+
+
 class FusedPoolBlock(FusedModule):
     """A PoolFormer-style block (pooling or identity mixer, GroupNorm(1) or channel LayerNorm, with or
     without bias, LayerScale and/or ResScale) with folded weights."""
@@ -203,10 +287,9 @@ class FusedPoolBlock(FusedModule):
         super().__init__()
         mixer = block.token_mixer
         norm1 = block.norm1
-        # nn.Identity: IdentityFormer's mixer (and the "identity" ablation)
-        if not (isinstance(mixer, (Pooling, nn.Identity)) and block.residual and (_is_gn1(norm1) or _is_ln(norm1))
-                and (not block.use_mlp or _plain_mlp(block.mlp))):
-            raise ValueError("not a fusable PoolFormer block")
+        reason = unfusable_reason(block)
+        if reason is not None:
+            raise ValueError(f"not a fusable PoolFormer block: {reason}")
         ref = next(block.parameters())
         dim = norm1.weight.shape[0] if norm1.weight is not None else block.layer_scale1.scale.shape[0]
         self.dim = dim
@@ -231,8 +314,6 @@ class FusedPoolBlock(FusedModule):
         self.use_mlp = block.use_mlp
         if self.use_mlp:
             fc1, fc2, act = block.mlp.fc1, block.mlp.fc2, block.mlp.act
-            if not (_is_gn1(block.norm2) or _is_ln(block.norm2)) or type(block.norm2) is not type(norm1):
-                raise ValueError("not a fusable PoolFormer block")
             self.eps2 = float(block.norm2.eps)
             w2, b2 = _affine(block.norm2, dim, ref)
             W1 = fc1.weight.detach().double().flatten(1)
@@ -431,14 +512,15 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     return model
 
 
-def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.Module:
+def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict: bool = False) -> nn.Module:
     """An eval-only copy of a MetaFormer whose PoolFormer blocks are fused (same outputs).
 
     Works for every PoolFormer variant and for the pooling stages of hybrids (attention and
     spatial-MLP stages are kept as they are) at any input size the model accepts. The result
     runs channels_last; cast it with ``.to(torch.bfloat16)`` for bf16 inference.
     ``backend='auto'`` picks oneDNN fused convs on CPU, Triton kernels on a CUDA GPU that Triton
-    supports, and portable ops elsewhere.
+    supports, and portable ops elsewhere. :func:`fusion_report` says what was fused and why any block
+    was kept; ``strict=True`` raises :class:`FusionError` naming each block that cannot be fused.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -469,15 +551,72 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False) -> nn.M
         convert(model)
     model = model.to(device=device, dtype=dtype).to(memory_format=CL)
     set_backend(model, backend)
-    model.fused = True
-    return model.requires_grad_(False)
+    model.requires_grad_(False)
+    if strict:
+        report = fusion_report(model)
+        if report.kept:
+            raise FusionError(f"fuse(strict=True): {len(report.kept)} block(s) cannot be fused: " + "; ".join(
+                f"{name}: {why}" for name, why in report.kept.items()))
+    return model
+
+
+class FusionError(MetaFormerError):
+    """``fuse(strict=True)`` met a block it cannot fuse."""
+
+
+@dataclass
+class FusionReport:
+    """What :func:`fuse` did to a model: which blocks are fused, which kept (and why), how they run."""
+
+    backend: str
+    fused: list[str]
+    kept: dict[str, str]
+    kernels: list[str]  # fused blocks that run as Triton kernels (the ``triton`` backend)
+    convs: str  # how the fused convolutions run
+
+    def summary(self) -> str:
+        total = len(self.fused) + len(self.kept)
+        text = f"{len(self.fused)}/{total} blocks fused, backend {self.backend}"
+        if self.backend == "triton":
+            text += f" ({len(self.kernels)} as Triton kernels)"
+        return f"{text}; convs: {self.convs}"
+
+    def __str__(self) -> str:
+        return self.summary() + "".join(f"\n  kept {name}: {why}" for name, why in self.kept.items())
+
+
+def fusion_report(model: nn.Module) -> FusionReport:
+    """Count what a fused model runs: its fused blocks, the blocks kept as they were with the reason, the
+    blocks on Triton kernels, and the convolution path (oneDNN packed weights or aten's conv2d, which
+    this CPU's oneDNN decides for bf16)."""
+    fused, kept, kernels = [], {}, []
+    backends = {m.backend for m in _fused_modules(model)}
+    backend = backends.pop() if len(backends) == 1 else ("mixed" if backends else "none")
+    for name, m in model.named_modules():
+        if isinstance(m, FusedPoolBlock):
+            fused.append(name)
+            if backend == "triton" and m.triton_ready():
+                kernels.append(name)
+        elif isinstance(m, MetaFormerBlock):
+            kept[name] = unfusable_reason(m) or "not converted"
+    params = [t for t in model.buffers() if t.is_floating_point()]
+    dtype = params[0].dtype if params else torch.float32
+    if backend != "mkldnn":
+        convs = "aten conv2d"
+    elif dtype in packed_dtypes():
+        convs = f"oneDNN packed weights ({str(dtype)[6:]})"
+    else:
+        convs = (f"aten conv2d ({str(dtype)[6:]}: this CPU's oneDNN cannot pack {str(dtype)[6:]} weights; "
+                 f"{cpu_capabilities().describe()})")
+    return FusionReport(backend, fused, kept, kernels, convs)
 
 
 def compile_fused(model: nn.Module, mode: str | None = "max-autotune-no-cudagraphs", dynamic: bool = False):
     """``torch.compile`` a fused model with inductor freezing (weights become constants, so
-    inductor pre-packs them and fuses conv + GELU / conv + add into oneDNN post-ops)."""
-    import torch._inductor.config as inductor_config
+    inductor pre-packs them and fuses conv + GELU / conv + add into oneDNN post-ops); the options
+    apply to this compile only."""
+    import torch._inductor
 
-    inductor_config.freezing = True
     set_backend(model, "aten")
-    return torch.compile(model, mode=mode, dynamic=dynamic)
+    options = {**(torch._inductor.list_mode_options(mode) if mode else {}), "freezing": True}
+    return torch.compile(model, options=options, dynamic=dynamic)

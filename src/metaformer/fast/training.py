@@ -325,19 +325,41 @@ def _scale_or_none(m: nn.Module) -> bool:
     return isinstance(m, nn.Identity) or isinstance(getattr(m, "scale", None), torch.Tensor)
 
 
-def _supported(block: MetaFormerBlock) -> bool:
-    """PoolFormer v1 and PoolFormerV2 blocks: pooling with the subtraction, GroupNorm(1) (bias or not),
-    LayerScale and/or ResScale, a plain MLP with GELU or StarReLU."""
+def unsupported_reason(block: MetaFormerBlock) -> str | None:
+    """Why the fast path leaves ``block`` on its own forward, or None if it covers it: PoolFormer v1 and
+    PoolFormerV2 blocks (pooling with the subtraction, GroupNorm(1) with or without bias, LayerScale
+    and/or ResScale, a plain MLP with GELU or StarReLU)."""
     n1, mixer = block.norm1, block.token_mixer
-    ok = (isinstance(mixer, Pooling) and mixer.subtract and block.residual
-          and isinstance(n1, nn.GroupNorm) and n1.num_groups == 1 and n1.weight is not None
-          and _scale_or_none(block.layer_scale1) and _scale_or_none(block.res_scale1))
-    if ok and block.use_mlp:
+    if not (isinstance(mixer, Pooling) and mixer.subtract):
+        return f"its token mixer is {type(mixer).__name__}{'' if not isinstance(mixer, Pooling) else ' without the subtraction'}"
+    if not block.residual:
+        return "it has no residual connection (the ablation)"
+    if not (isinstance(n1, nn.GroupNorm) and n1.num_groups == 1 and n1.weight is not None):
+        return f"its norm is {type(n1).__name__} (the path covers GroupNorm(1) with a weight)"
+    if not (_scale_or_none(block.layer_scale1) and _scale_or_none(block.res_scale1)):
+        return "its layer or residual scale is not a per-channel vector"
+    if block.use_mlp:
         m = block.mlp
-        act_ok = (type(m.act) is nn.GELU and m.act.approximate == "none") or type(m.act) is StarReLU
-        ok = (isinstance(block.norm2, nn.GroupNorm) and block.norm2.num_groups == 1 and block.norm2.weight is not None
-              and act_ok and _plain_mlp(m) and _scale_or_none(block.layer_scale2) and _scale_or_none(block.res_scale2))
-    return ok
+        if not ((type(m.act) is nn.GELU and m.act.approximate == "none") or type(m.act) is StarReLU):
+            return f"its MLP activation is {type(m.act).__name__} (GELU and StarReLU are covered)"
+        n2 = block.norm2
+        if not (isinstance(n2, nn.GroupNorm) and n2.num_groups == 1 and n2.weight is not None):
+            return f"norm2 is {type(n2).__name__}"
+        if not (_plain_mlp(m) and _scale_or_none(block.layer_scale2) and _scale_or_none(block.res_scale2)):
+            return "its MLP has a norm or active dropout inside, or its scales are not per-channel vectors"
+    return None
+
+
+def fast_training_report(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """(blocks on the fast path, {block kept on its own forward: why})."""
+    on, off = [], {}
+    for name, m in model.named_modules():
+        if isinstance(m, MetaFormerBlock):
+            if getattr(m, "fast_training", False):
+                on.append(name)
+            else:
+                off[name] = unsupported_reason(m) or "not enabled"
+    return on, off
 
 
 def enable_fast_training(model: nn.Module, backend: str = "auto") -> nn.Module:
@@ -354,7 +376,7 @@ def enable_fast_training(model: nn.Module, backend: str = "auto") -> nn.Module:
     if backend == "triton":
         from . import triton_ops  # noqa: F401  (fails here, with Triton's own message, if it is missing)
     for m in model.modules():
-        if isinstance(m, MetaFormerBlock) and _supported(m):
+        if isinstance(m, MetaFormerBlock) and unsupported_reason(m) is None:
             m.forward = types.MethodType(functools.partial(_fast_forward, backend=backend), m)
             m.fast_training = True
     return model.to(memory_format=CL)

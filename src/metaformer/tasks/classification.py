@@ -38,7 +38,7 @@ from ..engine.metrics import MetricsLog
 from ..engine.runtime import Runtime, epoch_seed, on_main, rng_state, seed_everything, set_rng_state, setup
 from ..engine.stop import GracefulStop, Interrupted
 from ..errors import ConfigError, require
-from ..fast.training import enable_fast_training
+from ..fast.training import enable_fast_training, fast_training_report
 from ..zoo import create_model, eval_transform, get_model_info, get_weights, list_models, split_name
 from .train_config import (DEMO, TrainConfig, coerce_option, keep_previous_config, resolve_config,  # noqa: F401
                            resume_changes)
@@ -188,9 +188,13 @@ def build_model(cfg: TrainConfig, rt: Runtime, class_names: list[str]):
         raw.to(memory_format=torch.channels_last)
     if cfg.fast_training:
         enable_fast_training(raw)
-        if not any(getattr(m, "fast_training", False) for m in raw.modules()):
+        on, off = fast_training_report(raw)
+        if not on:
+            why = next(iter(off.values()), "it has no MetaFormer blocks")
             raise ConfigError(f"--fast-training covers PoolFormer blocks (pooling mixer, GroupNorm(1), layer "
-                              f"scales, GELU MLP); {cfg.model} with these options has none: drop the flag")
+                              f"scales, GELU MLP); {cfg.model} with these options has none ({why}): drop the flag")
+        rt.log(f"fast training: {len(on)} of {len(on) + len(off)} blocks" + (
+            f"; the others keep their forward ({next(iter(off.values()))})" if off else ""))
     model = torch.compile(raw) if cfg.compile else raw
     # A head-only warm-up leaves the body without gradients for a while: DDP must not wait for them.
     return raw, wrap_ddp(model, rt, find_unused=cfg.head_warmup_epochs > 0)

@@ -183,13 +183,13 @@ def prepare(loaded: Loaded, device: torch.device, fused: bool = True, channels_l
     when the model has blocks ``fuse`` covers, else channels_last when asked. Returns what was applied."""
     model, applied = loaded.model.to(device).eval(), []
     if fused:
-        from ..fast import fuse
-        from ..fast.fuse import FusedPoolBlock
+        from ..fast import fuse, fusion_report
 
         candidate = fuse(model)
-        if any(isinstance(m, FusedPoolBlock) for m in candidate.modules()):
+        report = fusion_report(candidate)
+        if report.fused:
             model = candidate
-            applied.append("fused (channels_last)")
+            applied.append(f"fused ({report.summary()})")
     if channels_last and not applied:
         model = model.to(memory_format=torch.channels_last)
         applied.append("channels_last")

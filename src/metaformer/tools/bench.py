@@ -337,6 +337,10 @@ def bench_inference(variant: str, modes: list[str], batch: int, img_size: int, d
             with torch.inference_mode():
                 fn(x)  # compile / export happens here, outside the timed loop
             fns[mode], refs[mode] = fn, diff_ref
+            if mode == "fused":  # what ran: the blocks fused, and the conv path this CPU allows
+                from ..fast import fusion_report
+
+                notes[mode] = fusion_report(fn).summary()
         except Exception as e:  # a missing optional backend must not sink the other modes
             notes[mode] = f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
             log(f"  {mode}: {notes[mode]}")
@@ -560,8 +564,11 @@ def environment() -> dict:
         flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
            if f in flags]
+    from ..fast.fuse import cpu_capabilities
+
     env = {
-        "cpu": cpu, "isa": " ".join(isa) or "unknown", "threads": torch.get_num_threads(), "cores": os.cpu_count(),
+        "cpu": cpu, "isa": " ".join(isa) or "unknown", "onednn": cpu_capabilities().describe(),
+        "threads": torch.get_num_threads(), "cores": os.cpu_count(),
         "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(), "torch": torch.__version__, "timm": version("timm"),
