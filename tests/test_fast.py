@@ -280,6 +280,7 @@ def test_cli_registers_bench():
 
     args = build_parser().parse_args(["bench", "--batch-size", "1,8", "--dtype", "fp32,bf16"])
     assert args.batch_size == [1, 8] and args.dtype == ["fp32", "bf16"]
+    assert "timm_compile" in args.modes and "timm_compile" in args.train_modes  # the strongest peer by default
 
 
 # ----- the MetaFormer Baselines: PoolFormerV2 and IdentityFormer fuse too -----
