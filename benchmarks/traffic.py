@@ -1,5 +1,5 @@
 """Bytes a PoolFormer forward moves through GPU memory, per image, by path: the traffic model behind
-``docs/gpu.md`` and the predictions ``benchmarks/gpu_check.py`` checks.
+``docs/fast.md`` and the predictions ``benchmarks/gpu_check.py`` checks.
 
 A block of a stage with C channels on an H x W map handles maps of T = H*W*C elements (the
 4C-wide hidden map is 4 T). Each pass reads its inputs once and writes its outputs once (what a

@@ -30,12 +30,11 @@ without Triton.
 
 The ``triton`` backend (CUDA; :mod:`metaformer.fast.triton_ops`) runs each GroupNorm(1) block as
 four kernels: the token mixer in one read and one write of the activation (emitting norm2's
-statistics), fc1 as a GEMM that centres each input tile as it loads it and scales the product by
+statistics); fc1 as a GEMM that centres each input tile as it loads it and scales the product by
 ``1/sigma`` (norm2 never materialised; its affine folded into fc1), then adds the bias and applies
-the activation, and fc2 as a
-GEMM whose epilogue adds the residual and emits the next block's norm1 statistics. Blocks of a
-stage pass those statistics along, so a block reads its input once. ``docs/gpu.md`` counts the
-bytes each path moves.
+the activation; fc2 as a GEMM whose epilogue adds the residual and emits the next block's norm1
+statistics; and the small reduction of those statistics. Blocks of a stage pass the statistics
+along, so a block reads its input once. ``docs/fast.md`` counts the bytes each path moves.
 
 The MetaFormer Baselines' PoolFormerV2 and IdentityFormer blocks fuse the same way. Their
 norms have no bias (the shift term is zero), ResScale ``r`` scales the skip path (the mixer

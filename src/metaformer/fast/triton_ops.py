@@ -3,7 +3,7 @@
 On a GPU these blocks are memory-bound: apart from the two 1x1 convolutions, every step
 (GroupNorm statistics, normalisation, 3x3 pool, subtraction, LayerScale, residual add) is a
 pass over the activation. The kernels here move each activation as few times as the algebra
-of ``docs/gpu.md`` allows (all channels_last, i.e. ``[tokens, C]`` row-major):
+of ``docs/fast.md`` allows (all channels_last, i.e. ``[tokens, C]`` row-major):
 
 * :func:`sample_sums` - per-sample sum and sum of squares (GroupNorm(1) statistics): one read.
 * :func:`pool_mix` - the whole token-mixer half in one read and one write:
