@@ -376,3 +376,10 @@ def test_portable_group_norm_matches_aten():
                     group_norm_backward(dn, y, ref[1], ref[2], w, True, portable=True)):
         assert torch.allclose(r, o, atol=1e-4)
     assert group_norm_backward(dn, y, ref[1], ref[2], w, False, portable=True)[2] is None
+
+
+def test_harness_with_every_mode_skipped():
+    """A configuration whose modes all skip (here: an unknown timm variant) reports each reason, not a crash."""
+    res = bench.bench_inference("identityformer_s12", ["timm_eager"], batch=1, img_size=64, repeats=1, warmup=0,
+                                log=lambda s: None, depths=(1, 1, 1, 1))
+    assert len(res) == 1 and res[0].note.startswith("skipped:") and res[0].images_per_s != res[0].images_per_s

@@ -289,6 +289,8 @@ def interleaved_timing(fns: dict[str, Callable], x: torch.Tensor, device, repeat
     device = torch.device(device)
     timer = timer or make_timer(device)
     names = list(fns)
+    if not names:  # every mode was skipped (each with its reason): nothing to time
+        return {}
     for name in names:
         for _ in range(warmup):
             fns[name](x)
