@@ -52,7 +52,7 @@ class MetaFormerFeatures(nn.Module):
         self.config: Dict[str, Any] = {**model.config, "features_only": True, "out_indices": list(self.out_indices)}
         cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ("num_classes", "classifier", "pool_size")}
         self.pretrained_cfg = self.default_cfg = cfg
-        self.variant = getattr(model, "variant", None)
+        self.variant, self.class_names = model.variant, model.class_names
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
