@@ -1,7 +1,7 @@
 """A MetaFormer as a multi-scale backbone (``create_model(..., features_only=True)``).
 
-The default is the authors' detection and segmentation backbone (``docs/dense.md``, "The
-backbone"): the output of each stage (strides 4/8/16/32, channels = ``dims``), each through its
+The default is the authors' detection and segmentation backbone (Yu et al., CVPR 2022;
+docs/dense.md, "What is the paper's"): the output of each stage (strides 4/8/16/32, channels = ``dims``), each through its
 own new norm, no classifier. The wrapper holds the network's stem and stages (their state-dict
 keys stay those of the classifier, so an ImageNet checkpoint loads into it with only the head
 left out) and the new norms under ``feature_norms``. timm's own wrappers (``feature_cls``

@@ -1,8 +1,9 @@
 """Object detection: train and evaluate RetinaNet / Mask R-CNN on a MetaFormer (COCO-format data).
 
-Every knob is a field of :class:`DetectionConfig`; the defaults are the paper's mmdet settings
-(REFERENCE §5: AdamW 1e-4, weight decay 1e-4, the 1x schedule with steps after epochs 8 and
-11, a 500-iteration linear warm-up, 1333x800). The run's machinery (DDP, AMP, exact resume,
+Every knob is a field of :class:`DetectionConfig`; the defaults are the mmdet settings of PoolFormer's
+COCO experiments (Yu et al., CVPR 2022; docs/dense.md, "The paper's settings: COCO"): AdamW 1e-4,
+weight decay 1e-4, the 1x schedule with steps after epochs 8 and 11, a 500-iteration linear
+warm-up, 1333x800. The run's machinery (DDP, AMP, exact resume,
 Ctrl-C, NaN, metrics) is shared with segmentation (:class:`~metaformer.tasks.dense.run.DenseRun`)
 and classification (:mod:`metaformer.engine`); this file holds the epoch loop and COCO AP.
 """

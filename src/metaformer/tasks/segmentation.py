@@ -1,8 +1,9 @@
 """Semantic segmentation: train and evaluate Semantic FPN on a MetaFormer (ADE20K-layout data).
 
-Every knob is a field of :class:`SegmentationConfig`; the defaults are the paper's mmseg
-settings (REFERENCE §5: AdamW 2e-4, weight decay 1e-4, poly decay (power 0.9) over 40k
-iterations, 512x512 crops, batch 32 over 8 GPUs). Training counts iterations, mmseg-style;
+Every knob is a field of :class:`SegmentationConfig`; the defaults are the mmseg settings of
+PoolFormer's ADE20K experiments (Yu et al., CVPR 2022; docs/dense.md, "The paper's settings:
+ADE20K"): AdamW 2e-4, weight decay 1e-4, poly decay (power 0.9) over 40k iterations, 512x512
+crops, batch 32 over 8 GPUs. Training counts iterations, mmseg-style;
 each pass over the data seeds its own order, so a resumed run draws the same batches. The
 run's machinery is shared with detection (:class:`~metaformer.tasks.dense.run.DenseRun`).
 """

@@ -1,7 +1,7 @@
 """MetaFormer backbones for dense prediction, and their FPN necks.
 
-The authors' dense backbones (REFERENCE §2): the features after each stage (strides
-4/8/16/32, channels = ``dims``), each through its own new GroupNorm(1), no classifier.
+The authors' dense backbones (Yu et al., CVPR 2022; docs/dense.md): the features after each stage
+(strides 4/8/16/32, channels = ``dims``), each through its own new GroupNorm(1), no classifier.
 That is ``create_model(name, features_only=True)``; this module adds what detection and
 segmentation frameworks expect of a backbone: ``frozen_stages`` (mmdet's meaning),
 loading an ImageNet checkpoint with the classifier dropped, and an FPN on chosen levels

@@ -1,6 +1,7 @@
 """RetinaNet and Mask R-CNN with a MetaFormer + FPN backbone, through torchvision.
 
-Set up as the paper (its mmdet configs, REFERENCE §5): a 256-channel FPN; RetinaNet's FPN
+Set up as PoolFormer's COCO experiments (Yu et al., CVPR 2022, with mmdet; docs/dense.md, "What is the
+paper's, and what is torchvision's"): a 256-channel FPN; RetinaNet's FPN
 on stages 2-4 (strides 8/16/32) plus P6/P7 computed from the last backbone map (mmdet's
 ``start_level=1, add_extra_convs='on_input'``), anchors of 3 scales per octave from 32 to
 512 px at 3 aspect ratios; Mask R-CNN's FPN on all four stages plus a max-pooled P6 (mmdet's
