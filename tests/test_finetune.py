@@ -1,5 +1,5 @@
 """Fine-tuning: --pretrained (a new classifier when the classes differ) beats training from scratch at equal epochs;
---freeze-stages keeps the early stages fixed; --head-warmup-epochs trains only the classifier first;
+--frozen-stages keeps the stem and early stages fixed; --head-warmup-epochs trains only the classifier first;
 --layer-decay scales the lr by depth."""
 import json
 
@@ -58,10 +58,10 @@ def test_finetuning_beats_scratch_at_equal_epochs(words, pretrained, tmp_path, c
     assert tuned > scratch + 5, (tuned, scratch)
 
 
-def test_freeze_stages_keeps_the_stem_and_first_stages(words, pretrained, tmp_path):
+def test_frozen_stages_keep_the_stem_and_first_stages(words, pretrained, tmp_path):
     out = tmp_path / "frozen"
     assert main(["train", "--data", str(words), "--epochs", "1", *SMALL, "--output", str(out),
-                 "--pretrained", str(pretrained), "--freeze-stages", "2"]) == 0
+                 "--pretrained", str(pretrained), "--frozen-stages", "2"]) == 0
     before, after = body(pretrained), body(out / "last.pth")
     frozen = [k for k in before if k.startswith(("stem.", "stages.0.", "stages.1."))]
     learning = [k for k in before if k.startswith(("stages.2.", "stages.3.")) and k.endswith("mlp.fc1.weight")]
@@ -96,3 +96,26 @@ def test_layer_decay_scales_the_lr_by_depth():
     last_block = scale[id(raw.stages[3].blocks[0].mlp.fc1.weight)]
     # stem, 4 blocks, head: 6 layers, each 0.5x the one above it
     assert head == 1.0 and last_block == 0.5 and stem == pytest.approx(0.5 ** 5)
+
+
+def test_frozen_stages_means_the_same_in_every_task():
+    """mmdet's frozen_stages, for `train --frozen-stages` and the dense backbones alike: -1 nothing, 0 the stem,
+    k the stem and the first k stages."""
+    from metaformer import create_model
+    from metaformer.engine.loop import freeze, frozen_modules
+    from metaformer.errors import ConfigError
+    from metaformer.tasks.dense import MetaFormerBackbone
+
+    model = create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 16, 24, 32])
+    assert frozen_modules(model, -1) == []
+    assert frozen_modules(model, 0) == [model.stem]
+    assert frozen_modules(model, 2) == [model.stem, model.stages[0], model.stages[1]]
+    freeze(model, 0)
+    assert not any(p.requires_grad for p in model.stem.parameters())
+    assert all(p.requires_grad for p in model.stages.parameters())
+    bb = MetaFormerBackbone("poolformer_s12", frozen_stages=0, depths=[1, 1, 1, 1], dims=[8, 16, 24, 32])
+    assert [m for m in bb.body.modules() if any(not p.requires_grad for p in m.parameters(recurse=False))] == \
+        [m for m in bb.body.stem.modules() if any(True for _ in m.parameters(recurse=False))]
+    for bad in (-2, 5):
+        with pytest.raises(ConfigError, match=rf"frozen_stages={bad} is out of range: use -1 \(none\), 0 \(the stem\)"):
+            frozen_modules(model, bad)

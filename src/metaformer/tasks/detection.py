@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from timm.utils import unwrap_model
 from torch.utils.data import DataLoader, Subset
 
-from ..engine.loop import format_row, progress_bar, unwrap
+from ..engine.loop import format_row, progress_bar
 from ..engine.runtime import Runtime, setup
 from ..engine.stop import GracefulStop
 from ..errors import ConfigError, require
@@ -155,7 +156,7 @@ def train_one_epoch(run: DenseRun, dataset: CocoDetection) -> float:
 @torch.no_grad()
 def detect(model: torch.nn.Module, images: list[torch.Tensor], rt: Runtime) -> list[dict]:
     """Detections (boxes, labels, scores, masks) for ``[0, 1]`` RGB images, on the CPU in float32."""
-    model = unwrap(model).eval()
+    model = unwrap_model(model).eval()  # the model inside DDP / torch.compile
     with rt.autocast():
         out = model([im.to(rt.device) for im in images])
     return [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in out]

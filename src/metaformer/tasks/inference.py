@@ -20,7 +20,6 @@ from ..weights import WeightsError
 from ..zoo import build_from_config, create_model, load_weights
 from ..zoo.imagenet import categories, imagenet_classes
 from ..zoo.registry import eval_transform
-from .classification import evaluate  # noqa: F401  (eval's loop, re-exported for the commands)
 
 
 def imagenet_class_names() -> list[str]:

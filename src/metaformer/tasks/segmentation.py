@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import unwrap_model
 
 from ..data import Unreadable, collate_skip_unreadable
-from ..engine.loop import format_row, progress_bar, unwrap
+from ..engine.loop import format_row, progress_bar
 from ..engine.runtime import Runtime, setup
 from ..engine.stop import GracefulStop
 from ..errors import ConfigError
@@ -186,7 +187,7 @@ def evaluate_segmentation(model: torch.nn.Module, ds: SegmentationDataset, rt: R
     its share and the confusion matrices are summed. ``unreadable`` lists the images (or labels)
     that could not be read and were left out."""
     rt = rt or setup()
-    model = unwrap(model).eval()
+    model = unwrap_model(model).eval()  # the model inside DDP / torch.compile
     k = model.num_classes
     hist = torch.zeros(k * k, dtype=torch.float64, device=rt.device)
     unreadable = []

@@ -70,6 +70,10 @@ class Weights:
         """The class names, in the classifier's order."""
         return categories(self.dataset)[0]
 
+    def eval_resize(self) -> int:
+        """Shorter side before the centre crop: ``floor(img_size / crop_pct)`` (248 for S12 at 224)."""
+        return math.floor(self.img_size / self.crop_pct)
+
     def preprocessing(self, img_size: int | None = None) -> dict:
         """What :func:`eval_transform` needs, as plain data (stored with exported models)."""
         return {"img_size": img_size or self.img_size, "crop_pct": self.crop_pct,
@@ -128,39 +132,6 @@ class ModelInfo:
         tags = ", ".join(f"{self.name}.{w.tag}" for w in self.weights) or "none"
         raise WeightsError(f"{self.name} has no weights tagged {tag!r}; its weights: {tags}")
 
-    # The default weights' preprocessing, under the names the rest of the package has always used.
-    @property
-    def url(self) -> str | None:
-        return self.weights[0].url if self.weights else None
-
-    @property
-    def crop_pct(self) -> float:
-        return self.default_weights.crop_pct
-
-    @property
-    def interpolation(self) -> str:
-        return self.default_weights.interpolation
-
-    @property
-    def mean(self) -> tuple:
-        return self.default_weights.mean
-
-    @property
-    def std(self) -> tuple:
-        return self.default_weights.std
-
-    @property
-    def input_size(self) -> tuple:
-        return (3, self.default_weights.img_size, self.default_weights.img_size)
-
-    @property
-    def num_classes(self) -> int:
-        return self.default_weights.num_classes
-
-    def eval_resize(self, img_size: int | None = None) -> int:
-        """Shorter side before the centre crop: ``floor(size / crop_pct)`` (248 for S12 at 224)."""
-        return math.floor((img_size or self.input_size[-1]) / self.crop_pct)
-
     def preprocessing(self, img_size: int | None = None) -> dict:
         return self.default_weights.preprocessing(img_size)
 
@@ -176,13 +147,6 @@ class ModelInfo:
                "num_classes": w.num_classes, "license": w.license, "paper_ids": self.paper,
                "description": self.description}
         return {k: v for k, v in cfg.items() if v is not None}
-
-    def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("weights", "defaults")}
-        d["weights"] = [f"{self.name}.{w.tag}" for w in self.weights]
-        d.update(url=self.url, crop_pct=self.crop_pct, interpolation=self.interpolation, mean=list(self.mean),
-                 std=list(self.std), input_size=list(self.input_size), num_classes=self.num_classes)
-        return d
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
