@@ -34,10 +34,11 @@ def words(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """4 epochs on the built-in digits' train split."""
+    """4 epochs on the built-in digits' train split; the last epoch's weights, so that no val image (the words
+    data below) chose the checkpoint, as best.pth's would have."""
     out = tmp_path_factory.mktemp("pretrain")
     assert main(["train", "--epochs", "4", "--output", str(out), *SMALL]) == 0
-    return out / "best.pth"
+    return out / "last.pth"
 
 
 def body(path):
@@ -45,16 +46,19 @@ def body(path):
     return {k: v for k, v in sd.items() if not k.startswith("head.")}
 
 
-def test_finetuning_beats_scratch_at_equal_epochs(words, pretrained, tmp_path, capsys):
-    """Measured over seeds 0-2 (2 epochs): scratch 54.2/70.4/52.1%, fine-tuned 80.4/82.1/78.8%."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_finetuning_beats_scratch_at_equal_epochs(words, pretrained, tmp_path, capsys, seed):
+    """Every seed docs/training.md quotes (final top-1 after 2 epochs on the 240 words val images), measured:
+    scratch 54.17 / 70.42 / 52.08%, fine-tuned 80.42 / 82.08 / 78.75% for seeds 0 / 1 / 2."""
     capsys.readouterr()
-    common = ["train", "--data", str(words), "--epochs", "2", *SMALL, "--batch-size", "12"]
+    common = ["train", "--data", str(words), "--epochs", "2", *SMALL, "--batch-size", "12", "--seed", str(seed)]
     assert main([*common, "--output", str(tmp_path / "scratch")]) == 0
     assert main([*common, "--output", str(tmp_path / "tuned"), "--pretrained", str(pretrained)]) == 0
     assert "new classifier" in capsys.readouterr().out
-    scratch = json.loads((tmp_path / "scratch/summary.json").read_text())["best_top1"]
-    tuned = json.loads((tmp_path / "tuned/summary.json").read_text())["best_top1"]
-    print(f"inverted digits, 12 images per class, 2 epochs: scratch {scratch:.2f}%, fine-tuned {tuned:.2f}%")
+    scratch = json.loads((tmp_path / "scratch/summary.json").read_text())["final_top1"]
+    tuned = json.loads((tmp_path / "tuned/summary.json").read_text())["final_top1"]
+    print(f"seed {seed}, inverted digits, 12 images per class, 2 epochs: scratch {scratch:.2f}%, "
+          f"fine-tuned {tuned:.2f}%")
     assert tuned > scratch + 5, (tuned, scratch)
 
 
