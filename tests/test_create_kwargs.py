@@ -182,3 +182,28 @@ def test_scriptable_exportable_no_jit_hold_while_building_only(entry):
               **dict(zip(("scriptable", "exportable", "no_jit"), flags)))
         assert LayerConfigSpy.seen == [flags] * 4
         assert (is_scriptable(), is_exportable(), is_no_jit()) == (False, False, False)
+
+
+def test_a_hub_source_is_fetched_by_huggingface_hub(tmp_path, monkeypatch):
+    """pretrained_cfg_overlay's hf_hub_id: the hub's files in timm's order (a stand-in for the hub here)."""
+    import huggingface_hub
+
+    source = build("metaformer", "convformer_s18", seed=9)
+    metaformer.save_weights(source, tmp_path / "model.safetensors")
+    asked = []
+
+    def fake_download(repo_id, filename, cache_dir=None):
+        asked.append((repo_id, filename, cache_dir))
+        if filename != "model.safetensors":
+            raise FileNotFoundError(filename)
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    model = build("metaformer", "convformer_s18", pretrained=True, cache_dir=str(tmp_path / "hub"),
+                  pretrained_cfg_overlay=dict(hf_hub_id="someone/convformer", url=None))
+    assert asked == [("someone/convformer", "model.safetensors", str(tmp_path / "hub"))]
+    assert torch.equal(model.stem.conv.weight, source.stem.conv.weight)
+    with pytest.raises(metaformer.WeightsError, match="cannot fetch weights from the Hugging Face hub repository "
+                                                      "'someone/other' \\(pytorch_model.bin: FileNotFoundError\\)"):
+        build("metaformer", "convformer_s18", pretrained=True,
+              pretrained_cfg_overlay=dict(hf_hub_id="someone/other", hf_hub_filename="pytorch_model.bin"))
