@@ -1,6 +1,5 @@
 """Ordinary and hostile inputs to `metaformer detect` / `segment`: bad images and labels, Ctrl-C, evaluations
 that die, re-runs into the same folder, NaN boxes, bad polygons, the ignore label. Nothing may be lost."""
-import dataclasses
 import json
 import re
 import shutil
@@ -260,35 +259,3 @@ def test_a_nan_loss_stops_segmentation_with_one_line_on_the_command_line(toy, tm
     assert rc == 2 and err[-1].startswith("metaformer segment: error: loss is nan at iteration 3"), err
     ckpt = load_checkpoint(tmp_path / "s/last.pth", "segment")
     assert ckpt["iteration"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-
-
-# ----------------------------------------------------------------------------- checkpoints of metaformer 0.1
-
-def as_written_by_0_1(path, task):
-    """Rewrite a checkpoint in the key layout of 0.1's dense engine (f3392b6): other names for the running
-    loss sums, one RNG dict instead of one state per process, and no pass position for segmentation."""
-    ckpt = torch.load(path, weights_only=False)
-    sums, steps = ckpt.pop("sums"), ckpt.pop("steps")
-    if task == "detect":
-        ckpt["epoch_sums"], ckpt["epoch_steps"] = sums, steps
-    else:
-        ckpt["loss_sum"], ckpt["loss_steps"] = sums.get("loss", 0.0), steps
-        del ckpt["epoch"], ckpt["step_in_epoch"]
-    ckpt["rng"] = {"torch": torch.get_rng_state()}
-    torch.save(ckpt, path)
-
-
-@pytest.mark.parametrize("task", ["detect", "segment"])
-def test_a_checkpoint_of_0_1_resumes_to_the_end(toy, tmp_path, task):
-    """The run goes on from the saved iteration (the random augmentation of the running pass restarts)."""
-    if task == "detect":
-        train_detection(det_cfg(toy, tmp_path, epochs=1, val=False))
-        as_written_by_0_1(tmp_path / "last.pth", task)
-        history = train_detection(det_cfg(toy, tmp_path, epochs=2, val=False, resume="auto"))
-        assert [h["epoch"] for h in history] == [1, 2] and load_checkpoint(tmp_path / "last.pth", task)["iteration"] == 4
-    else:
-        train_segmentation(dataclasses.replace(seg_cfg(toy, tmp_path, eval_every=100), iters=2))
-        as_written_by_0_1(tmp_path / "last.pth", task)
-        train_segmentation(seg_cfg(toy, tmp_path, eval_every=100, resume="auto"))
-        ckpt = load_checkpoint(tmp_path / "last.pth", task)
-        assert ckpt["iteration"] == 4 and [h["iteration"] for h in ckpt["history"]] == [2, 4]

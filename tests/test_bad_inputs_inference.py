@@ -224,7 +224,7 @@ def test_corrupt_onnx_and_decompression_bomb_are_one_line_errors(trained, tmp_pa
 
 # ----------------------------------------------------------------------------- checkpoint arguments
 
-def test_checkpoint_arguments_say_what_they_are(trained, tmp_path, capsys):
+def test_checkpoint_arguments_say_what_they_are(trained, tmp_path, capsys, monkeypatch):
     run = trained / "run"
     err = one_line_error(capsys, "eval", "--checkpoint", str(run))
     assert "is a folder, not a checkpoint file" in err and "best.pth" in err
@@ -238,11 +238,8 @@ def test_checkpoint_arguments_say_what_they_are(trained, tmp_path, capsys):
     assert "is a `metaformer detect` checkpoint" in err and "metaformer detect eval" in err
     # a URL is downloaded (once, into the cache) and used, not reported missing
     url = (run / "best.pth").as_uri()
-    os.environ["METAFORMER_CACHE"] = str(tmp_path / "cache")
-    try:
-        assert eval_json(capsys, "--checkpoint", url)["images"] == 360
-    finally:
-        del os.environ["METAFORMER_CACHE"]
+    monkeypatch.setenv("METAFORMER_CACHE", str(tmp_path / "cache"))  # undone after the test, whatever was there
+    assert eval_json(capsys, "--checkpoint", url)["images"] == 360
 
 
 # ----------------------------------------------------------------------------- library arguments

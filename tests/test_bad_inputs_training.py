@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from metaformer.atomic import clean_stale_temps, temp_file
+from metaformer.atomic import atomic_path, clean_stale_temps, temp_file
 from metaformer.cli import main
 from metaformer.tasks.train_config import resolve_config
 
@@ -124,6 +124,24 @@ def test_orphan_temp_files_of_killed_writers_are_removed(after_epoch_1, tmp_path
     dead.write_bytes(b"half a checkpoint")
     assert train("--epochs", "2", "--output", str(run), "--resume", "auto") == 0
     assert not dead.exists() and not list(run.glob(".*.tmp"))
+
+
+def test_atomic_path_renames_only_a_result_that_passed(tmp_path):
+    """The writers that take a file name (export, convert) write beside the target: the result appears only when
+    the block ends without an error, a refused one leaves nothing, and a killed writer's folder is cleaned."""
+    target = tmp_path / "model.onnx"
+    with pytest.raises(ValueError):
+        with atomic_path(target) as tmp:
+            assert tmp.name == "model.onnx" and tmp.parent.parent == tmp_path
+            tmp.write_bytes(b"disagrees with the model")
+            raise ValueError("check failed")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"checked")
+    assert target.read_bytes() == b"checked" and list(tmp_path.iterdir()) == [target]
+    dead = tmp_path / ".hf.999999999.abcd1234.tmp"  # a folder left by a killed convert (no such process)
+    (dead / "hf").mkdir(parents=True)
+    assert clean_stale_temps(tmp_path) == [dead] and not dead.exists() and target.exists()
 
 
 # ----------------------------------------------------------------------------- output folders, disks

@@ -129,19 +129,34 @@ def test_hf_trains_to_the_identical_accuracy(folder_run, digits_hf):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model_f.state_dict().values()))
 
 
+# Measured with this file's plain loop, 5 epochs, over sampler seeds 0..7 (docs/training.md quotes them):
+# the data order alone moves top-1 within these ranges. A run must land inside, give or take one point for
+# another CPU's rounding.
+PLAIN_LOOP_RANGE = {"folder": (93.9, 96.4), "shards": (94.4, 96.4)}
+# `metaformer train`, 5 epochs, seed 0, as docs/training.md quotes them; a run must land within 2.5 points (the
+# spread of the data orders above) of its figure.
+QUOTED_TRAIN = {"folder": 93.06, "hf": 93.06, "shards": 93.33}
+QUOTED_BAND = 2.5
+
+
+def in_range(top1: float, source: str) -> bool:
+    low, high = PLAIN_LOOP_RANGE[source]
+    return low - 1.0 <= top1 <= high + 1.0
+
+
 def test_shards_train_to_the_same_accuracy(folder_run, digits_shards):
     """The shard stream's order differs (pack shuffles, shards are permuted, a buffer mixes), so the run is
-    another draw of the same training. Measured with 5 epochs over sampler seeds 0..7: ImageFolder 93.9 to
-    96.4% (std 0.8), shards 94.4 to 96.4% (std 0.6); the order alone moves accuracy by up to 2.5 points,
-    so 3 points is the tolerance. That the stream sees every sample once per epoch is checked exactly."""
+    another draw of the same training: both land in their measured ranges (PLAIN_LOOP_RANGE), within 3 points
+    of each other. That the stream sees every sample once per epoch is checked exactly."""
     model_f, top1_f, seen_f = folder_run
     source = D.open_source(str(digits_shards), TF, TF)
     assert isinstance(source.train, D.ShardStream) and source.class_names == [str(i) for i in range(10)]
     model, seen = train(source)
     assert seen == [1437] * 5 and seen_f == [1437] * 5
     top1, n = accuracy(model, source.val)
+    print(f"plain loop, 5 epochs: folder {top1_f:.2f}%, shards {top1:.2f}%")
     assert n == 360 and abs(top1 - top1_f) <= 3.0, (top1, top1_f)
-    assert top1 > 85
+    assert in_range(top1_f, "folder") and in_range(top1, "shards"), (top1_f, top1)
 
 
 def test_one_model_scores_the_same_on_every_source(folder_run, digits_root, digits_shards, digits_hf):
@@ -581,10 +596,12 @@ def trained_on_each(digits_root, digits_shards, digits_hf, tmp_path_factory):
 
 
 def test_metaformer_train_reaches_the_same_accuracy_on_each_source(trained_on_each):
-    """Measured (5 epochs, seed 0): ImageFolder and datasets identical runs; shards another draw of the order."""
+    """ImageFolder and datasets give identical runs, shards another draw of the order; each near the figure
+    docs/training.md quotes (QUOTED_TRAIN)."""
     top1 = {k: json.loads((v / "summary.json").read_text())["final_top1"] for k, v in trained_on_each.items()}
     print("final top-1 by source:", top1)
-    assert top1["folder"] > 85
+    for source, quoted in QUOTED_TRAIN.items():
+        assert abs(top1[source] - quoted) <= QUOTED_BAND, (source, top1[source], quoted)
     assert top1["hf"] == top1["folder"]  # the same images in the same order: the same run
     assert abs(top1["shards"] - top1["folder"]) <= 3.0, top1
     history = torch.load(trained_on_each["shards"] / "last.pth", weights_only=True)["history"]

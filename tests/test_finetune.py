@@ -1,5 +1,5 @@
 """Fine-tuning: --pretrained (a new classifier when the classes differ) beats training from scratch at equal epochs;
---freeze-stages keeps the early stages fixed; --head-warmup-epochs trains only the classifier first;
+--frozen-stages keeps the stem and early stages fixed; --head-warmup-epochs trains only the classifier first;
 --layer-decay scales the lr by depth."""
 import json
 
@@ -34,10 +34,11 @@ def words(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """4 epochs on the built-in digits' train split."""
+    """4 epochs on the built-in digits' train split; the last epoch's weights, so that no val image (the words
+    data below) chose the checkpoint, as best.pth's would have."""
     out = tmp_path_factory.mktemp("pretrain")
     assert main(["train", "--epochs", "4", "--output", str(out), *SMALL]) == 0
-    return out / "best.pth"
+    return out / "last.pth"
 
 
 def body(path):
@@ -45,23 +46,26 @@ def body(path):
     return {k: v for k, v in sd.items() if not k.startswith("head.")}
 
 
-def test_finetuning_beats_scratch_at_equal_epochs(words, pretrained, tmp_path, capsys):
-    """Measured over seeds 0-2 (2 epochs): scratch 54.2/70.4/52.1%, fine-tuned 80.4/82.1/78.8%."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_finetuning_beats_scratch_at_equal_epochs(words, pretrained, tmp_path, capsys, seed):
+    """Every seed docs/training.md quotes (final top-1 after 2 epochs on the 240 words val images), measured:
+    scratch 54.17 / 70.42 / 52.08%, fine-tuned 80.42 / 82.08 / 78.75% for seeds 0 / 1 / 2."""
     capsys.readouterr()
-    common = ["train", "--data", str(words), "--epochs", "2", *SMALL, "--batch-size", "12"]
+    common = ["train", "--data", str(words), "--epochs", "2", *SMALL, "--batch-size", "12", "--seed", str(seed)]
     assert main([*common, "--output", str(tmp_path / "scratch")]) == 0
     assert main([*common, "--output", str(tmp_path / "tuned"), "--pretrained", str(pretrained)]) == 0
     assert "new classifier" in capsys.readouterr().out
-    scratch = json.loads((tmp_path / "scratch/summary.json").read_text())["best_top1"]
-    tuned = json.loads((tmp_path / "tuned/summary.json").read_text())["best_top1"]
-    print(f"inverted digits, 12 images per class, 2 epochs: scratch {scratch:.2f}%, fine-tuned {tuned:.2f}%")
+    scratch = json.loads((tmp_path / "scratch/summary.json").read_text())["final_top1"]
+    tuned = json.loads((tmp_path / "tuned/summary.json").read_text())["final_top1"]
+    print(f"seed {seed}, inverted digits, 12 images per class, 2 epochs: scratch {scratch:.2f}%, "
+          f"fine-tuned {tuned:.2f}%")
     assert tuned > scratch + 5, (tuned, scratch)
 
 
-def test_freeze_stages_keeps_the_stem_and_first_stages(words, pretrained, tmp_path):
+def test_frozen_stages_keep_the_stem_and_first_stages(words, pretrained, tmp_path):
     out = tmp_path / "frozen"
     assert main(["train", "--data", str(words), "--epochs", "1", *SMALL, "--output", str(out),
-                 "--pretrained", str(pretrained), "--freeze-stages", "2"]) == 0
+                 "--pretrained", str(pretrained), "--frozen-stages", "2"]) == 0
     before, after = body(pretrained), body(out / "last.pth")
     frozen = [k for k in before if k.startswith(("stem.", "stages.0.", "stages.1."))]
     learning = [k for k in before if k.startswith(("stages.2.", "stages.3.")) and k.endswith("mlp.fc1.weight")]
@@ -96,3 +100,26 @@ def test_layer_decay_scales_the_lr_by_depth():
     last_block = scale[id(raw.stages[3].blocks[0].mlp.fc1.weight)]
     # stem, 4 blocks, head: 6 layers, each 0.5x the one above it
     assert head == 1.0 and last_block == 0.5 and stem == pytest.approx(0.5 ** 5)
+
+
+def test_frozen_stages_means_the_same_in_every_task():
+    """mmdet's frozen_stages, for `train --frozen-stages` and the dense backbones alike: -1 nothing, 0 the stem,
+    k the stem and the first k stages."""
+    from metaformer import create_model
+    from metaformer.engine.loop import freeze, frozen_modules
+    from metaformer.errors import ConfigError
+    from metaformer.tasks.dense import MetaFormerBackbone
+
+    model = create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 16, 24, 32])
+    assert frozen_modules(model, -1) == []
+    assert frozen_modules(model, 0) == [model.stem]
+    assert frozen_modules(model, 2) == [model.stem, model.stages[0], model.stages[1]]
+    freeze(model, 0)
+    assert not any(p.requires_grad for p in model.stem.parameters())
+    assert all(p.requires_grad for p in model.stages.parameters())
+    bb = MetaFormerBackbone("poolformer_s12", frozen_stages=0, depths=[1, 1, 1, 1], dims=[8, 16, 24, 32])
+    assert [m for m in bb.body.modules() if any(not p.requires_grad for p in m.parameters(recurse=False))] == \
+        [m for m in bb.body.stem.modules() if any(True for _ in m.parameters(recurse=False))]
+    for bad in (-2, 5):
+        with pytest.raises(ConfigError, match=rf"frozen_stages={bad} is out of range: use -1 \(none\), 0 \(the stem\)"):
+            frozen_modules(model, bad)

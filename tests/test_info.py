@@ -1,6 +1,8 @@
 """`metaformer info`: the paper's parameter and MAC figures, from the command line."""
 import json
 
+import torch
+
 from metaformer.cli import main
 
 
@@ -20,16 +22,43 @@ def test_info_json_includes_ablation_rows(capsys):
 
 
 def test_info_counts_live_at_another_size_and_stored_figures_are_exact(capsys):
-    """The stored table is what a live count gives (the file cannot drift from the code)."""
-    from metaformer.tools.complexity import measure
-    from metaformer.zoo import list_models
+    """The stored table is what a live count gives (the file cannot drift from the code), and its convolution,
+    linear and matmul MACs are half the FLOPs torch's own FlopCounterMode counts in the same forward pass (a
+    counter independent of ours)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from metaformer.tools.complexity import count_macs, count_params
+    from metaformer.zoo import create_model, list_models
     from metaformer.zoo.registry import complexity
 
     for name in list_models():
-        assert complexity(name) == measure(name), name
+        with torch.device("meta"):
+            model = create_model(name)
+        with FlopCounterMode(display=False) as torch_count:
+            macs = count_macs(model)
+        params = count_params(model)
+        assert complexity(name) == {"params": params["trainable"], "frozen": params["frozen"], "macs": macs["total"],
+                                    "macs_conv_linear": macs["matmul_conv"]}, name
+        assert torch_count.get_total_flops() == 2 * macs["matmul_conv"], name
     assert main(["info", "poolformer_s12", "--img-size", "256", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)[0]
     assert row["gmacs"] > 1.823 * (256 / 224) ** 2 * 0.99
+
+
+def test_s12_figures_counted_by_hand():
+    """PoolFormer-S12 at 224 from its description alone (the paper's convention: convolutions and linears, plus
+    5 MACs per element for each affine GroupNorm): the 1.823 / 1.812 G that `metaformer info` prints."""
+    from metaformer.zoo.registry import complexity
+
+    depths, dims, grids = (2, 2, 6, 2), (64, 128, 320, 512), (56, 28, 14, 7)
+    convs = grids[0] ** 2 * dims[0] * 3 * 7 * 7  # stem: k7 s4 over RGB
+    convs += sum(g * g * c * c_in * 9 for g, c, c_in in zip(grids[1:], dims[1:], dims[:-1]))  # k3 s2 downsampling
+    convs += sum(d * g * g * 2 * c * 4 * c for d, g, c in zip(depths, grids, dims))  # fc1 and fc2, ratio 4
+    convs += dims[-1] * 1000  # classifier
+    norms = 5 * sum(d * 2 * c * g * g for d, g, c in zip(depths, grids, dims)) + 5 * dims[-1] * grids[-1] ** 2
+    assert complexity("poolformer_s12")["macs_conv_linear"] == convs == 1_812_267_008
+    assert complexity("poolformer_s12")["macs"] == convs + norms
+    assert f"{(convs + norms) / 1e9:.3f} | {convs / 1e9:.3f}" == "1.823 | 1.812"
 
 
 def test_info_unknown_model_is_one_clear_line(capsys):

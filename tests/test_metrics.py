@@ -11,18 +11,34 @@ from metaformer.engine.metrics import MetricsLog
 from metaformer.errors import MissingDependency
 
 
+def tensorboard_scalars(folder) -> dict:
+    """``{tag: [(step, value), ...]}`` as TensorBoard reads the event files back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def test_rows_go_to_csv_jsonl_and_tensorboard(tmp_path):
     log = MetricsLog(tmp_path, True, [], "epoch")
-    log.add({"epoch": 1, "loss": 2.0, "top1": 10.0, "per_class": [0.1, 0.2]})
+    log.scalar("train/loss", 2.5, 7)
+    log.add({"epoch": 1, "loss": 2.0, "top1": 10.0, "per_class": [0.1, 0.2], "note": "warm-up"})
     row = {"epoch": 2, "loss": 1.5}
     log.add(row)
     row["top1"] = 40.0  # an evaluation added to the row later
     log.update(row)
     log.close()
+    # every numeric key of every row, in both files: CSV columns in first-seen order; JSONL keeps lists and text
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
-    assert [(r["epoch"], r["loss"], r["top1"]) for r in rows] == [("1", "2.0", "10.0"), ("2", "1.5", "40.0")]
-    assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][0]["per_class"] == [0.1, 0.2]
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert rows == [{"epoch": "1", "loss": "2.0", "top1": "10.0"}, {"epoch": "2", "loss": "1.5", "top1": "40.0"}]
+    assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == [
+        {"epoch": 1, "loss": 2.0, "top1": 10.0, "per_class": [0.1, 0.2], "note": "warm-up"},
+        {"epoch": 2, "loss": 1.5, "top1": 40.0}]
+    # TensorBoard: each scalar under the step key's axis, the between-row point under its own name; the row
+    # re-logged after its evaluation repeats its loss at the same step (TensorBoard keeps the last)
+    assert tensorboard_scalars(tmp_path / "tb") == {
+        "train/loss": [(7, 2.5)], "epoch/loss": [(1, 2.0), (2, 1.5), (2, 1.5)], "epoch/top1": [(1, 10.0), (2, 40.0)]}
 
 
 def test_a_resumed_run_rewrites_the_files_from_its_history(tmp_path):
@@ -63,8 +79,8 @@ def test_weights_and_biases_gets_every_row(tmp_path, monkeypatch):
     log.add({"iteration": 10, "loss": 0.5, "mIoU": 0.25})
     log.close()
     assert calls[0][0] == "init" and calls[0][1]["project"] == "my-project" and calls[0][1]["config"] == {"lr": 1e-3}
-    logged = {(c[1].popitem()[0], c[2]) for c in calls if c[0] == "log"}
-    assert logged == {("train/loss", 5), ("iteration/loss", 10), ("iteration/mIoU", 10)}
+    assert [c[1:] for c in calls if c[0] == "log"] == [  # every key and value of every call, in order
+        ({"train/loss": 0.7}, 5), ({"iteration/loss": 0.5}, 10), ({"iteration/mIoU": 0.25}, 10)]
     assert calls[-1] == ("finish",)
 
 

@@ -173,10 +173,10 @@ def test_variant_configs_match_reference():
     assert cfgs["poolformer_s12"].config["layer_scale_init_value"] == 1e-5
     assert cfgs["poolformer_s36"].config["layer_scale_init_value"] == 1e-6
     assert [cfgs[n].config["drop_path_rate"] for n in PARAMS] == [0.1, 0.1, 0.2, 0.3, 0.4]
-    assert [cfgs[n].crop_pct for n in PARAMS] == [0.9, 0.9, 0.9, 0.95, 0.95]
+    assert [cfgs[n].default_weights.crop_pct for n in PARAMS] == [0.9, 0.9, 0.9, 0.95, 0.95]
     tf = cfgs["poolformer_m36"].transforms()
     assert tf.transforms[0].size == math.floor(224 / 0.95)
-    assert cfgs["poolformer_s12"].url.endswith("poolformer_s12.pth.tar")
+    assert cfgs["poolformer_s12"].default_weights.url.endswith("poolformer_s12.pth.tar")
 
 
 # ----- parity with independent implementations -----

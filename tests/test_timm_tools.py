@@ -29,12 +29,13 @@ def test_the_runner_gives_timm_scripts_our_models(tmp_path, capsys):
                       "m = timm.create_model(sys.argv[1], pretrained=False)\n"
                       "print(type(m).__module__, m.variant)\n"
                       "sys.exit(3 if len(sys.argv) > 2 else 0)\n")
+    argv, path = list(sys.argv), list(sys.path)
     assert main(["timm", str(script), "metaformer_poolformer_s12"]) == 0
     assert capsys.readouterr().out.strip() == "metaformer.models.metaformer poolformer_s12"
     assert main(["timm", str(script), "metaformer_ppaa_s12", "--extra"]) == 3  # the script's exit code
+    assert (sys.argv, sys.path) == (argv, path)  # the script's argv and folder were the script's only
     assert main(["timm", str(tmp_path / "train.py")]) == 2
     assert "pytorch-image-models" in capsys.readouterr().err
-    sys.argv = sys.argv[:1]
 
 
 def test_timm_train_and_validate_pipeline_on_the_digits(digits_folder, tmp_path):

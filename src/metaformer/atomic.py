@@ -1,17 +1,20 @@
 """Atomic file writes: a crash mid-write never leaves half a file under the final name.
 
-Temporary files are named ``.<name>.<pid>.<random>.tmp`` next to their target, so a later
-run can tell the leftovers of a killed writer (its process is gone) from a write in progress
-(:func:`clean_stale_temps`).
+Temporary files (and folders) are named ``.<name>.<pid>.<random>.tmp`` next to their target, so
+a later run can tell the leftovers of a killed writer (its process is gone) from a write in
+progress (:func:`clean_stale_temps`). :func:`atomic_write` takes a function writing to an open
+file; :func:`atomic_path` gives a path for writers that take a file name (exporters, converters),
+and lets the caller check the result before it is renamed into place.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]+\.tmp$")
 
@@ -39,13 +42,37 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (not possible on every OS)
-        dfd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # make a rename durable (not possible on every OS)
+        dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_path(p) as tmp:`` write ``tmp`` (a file or a folder, by any writer; it has ``p``'s own
+    name, inside a temporary folder beside ``p``); it becomes ``p`` when the block ends without an error,
+    and is removed otherwise (raise inside the block to refuse a result that failed its check)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))
+    try:
+        tmp = holder / path.name
+        yield tmp
+        if tmp.is_file():
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
@@ -66,13 +93,18 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Delete temp files of :func:`atomic_write` in ``directory`` whose writer process is gone; returns them."""
+    """Delete the temp files and folders of this module's writers in ``directory`` whose writer process is gone;
+    returns them."""
     removed = []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in os.scandir(directory):
             m = _TEMP.match(entry.name)
-            if m and entry.is_file() and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
+            if m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+                if entry.is_dir(follow_symlinks=False):  # atomic_path's folder
+                    shutil.rmtree(entry.path, ignore_errors=True)
                     removed.append(Path(entry.path))
+                elif entry.is_file():
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed.append(Path(entry.path))
     return removed

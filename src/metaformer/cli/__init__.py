@@ -56,28 +56,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     # Our warnings are sentences for the user; the file and line of the warn() call only distract.
-    return f"warning: {message}\n"
+    print(f"warning: {message}", file=file if file is not None else sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.formatwarning = _one_line_warning
+    """Run one command line (``argv``, default ``sys.argv[1:]``) and return its exit code. The process is left
+    as it was found: warnings are shown as one line only while the command runs."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # answered by the verb's own parser, with its usage (argparse would show the top level's)
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+        warnings.showwarning = _one_line_warning
+        try:
+            return int(args.func(args) or 0)
+        except UserError as e:
+            print(f"metaformer {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `metaformer info | head`: the reader left; not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+
+
+def program() -> None:
+    """The ``metaformer`` executable (and ``python -m metaformer``): a process of its own, so it may set up
+    the process for the work it does. Large activations are reused instead of being page-faulted in on
+    every step (:func:`metaformer.fast.alloc.keep_freed_memory`; ``METAFORMER_MALLOC=default`` keeps
+    glibc's defaults). ``main()`` called from Python changes no process-wide setting."""
     from ..fast.alloc import keep_freed_memory
 
-    keep_freed_memory()  # large activations are reused, not page-faulted in on every step
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"metaformer {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `metaformer info | head`: the reader left; not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    keep_freed_memory()
+    raise SystemExit(main())

@@ -72,8 +72,8 @@ def add_parser(subparsers) -> None:
 def run_eval(args) -> int:
     from .. import data as D
     from ..engine.runtime import setup
-    from ..tasks.classification import eval_loader
-    from ..tasks.inference import eval_dataset, evaluate, load_for_inference, prepare
+    from ..tasks.classification import eval_loader, evaluate
+    from ..tasks.inference import eval_dataset, load_for_inference, prepare
 
     rt = setup(args.device, args.amp)
     loaded = load_for_inference(args.model, args.checkpoint, args.num_classes, rt.device, args.allow_nonfinite,

@@ -57,7 +57,7 @@ def details(name: str) -> str:
     for w in info.weights or ():
         top1 = f"top-1 {w.top1}" if w.top1 is not None else f"{w.num_classes} classes, no ImageNet-1k top-1"
         lines.append(f"  {name}.{w.tag}: {w.dataset}, {w.img_size}px, {top1}, eval resize "
-                     f"{info.eval_resize(w.img_size) if w.crop_pct == info.crop_pct else w.img_size} "
+                     f"{w.eval_resize()} "
                      f"({w.interpolation}, crop_pct {w.crop_pct}); {w.url or w.hf_hub_id}")
     if not info.weights:
         lines.append("  weights: none published (pass a path with pretrained=PATH)")

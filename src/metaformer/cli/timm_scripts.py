@@ -18,12 +18,15 @@ def run(args) -> int:
         raise UserError(f"{script} does not exist. timm's train.py and validate.py live in the pytorch-image-models "
                         "repository, not in the pip package: git clone https://github.com/huggingface/"
                         "pytorch-image-models and pass the path of its train.py")
+    argv, path = sys.argv[:], sys.path[:]
     sys.argv = [str(script), *args.script_args]
     sys.path.insert(0, str(script.parent.resolve()))  # as `python script.py` would
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:  # the script's own exit code
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:  # the caller's process as it was (main() may be called from Python)
+        sys.argv[:], sys.path[:] = argv, path
     return 0
 
 

@@ -17,17 +17,16 @@ Unreadable images never crash a worker: a dataset returns an :class:`Unreadable`
 (skip and list, or stop under ``--strict-data``). Deciding in the main process keeps the
 error message clean whatever the number of DataLoader workers.
 """
-from .digits import DIGITS_SPLIT_SEED, DIGITS_VAL_FRACTION, Digits, is_builtin
-from .folders import SafeImageFolder, check_image_folder, find_eval_dir
+from .digits import Digits, is_builtin
+from .folders import SafeImageFolder, check_image_folder
 from .hfds import HFImageDataset
-from .images import DataError, Padding, Unreadable, list_images, open_rgb, to_rgb
+from .images import DataError, Padding, Unreadable, list_images, open_rgb
 from .loaders import ResumableDistributedSampler, UnreadableLog, collate_skip_unreadable, make_loader
 from .shards import ShardStream, pack_image_folder
 from .sources import DataSource, open_eval_source, open_source
 from .transforms import train_transform
 
-__all__ = ["DIGITS_SPLIT_SEED", "DIGITS_VAL_FRACTION", "DataError", "DataSource", "Digits", "HFImageDataset",
-           "Padding", "ResumableDistributedSampler", "SafeImageFolder", "ShardStream", "Unreadable", "UnreadableLog",
-           "check_image_folder", "collate_skip_unreadable", "find_eval_dir", "is_builtin",
-           "list_images", "make_loader", "open_eval_source", "open_rgb", "open_source", "pack_image_folder",
-           "to_rgb", "train_transform"]
+__all__ = ["DataError", "DataSource", "Digits", "HFImageDataset", "Padding", "ResumableDistributedSampler",
+           "SafeImageFolder", "ShardStream", "Unreadable", "UnreadableLog", "check_image_folder",
+           "collate_skip_unreadable", "is_builtin", "list_images", "make_loader", "open_eval_source", "open_rgb",
+           "open_source", "pack_image_folder", "train_transform"]

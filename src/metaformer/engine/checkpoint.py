@@ -19,7 +19,7 @@ from typing import Iterable
 
 import torch
 
-from ..atomic import atomic_save, clean_stale_temps, temp_file
+from ..atomic import atomic_save, atomic_write, clean_stale_temps, temp_file
 from ..errors import ConfigError, MetaFormerError
 
 # What a run writes into its folder (a new run replaces these only with --overwrite).
@@ -120,9 +120,8 @@ def reconcile_best(last_path: Path, last: dict, metric: str) -> str | None:
         return f"{best_path} holds a better score ({best[metric]:.4g}) than {last_path.name} knew: kept as the best"
     if last.get("best_epoch") is not None and last["best_epoch"] == last.get("epoch") \
             and (best is None or best.get("epoch") != last.get("epoch")):
-        temp = temp_file(best_path)
-        shutil.copyfile(last_path, temp)
-        os.replace(temp, best_path)
+        with open(last_path, "rb") as src:
+            atomic_write(best_path, lambda f: shutil.copyfileobj(src, f))
         return f"{best_path} was {'missing' if best is None else 'older than ' + last_path.name}: brought up to date"
     return None
 

@@ -8,6 +8,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..errors import ConfigError
 from .runtime import Runtime
 from .stop import GracefulStop, TrainingDiverged
 
@@ -20,10 +21,24 @@ def wrap_ddp(model: torch.nn.Module, rt: Runtime, find_unused: bool = False) -> 
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DDP and/or torch.compile."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+def frozen_modules(model: torch.nn.Module, frozen_stages: int) -> list[torch.nn.Module]:
+    """The parts ``frozen_stages`` names, with mmdet's meaning (every task): -1 none, 0 the stem, ``k`` the stem
+    and the first ``k`` stages. ``model`` is a MetaFormer or its features_only backbone (``stem``, ``stages``)."""
+    n = model.num_stages
+    if not (isinstance(frozen_stages, int) and -1 <= frozen_stages <= n):
+        raise ConfigError(f"frozen_stages={frozen_stages!r} is out of range: use -1 (none), 0 (the stem) up to {n} "
+                          "(the stem and every stage)")
+    return [] if frozen_stages < 0 else [model.stem, *list(model.stages)[:frozen_stages]]
+
+
+def freeze(model: torch.nn.Module, frozen_stages: int) -> list[torch.nn.Module]:
+    """Stop :func:`frozen_modules` learning: parameters fixed, norms in eval mode (a BatchNorm variant keeps its
+    statistics). Call again after ``model.train()``."""
+    frozen = frozen_modules(model, frozen_stages)
+    for m in frozen:
+        m.eval()
+        m.requires_grad_(False)
+    return frozen
 
 
 def check_finite(loss: float, where: str, output: Path, amp: str, hint: str = "") -> None:

@@ -25,6 +25,8 @@ from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import to_2tuple
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from timm.models.metaformer import Downsampling, MlpHead, Stem
@@ -33,10 +35,7 @@ from torch.jit import Final
 
 from ..errors import ConfigError
 from .layers import DropPath, Mlp, Scale, eager, norm_factory, resolve_act
-from .mixers import PositionEmbedding, RandomMixing, SpatialMlp, build_token_mixer, resolve_token_mixer
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .mixers import Attention, PositionEmbedding, RandomMixing, SpatialMlp, build_token_mixer, resolve_token_mixer
 
 # Options that may be given per stage, as a scalar or a list of one value per stage.
 PER_STAGE = ("token_mixers", "norm", "act", "mlp_ratios", "layer_scale", "layer_scale_init_value",
@@ -44,15 +43,6 @@ PER_STAGE = ("token_mixers", "norm", "act", "mlp_ratios", "layer_scale", "layer_
 
 MIN_INPUT = 32  # the network downsamples by 32: smaller inputs leave no token in the last stage
 HEAD_STYLES = ("norm_pool", "pool_norm")
-
-
-def to_2tuple(x: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    if isinstance(x, int):
-        return (x, x)
-    x = tuple(int(v) for v in x)
-    if len(x) != 2:
-        raise ConfigError(f"expected an int or (height, width), got {x}")
-    return x
 
 
 def per_stage(value: Any, num_stages: int, name: str) -> list:
@@ -295,18 +285,23 @@ class MetaFormer(nn.Module):
                     head_style, global_pool)
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.img_size = to_2tuple(img_size)
+        self.img_size = to_2tuple(img_size)  # validated above: an int or two ints
         self.dims = list(dims)
         self.depths = list(depths)
         self.num_features = self.head_hidden_size = self.dims[-1]
         self.global_pool = global_pool
         self.grad_checkpointing = False
         self.pruned = False
+        # What the zoo knows of a model it builds (None for one built directly): its architecture's name, and
+        # the names of its classes when a checkpoint stored them.
+        self.variant = None
+        self.class_names = None
 
         mixers = [resolve_token_mixer(m) for m in opts["token_mixers"]]
         pos = opts["pos_embed"]
         if all(p is None for p in pos):  # automatic: before the first attention stage, as in the paper
-            first_attn = next((i for i, m in enumerate(mixers) if getattr(m, "mixer_name", "") == "attention"), None)
+            first_attn = next((i for i, m in enumerate(mixers) if isinstance(m, type) and issubclass(m, Attention)),
+                              None)
             pos = [i == first_attn for i in range(n)]
 
         size = [conv_out(s, 7, 4, 2) for s in self.img_size]
@@ -376,7 +371,7 @@ class MetaFormer(nn.Module):
             "input_size": (self.in_chans, *self.img_size), "fixed_input_size": self.fixed_input_size,
             "min_input_size": (self.in_chans, MIN_INPUT, MIN_INPUT), "pool_size": self.token_grid,
             "crop_pct": 0.9 if isinstance(self.head, NormPoolHead) else 1.0, "crop_mode": "center",
-            "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
             "num_classes": self.num_classes, "first_conv": "stem.conv", "classifier": self.classifier_name,
         }
 

@@ -30,11 +30,11 @@ TOKEN_MIXERS: Dict[str, Type[nn.Module]] = {}
 
 
 def register_token_mixer(name: str):
-    """Class decorator: make a mixer available by name (``token_mixers='name'``)."""
+    """Class decorator: make a mixer available by name (``token_mixers='name'``). The class itself is left
+    as it is (timm's ``SepConv`` is registered too, and must stay timm's)."""
 
     def wrap(cls):
         TOKEN_MIXERS[name] = cls
-        cls.mixer_name = name
         return cls
 
     return wrap

@@ -33,15 +33,14 @@ from torch import nn
 
 from .. import data as D
 from ..engine import checkpoint as ckpt_io
-from ..engine.loop import check_finite, optimizer_step, progress_bar, report_unreadable, wrap_ddp
+from ..engine.loop import check_finite, freeze, optimizer_step, progress_bar, report_unreadable, wrap_ddp
 from ..engine.metrics import MetricsLog
 from ..engine.runtime import Runtime, epoch_seed, on_main, rng_state, seed_everything, set_rng_state, setup
 from ..engine.stop import GracefulStop, Interrupted
 from ..errors import ConfigError, require
 from ..fast.training import enable_fast_training, fast_training_report
 from ..zoo import create_model, eval_transform, get_model_info, get_weights, list_models, split_name
-from .train_config import (DEMO, TrainConfig, coerce_option, keep_previous_config, resolve_config,  # noqa: F401
-                           resume_changes)
+from .train_config import TrainConfig, keep_previous_config, resume_changes
 
 
 # ----------------------------------------------------------------------------------------- building
@@ -140,15 +139,6 @@ def pretrained_source(cfg: TrainConfig) -> Pretrained | None:
     return Pretrained(cfg.pretrained, meta["variant"], meta["config"], meta["class_names"])
 
 
-def freeze(model: nn.Module, stages: int) -> list[nn.Module]:
-    """Stop the stem and the first ``stages`` stages learning (parameters fixed, norms in eval mode)."""
-    frozen = ([model.stem] + list(model.stages[:stages])) if stages > 0 else []
-    for m in frozen:
-        m.eval()
-        m.requires_grad_(False)
-    return frozen
-
-
 def build_model(cfg: TrainConfig, rt: Runtime, class_names: list[str]):
     """``(raw model, the model the loop runs)``: the architecture, ``--pretrained`` weights (a new classifier
     when the classes differ), frozen stages, speed options, then torch.compile and DDP."""
@@ -180,7 +170,7 @@ def build_model(cfg: TrainConfig, rt: Runtime, class_names: list[str]):
             raw.reset_classifier(num_classes)
         rt.log(f"pretrained: {report.loaded} tensors from {source.weights} ({report.layout} layout)"
                + (", new classifier" if report.reinitialised or renamed else ""))
-    freeze(raw, cfg.freeze_stages)
+    freeze(raw, cfg.frozen_stages)
     if cfg.grad_checkpointing:
         raw.set_grad_checkpointing()
     raw.to(rt.device)
@@ -221,7 +211,7 @@ def build_recipe(cfg: TrainConfig, rt: Runtime, raw: nn.Module, num_classes: int
 
     global_batch = cfg.batch_size * cfg.accum_steps * rt.world
     lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / 1024
-    frozen = {id(p) for p in raw.parameters() if not p.requires_grad}  # --freeze-stages: never optimised
+    frozen = {id(p) for p in raw.parameters() if not p.requires_grad}  # --frozen-stages: never optimised
     with _all_trainable(raw, frozen):
         optimizer = create_optimizer_v2(raw, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps,
                                         betas=tuple(cfg.opt_betas), layer_decay=cfg.layer_decay)
@@ -477,9 +467,9 @@ def train(cfg: TrainConfig) -> dict:
                 seed_everything(seed)
                 data.start_epoch(state.epoch, state.step_in_epoch, seed, cfg.accum_steps, cfg.batch_size)
                 if cfg.head_warmup_epochs:
-                    set_head_only(raw, state.epoch < cfg.head_warmup_epochs, cfg.freeze_stages)
+                    set_head_only(raw, state.epoch < cfg.head_warmup_epochs, cfg.frozen_stages)
                 model.train()
-                freeze(raw, cfg.freeze_stages)  # frozen stages keep their norms' statistics
+                freeze(raw, cfg.frozen_stages)  # frozen stages keep their norms' statistics
                 row = train_one_epoch(model, raw, data, recipe, rt, cfg, state, stop, unreadable, metrics, save)
                 images_seen += row.pop("images")
                 val = evaluate(model, data.val_loader, rt.device, rt.amp_dtype, cfg.channels_last, unreadable)

@@ -1,8 +1,9 @@
 """Object detection: train and evaluate RetinaNet / Mask R-CNN on a MetaFormer (COCO-format data).
 
-Every knob is a field of :class:`DetectionConfig`; the defaults are the paper's mmdet settings
-(REFERENCE §5: AdamW 1e-4, weight decay 1e-4, the 1x schedule with steps after epochs 8 and
-11, a 500-iteration linear warm-up, 1333x800). The run's machinery (DDP, AMP, exact resume,
+Every knob is a field of :class:`DetectionConfig`; the defaults are the mmdet settings of PoolFormer's
+COCO experiments (Yu et al., CVPR 2022; docs/dense.md, "The paper's settings: COCO"): AdamW 1e-4,
+weight decay 1e-4, the 1x schedule with steps after epochs 8 and 11, a 500-iteration linear
+warm-up, 1333x800. The run's machinery (DDP, AMP, exact resume,
 Ctrl-C, NaN, metrics) is shared with segmentation (:class:`~metaformer.tasks.dense.run.DenseRun`)
 and classification (:mod:`metaformer.engine`); this file holds the epoch loop and COCO AP.
 """
@@ -15,9 +16,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from timm.utils import unwrap_model
 from torch.utils.data import DataLoader, Subset
 
-from ..engine.loop import format_row, progress_bar, unwrap
+from ..engine.loop import format_row, progress_bar
 from ..engine.runtime import Runtime, setup
 from ..engine.stop import GracefulStop
 from ..errors import ConfigError, require
@@ -154,7 +156,7 @@ def train_one_epoch(run: DenseRun, dataset: CocoDetection) -> float:
 @torch.no_grad()
 def detect(model: torch.nn.Module, images: list[torch.Tensor], rt: Runtime) -> list[dict]:
     """Detections (boxes, labels, scores, masks) for ``[0, 1]`` RGB images, on the CPU in float32."""
-    model = unwrap(model).eval()
+    model = unwrap_model(model).eval()  # the model inside DDP / torch.compile
     with rt.autocast():
         out = model([im.to(rt.device) for im in images])
     return [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in out]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from .. import data as D
@@ -20,7 +21,6 @@ from ..weights import WeightsError
 from ..zoo import build_from_config, create_model, load_weights
 from ..zoo.imagenet import categories, imagenet_classes
 from ..zoo.registry import eval_transform
-from .classification import evaluate  # noqa: F401  (eval's loop, re-exported for the commands)
 
 
 def imagenet_class_names() -> list[str]:
@@ -42,7 +42,7 @@ def preprocessing_of(model: nn.Module) -> dict:
     size = getattr(model, "img_size", None)
     return {"img_size": int(size[0] if isinstance(size, (tuple, list)) else cfg.get("input_size", (3, 224, 224))[-1]),
             "crop_pct": float(cfg.get("crop_pct", 0.9)), "interpolation": cfg.get("interpolation", "bicubic"),
-            "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))), "std": list(cfg.get("std", (0.229, 0.224, 0.225)))}
+            "mean": list(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), "std": list(cfg.get("std", IMAGENET_DEFAULT_STD))}
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Semantic segmentation: train and evaluate Semantic FPN on a MetaFormer (ADE20K-layout data).
 
-Every knob is a field of :class:`SegmentationConfig`; the defaults are the paper's mmseg
-settings (REFERENCE §5: AdamW 2e-4, weight decay 1e-4, poly decay (power 0.9) over 40k
-iterations, 512x512 crops, batch 32 over 8 GPUs). Training counts iterations, mmseg-style;
+Every knob is a field of :class:`SegmentationConfig`; the defaults are the mmseg settings of
+PoolFormer's ADE20K experiments (Yu et al., CVPR 2022; docs/dense.md, "The paper's settings:
+ADE20K"): AdamW 2e-4, weight decay 1e-4, poly decay (power 0.9) over 40k iterations, 512x512
+crops, batch 32 over 8 GPUs. Training counts iterations, mmseg-style;
 each pass over the data seeds its own order, so a resumed run draws the same batches. The
 run's machinery is shared with detection (:class:`~metaformer.tasks.dense.run.DenseRun`).
 """
@@ -15,9 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.utils import unwrap_model
 
 from ..data import Unreadable, collate_skip_unreadable
-from ..engine.loop import format_row, progress_bar, unwrap
+from ..engine.loop import format_row, progress_bar
 from ..engine.runtime import Runtime, setup
 from ..engine.stop import GracefulStop
 from ..errors import ConfigError
@@ -185,7 +187,7 @@ def evaluate_segmentation(model: torch.nn.Module, ds: SegmentationDataset, rt: R
     its share and the confusion matrices are summed. ``unreadable`` lists the images (or labels)
     that could not be read and were left out."""
     rt = rt or setup()
-    model = unwrap(model).eval()
+    model = unwrap_model(model).eval()  # the model inside DDP / torch.compile
     k = model.num_classes
     hist = torch.zeros(k * k, dtype=torch.float64, device=rt.device)
     unreadable = []

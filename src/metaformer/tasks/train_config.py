@@ -28,7 +28,9 @@ class TrainConfig:
                 "architecture. A new classifier when the classes differ"})
     layer_decay: float | None = field(default=None, metadata={
         "help": "layer-wise lr decay (timm's): lr x decay^(depth from the top), e.g. 0.75"})
-    freeze_stages: int = field(default=0, metadata={"help": "keep the stem and the first N stages frozen"})
+    frozen_stages: int = field(default=-1, metadata={
+        "help": "parts that keep their weights, as `metaformer detect`/`segment` (mmdet's meaning): -1 none, 0 the "
+                "stem, N the stem and the first N stages"})
     head_warmup_epochs: int = field(default=0, metadata={
         "help": "train only the classifier for the first N epochs (a new head settles before it moves the rest)"})
     # data

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shlex
 import statistics
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
 from ..errors import require
 from ..zoo import ABLATIONS, ablation_spec, build_from_config
 
@@ -91,9 +91,8 @@ def run_one(base_flags: dict, row: str, seed_index: int, output: Path, config_fi
     result["wall_time_s"] = round(time.time() - t0, 1)
     if (out / "last.pth").is_file():
         result.update(_complexity(out, cfg.img_size))
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, done)  # a result exists only once the run is over
+    # a result exists only once the run is over
+    atomic_write(done, lambda f: f.write(json.dumps(result, indent=2).encode()))
     return result
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..atomic import atomic_path
 from ..errors import MetaFormerError
 from ..weights import architecture, detect_layout, from_ours, read_state_dict, save_weights, to_ours
 from ..weights.io import WeightsError
@@ -216,9 +215,7 @@ def convert(src: str, dst: str | os.PathLike, to: str, model_name: str | None = 
     torch.manual_seed(0)
     x = torch.randn(2, model.in_chans, *model.img_size)
     ref = _logits(model, x)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent)) / dst.name
-    try:
+    with atomic_path(dst) as tmp:  # renamed to dst only once its logits are checked
         try:
             _write(model, tmp, to, class_names)
         except WeightsError as e:
@@ -227,7 +224,4 @@ def convert(src: str, dst: str | os.PathLike, to: str, model_name: str | None = 
         if diff > TOLERANCE:
             raise ConvertError(f"the {to} file gives other logits than {src} (max relative difference {diff:.3g} > "
                                f"{TOLERANCE:g}); nothing was written")
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
     return ConvertResult(dst, to, model.variant, source_layout, diff, ran)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_path
 from ..errors import MetaFormerError, require
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
@@ -221,13 +221,10 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int
     path = Path(path)
     if path.suffix != FORMATS[fmt]:
         path = path.with_name(path.name + FORMATS[fmt])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temp name and rename only after the check passed: no half-verified file under `path`.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=FORMATS[fmt], dir=path.parent)
-    os.close(fd)
-    try:
+    # Written beside `path` and renamed only after the check passed: no half-verified file under `path`.
+    with atomic_path(path) as tmp:
         try:
-            _write(cast, example.to(torch_dtype), Path(tmp), fmt, dynamic_batch, dynamic_size, metadata)
+            _write(cast, example.to(torch_dtype), tmp, fmt, dynamic_batch, dynamic_size, metadata)
             run = load_runtime(tmp, fmt)
         except ExportError:
             raise
@@ -264,11 +261,7 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int
             raise ExportError(f"the exported {fmt} file disagrees with the PyTorch model: max difference "
                               f"{max(diffs.values()):.3g} (tolerance {TOLERANCE[dtype]:g}), top-1 agrees: {agree}; "
                               "nothing was written")
-        os.replace(tmp, path)
         return result
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------- running exported files

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..atomic import atomic_write
 from ..weights import WeightsError, jsonable_config, save_weights
 from ..zoo import load_model, rebuild
 
@@ -34,9 +35,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, class_names:
         "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()
                           if k in ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")} or None,
     }
-    tmp = directory / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, directory / CONFIG_NAME)
+    atomic_write(directory / CONFIG_NAME, lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
     return directory
 
 

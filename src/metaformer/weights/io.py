@@ -29,8 +29,9 @@ def fmt_list(items: list, limit: int = _LIST_LIMIT) -> str:
     return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("METAFORMER_CACHE") or Path.home() / ".cache" / "metaformer")
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """Where downloads are kept: ``override``, else ``$METAFORMER_CACHE``, else ``~/.cache/metaformer``."""
+    return Path(override or os.environ.get("METAFORMER_CACHE") or Path.home() / ".cache" / "metaformer")
 
 
 def is_url(source: Any) -> bool:
@@ -49,15 +50,15 @@ def _record_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".sha256.json")
 
 
-def download(url: str, sha256: str | None = None) -> Path:
-    """``url`` in the cache (``$METAFORMER_CACHE``, default ``~/.cache/metaformer``), downloaded once.
+def download(url: str, sha256: str | None = None, cache: str | os.PathLike | None = None) -> Path:
+    """``url`` in the cache (:func:`cache_dir`), downloaded once.
 
     The sha256 of every download is computed and recorded beside the file; a later use re-hashes a
     file whose size or time changed since, and a file that no longer matches (or does not match a
     published ``sha256``) is downloaded again rather than used.
     """
     name = os.path.basename(urllib.parse.urlparse(url).path) or "weights.pth"
-    dest = cache_dir() / name
+    dest = cache_dir(cache) / name
     record = _record_path(dest)
     if dest.is_file() and dest.stat().st_size > 0 and _cached_ok(dest, record, sha256):
         return dest
@@ -98,10 +99,28 @@ def _cached_ok(dest: Path, record: Path, expected: str | None) -> bool:
     return expected is None or rec["sha256"] == expected
 
 
-def resolve(source: Any, sha256: str | None = None) -> Path:
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repositories hold, in timm's order
+
+
+def hub_file(repo_id: str, filename: str | None = None, cache: str | os.PathLike | None = None) -> Path:
+    """The weights file of a Hugging Face hub repository (``filename``, else the first of :data:`HUB_FILES`
+    it has), downloaded once by ``huggingface_hub`` into its cache (or ``cache``)."""
+    from huggingface_hub import hf_hub_download
+
+    errors = []
+    for name in [filename] if filename else HUB_FILES:
+        try:
+            return Path(hf_hub_download(repo_id, name, cache_dir=cache))
+        except Exception as e:  # offline, unknown repository or file, auth: one clear line either way
+            errors.append(f"{name}: {type(e).__name__}")
+    raise WeightsError(f"cannot fetch weights from the Hugging Face hub repository {repo_id!r} ({'; '.join(errors)}); "
+                       "if this machine is offline, download the file elsewhere and pass its local path")
+
+
+def resolve(source: Any, sha256: str | None = None, cache: str | os.PathLike | None = None) -> Path:
     """A local file for ``source`` (a path, or a URL downloaded into the cache)."""
     if is_url(source):
-        return download(source, sha256)
+        return download(source, sha256, cache)
     path = Path(os.fspath(source)).expanduser()
     if not path.exists():
         raise WeightsError(f"{path}: no such file. Pass the path of a weights file ({', '.join(EXTENSIONS)}) "
@@ -203,7 +222,10 @@ def unwrap(obj: Any, path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
 def read_state_dict(source: Any, sha256: str | None = None,
                     ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
     """``(state_dict, safetensors metadata, local path)`` of any supported file, keys as stored (``ema``: the
-    training checkpoint's EMA weights)."""
+    training checkpoint's EMA weights). A dict already in memory is read as the contents of a file."""
+    if isinstance(source, dict):
+        where = Path("<state dict in memory>")
+        return unwrap(source, where, ema), {}, where
     path = resolve(source, sha256)
     if path.stat().st_size == 0:
         raise WeightsError(f"{path}: the file is empty (an interrupted download or save?): get it again.")

@@ -123,7 +123,7 @@ def load_weights(model: nn.Module, source: Any, strict: bool = True, allow_nonfi
 
     Args:
         model: a :class:`metaformer.MetaFormer` (or its ``features_only`` backbone).
-        source: a path (``str``/``Path``) or an ``http(s)://``/``file://`` URL (cached).
+        source: a path (``str``/``Path``), an ``http(s)://``/``file://`` URL (cached), or a state dict.
         strict: raise :class:`WeightsError` on any missing, unexpected or mismatched key
             (besides the expected differences). ``False`` loads what fits and reports the rest.
         allow_nonfinite: load tensors holding NaN or inf instead of refusing the file.

@@ -44,9 +44,6 @@ def jsonable_config(config: dict, strict: bool = True) -> dict:
         if isinstance(value, (str, int, float, bool)) or value is None:
             return value
         if key in registries and callable(value):
-            mixer_name = getattr(value, "mixer_name", None)
-            if key == "token_mixers" and mixer_name and TOKEN_MIXERS.get(mixer_name) is value:
-                return mixer_name
             try:
                 return _class_name(*registries[key], value)
             except WeightsError:

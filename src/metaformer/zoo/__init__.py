@@ -3,7 +3,6 @@ registration in timm (``import metaformer`` makes ``timm.create_model('metaforme
 build ours)."""
 from . import poolformer  # noqa: F401  (registers PoolFormer, its hybrids and ablations)
 from . import baselines  # noqa: F401  (registers IdentityFormer, RandFormer, PoolFormerV2, ConvFormer, CAFormer)
-from .imagenet import categories, imagenet_classes
 from .poolformer import ABLATIONS, ablation_spec
 from .registry import (ModelInfo, Weights, build_from_config, create_model, eval_transform, get_model_info,
                        get_weights, list_models, list_pretrained, load_model, load_weights, rebuild, split_name,
@@ -12,6 +11,6 @@ from .timm_registry import register_all
 
 register_all()
 
-__all__ = ["ABLATIONS", "ModelInfo", "Weights", "ablation_spec", "build_from_config", "categories", "create_model",
-           "eval_transform", "get_model_info", "get_weights", "imagenet_classes", "list_models", "list_pretrained",
-           "load_model", "load_weights", "rebuild", "split_name", "timm_name", "variants_matching"]
+__all__ = ["ABLATIONS", "ModelInfo", "Weights", "ablation_spec", "build_from_config", "create_model",
+           "eval_transform", "get_model_info", "get_weights", "list_models", "list_pretrained", "load_model",
+           "load_weights", "rebuild", "split_name", "timm_name", "variants_matching"]

@@ -2,7 +2,7 @@
 RandFormer, PoolFormerV2, ConvFormer and CAFormer at every size the authors released, with their
 weights as tags (timm's tag names) and the figures of the authors' README.
 
-All five families share one design (what differs from PoolFormer v1 is in bold in REFERENCE §8):
+All five families share one design (docs/families.md tabulates what differs from PoolFormer v1):
 a stem conv followed by a bias-free channel LayerNorm, downsampling with that norm BEFORE the conv,
 bias-free norms (eps 1e-6) and bias-free MLPs with StarReLU, no LayerScale but ResScale (init 1)
 in stages 3-4, every conv initialised trunc_normal(.02), and a head that pools, then applies a

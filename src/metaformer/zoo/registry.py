@@ -24,13 +24,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import set_layer_config
+from timm.models import load_checkpoint as timm_load_checkpoint
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.features import MetaFormerFeatures
-from ..models.metaformer import IMAGENET_MEAN, IMAGENET_STD, MetaFormer
+from ..models.features import MetaFormerFeatures, feature_model
+from ..models.metaformer import MetaFormer
 from ..weights import load_weights as _load_weights
 from ..weights import WeightsError, read_metadata
+from ..weights.io import hub_file, is_url, resolve
 from ..weights.load import LoadReport, mixer_of
 from .imagenet import categories
 
@@ -49,8 +53,8 @@ class Weights:
     img_size: int = 224
     crop_pct: float = 0.9
     interpolation: str = "bicubic"
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
+    mean: tuple = IMAGENET_DEFAULT_MEAN
+    std: tuple = IMAGENET_DEFAULT_STD
     top1: float | None = None  # the authors' ImageNet-1K top-1 (%) for these weights
     gmacs: float | None = None  # MACs at img_size as the authors print them
     recipe: str | None = None  # how they were trained
@@ -65,6 +69,10 @@ class Weights:
     def categories(self) -> list[str]:
         """The class names, in the classifier's order."""
         return categories(self.dataset)[0]
+
+    def eval_resize(self) -> int:
+        """Shorter side before the centre crop: ``floor(img_size / crop_pct)`` (248 for S12 at 224)."""
+        return math.floor(self.img_size / self.crop_pct)
 
     def preprocessing(self, img_size: int | None = None) -> dict:
         """What :func:`eval_transform` needs, as plain data (stored with exported models)."""
@@ -124,39 +132,6 @@ class ModelInfo:
         tags = ", ".join(f"{self.name}.{w.tag}" for w in self.weights) or "none"
         raise WeightsError(f"{self.name} has no weights tagged {tag!r}; its weights: {tags}")
 
-    # The default weights' preprocessing, under the names the rest of the package has always used.
-    @property
-    def url(self) -> str | None:
-        return self.weights[0].url if self.weights else None
-
-    @property
-    def crop_pct(self) -> float:
-        return self.default_weights.crop_pct
-
-    @property
-    def interpolation(self) -> str:
-        return self.default_weights.interpolation
-
-    @property
-    def mean(self) -> tuple:
-        return self.default_weights.mean
-
-    @property
-    def std(self) -> tuple:
-        return self.default_weights.std
-
-    @property
-    def input_size(self) -> tuple:
-        return (3, self.default_weights.img_size, self.default_weights.img_size)
-
-    @property
-    def num_classes(self) -> int:
-        return self.default_weights.num_classes
-
-    def eval_resize(self, img_size: int | None = None) -> int:
-        """Shorter side before the centre crop: ``floor(size / crop_pct)`` (248 for S12 at 224)."""
-        return math.floor((img_size or self.input_size[-1]) / self.crop_pct)
-
     def preprocessing(self, img_size: int | None = None) -> dict:
         return self.default_weights.preprocessing(img_size)
 
@@ -172,13 +147,6 @@ class ModelInfo:
                "num_classes": w.num_classes, "license": w.license, "paper_ids": self.paper,
                "description": self.description}
         return {k: v for k, v in cfg.items() if v is not None}
-
-    def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("weights", "defaults")}
-        d["weights"] = [f"{self.name}.{w.tag}" for w in self.weights]
-        d.update(url=self.url, crop_pct=self.crop_pct, interpolation=self.interpolation, mean=list(self.mean),
-                 std=list(self.std), input_size=list(self.input_size), num_classes=self.num_classes)
-        return d
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -272,7 +240,7 @@ def load_weights(model: nn.Module, source: Any, strict: bool = True, allow_nonfi
 
 
 def _finish(model: MetaFormer, variant: str | None, weights: Weights | None) -> None:
-    """Attach what the zoo knows: the variant name and timm's pretrained_cfg for the weights."""
+    """Record what the zoo knows: the variant name and timm's pretrained_cfg for the weights."""
     model.variant = variant
     info = _REGISTRY.get(variant) if variant else None
     cfg = dict(model.describe())
@@ -282,10 +250,73 @@ def _finish(model: MetaFormer, variant: str | None, weights: Weights | None) -> 
     model.pretrained_cfg = model.default_cfg = cfg
 
 
+def check_output_stride(output_stride: int | None) -> None:
+    """timm's ``output_stride``: these networks have one, 32 (strided convolutions between the stages, no
+    dilated form), so any other value is refused rather than ignored."""
+    if output_stride is not None and output_stride != 32:
+        raise ConfigError(f"output_stride={output_stride!r}: MetaFormer's stages downsample by 4, 8, 16 and 32 with "
+                          "strided convolutions and have no dilated form, so only 32 is possible; for a stride-"
+                          "16 map take features_only=True, out_indices=(2,) (stage 3)")
+
+
+def split_feature_args(features_only: bool, out_indices, feature_cls, feature_cfg: dict | None) -> tuple:
+    """timm's precedence: ``out_indices`` and ``feature_cls`` given directly win over ``feature_cfg``'s.
+    Returns ``(out_indices, feature_cls, feature_cfg without them)``."""
+    cfg = dict(feature_cfg or {})
+    out_indices = cfg.pop("out_indices", None) if out_indices is None else out_indices
+    feature_cls = cfg.pop("feature_cls", None) if feature_cls is None else feature_cls
+    cfg.pop("out_indices", None)
+    cfg.pop("feature_cls", None)
+    if not features_only and (out_indices is not None or feature_cls is not None or cfg):
+        raise ConfigError("out_indices, feature_cls and feature_cfg describe a features_only backbone: "
+                          "pass features_only=True with them")
+    return out_indices, feature_cls, cfg
+
+
+def _cfg_overrides(arch: str, pretrained_cfg, overlay: dict | None) -> dict:
+    """The entries of timm's ``pretrained_cfg`` (a dict or ``PretrainedCfg``; a tag string is handled as a
+    tag) and ``pretrained_cfg_overlay`` that replace the registered ones."""
+    out = {}
+    if pretrained_cfg is not None and not isinstance(pretrained_cfg, str):
+        if not isinstance(pretrained_cfg, dict):
+            pretrained_cfg = pretrained_cfg.to_dict()  # timm's PretrainedCfg
+        out.update({k: v for k, v in pretrained_cfg.items() if v is not None})
+    if overlay:
+        out.update(overlay)
+    out.pop("architecture", None)
+    if out.get("tag") is not None and out["tag"] not in {w.tag for w in get_model_info(arch).weights}:
+        out.pop("tag")  # a tag of someone else's registry names no weights here
+    return out
+
+
+def _weights_source(cfg: dict, weights: Weights | None, pretrained, cache_dir) -> Any:
+    """What ``pretrained`` loads: a path or URL given as ``pretrained``; else the source the caller's
+    pretrained_cfg names (timm's order: state_dict, file, hub, url); else the tag's release file, checksummed.
+    None when there is none."""
+    if pretrained is not True:
+        return resolve(pretrained, None, cache_dir) if isinstance(pretrained, str) and is_url(pretrained) \
+            else pretrained
+    if cfg.get("state_dict"):
+        return cfg["state_dict"]
+    if cfg.get("file"):
+        return cfg["file"]
+    if cfg.get("hf_hub_id"):
+        return hub_file(cfg["hf_hub_id"], cfg.get("hf_hub_filename"), cache_dir)
+    if cfg.get("url"):
+        return resolve(cfg["url"], None, cache_dir)
+    if weights is None or weights.url is None:
+        return None
+    return resolve(weights.url, weights.sha256, cache_dir)
+
+
 def create_model(name: str, pretrained: bool | str = False, num_classes: int | None = None,
-                 in_chans: int | None = None, features_only: bool = False, out_indices=None,
+                 in_chans: int | None = None, features_only: bool = False, out_indices=None, feature_cls=None,
+                 feature_cfg: dict | None = None, output_stride: int | None = None, pretrained_cfg=None,
+                 pretrained_cfg_overlay: dict | None = None, checkpoint_path=None, cache_dir=None,
+                 scriptable: bool | None = None, exportable: bool | None = None, no_jit: bool | None = None,
                  allow_nonfinite: bool = False, **overrides: Any) -> nn.Module:
-    """Build a registered variant, optionally with weights.
+    """Build a registered variant, optionally with weights. Takes every argument of ``timm.create_model``
+    with timm's meaning.
 
     Args:
         name: a variant from :func:`list_models`, optionally with a weights tag
@@ -296,33 +327,64 @@ def create_model(name: str, pretrained: bool | str = False, num_classes: int | N
         num_classes: classifier width (default: the weights', else 1000). With pretrained weights of
             another width only the classifier is re-initialised (with a warning).
         in_chans: input channels (default 3); pretrained stem weights are adapted.
-        features_only: return a backbone giving one normed feature map per stage in ``out_indices``.
+        features_only: return a backbone giving one map per stage in ``out_indices`` (default: all).
+        feature_cls: ``None`` (default): each map through its own new norm, as the authors' dense
+            backbones; or one of timm's wrappers of the raw stage outputs: ``'list'``, ``'dict'``,
+            ``'hook'``, ``'fx'``, ``'getter'``. ``feature_cfg``: a dict of these options and the
+            wrapper's own (e.g. ``{'feature_cls': 'fx'}``).
+        output_stride: 32 or None; these networks have no other.
+        pretrained_cfg: a tag (as ``name.tag``), or a dict / timm ``PretrainedCfg`` describing the
+            weights; ``pretrained_cfg_overlay``: entries replacing the registered ones. Their
+            preprocessing entries become ``model.pretrained_cfg``; ``state_dict``, ``file``,
+            ``hf_hub_id`` or ``url`` say where ``pretrained=True`` reads the weights.
+        checkpoint_path: a checkpoint of this very model, loaded strictly after it is built (timm's
+            ``load_checkpoint``: its EMA weights when it has them).
+        cache_dir: where downloads are kept (default ``$METAFORMER_CACHE`` or ``~/.cache/metaformer``;
+            the hub's own cache for ``hf_hub_id``).
+        scriptable, exportable, no_jit: timm's layer config while the model is built.
         **overrides: any :class:`MetaFormer` argument, e.g. ``token_mixers='identity'``,
             ``norm='ln'``, ``pool_size=5``, ``drop_path_rate=0.2``, ``img_size=384``.
     """
+    check_output_stride(output_stride)
+    out_indices, feature_cls, feature_cfg = split_feature_args(features_only, out_indices, feature_cls, feature_cfg)
     arch, tag = split_name(name)
     info = get_model_info(arch)
-    weights = info.get_weights(tag) if (tag or pretrained is True) else None
+    if isinstance(pretrained_cfg, str):
+        tag = pretrained_cfg  # timm: a tag given as pretrained_cfg wins over the name's
+    cfg_overrides = _cfg_overrides(arch, pretrained_cfg, pretrained_cfg_overlay)
+    tag = tag or cfg_overrides.get("tag")
+    elsewhere = any(cfg_overrides.get(k) for k in ("state_dict", "file", "hf_hub_id", "url"))
+    weights = info.get_weights(tag) if (tag or (pretrained is True and not elsewhere)) else None
     cfg = copy.deepcopy(info.config)
     if weights is not None and weights.img_size != 224:
         cfg["img_size"] = weights.img_size  # size-bound parts and the eval transform follow the weights
     cfg.update(overrides)
-    source_classes = weights.num_classes if weights is not None else 1000
+    source_classes = cfg_overrides.get("num_classes", weights.num_classes if weights is not None else 1000)
     cfg["num_classes"] = source_classes if num_classes is None else num_classes
     cfg["in_chans"] = 3 if in_chans is None else in_chans
     if features_only and pretrained:
         cfg["num_classes"] = source_classes  # load the whole network, then drop the head
-    model = MetaFormer(**cfg)
-    _finish(model, arch, weights)
-    if pretrained:
-        source = weights.url if pretrained is True else pretrained
-        if source is None:
-            raise WeightsError(f"{name}: its weights have no download URL in this version; pass the path of the "
-                              "file instead (pretrained='/path/to/weights.pth')")
-        load_weights(model, source, strict=True, allow_nonfinite=allow_nonfinite,
-                     sha256=weights.sha256 if pretrained is True else None)
-    if features_only:
-        model = MetaFormerFeatures(model, out_indices if out_indices is not None else range(model.num_stages))
+    with set_layer_config(scriptable=scriptable, exportable=exportable, no_jit=no_jit):
+        model = MetaFormer(**cfg)
+        _finish(model, arch, weights)
+        if cfg_overrides:
+            model.pretrained_cfg = model.default_cfg = {
+                **model.pretrained_cfg, **{k: v for k, v in cfg_overrides.items() if k != "state_dict"}}
+        if pretrained:
+            source = _weights_source(cfg_overrides, weights, pretrained, cache_dir)
+            if source is None:
+                raise WeightsError(f"{name}: its weights have no download URL in this version; pass the path of "
+                                   "the file instead (pretrained='/path/to/weights.pth')")
+            load_weights(model, source, strict=True, allow_nonfinite=allow_nonfinite)
+        if features_only:
+            model = feature_model(model, out_indices, feature_cls, **feature_cfg)
+    if checkpoint_path:
+        try:
+            timm_load_checkpoint(model, str(checkpoint_path))
+        except (RuntimeError, OSError, KeyError) as e:
+            problems = " ".join(str(e).split())
+            raise WeightsError(f"checkpoint_path {checkpoint_path} does not load into this {name} strictly "
+                               f"(timm's load_checkpoint: {problems[:400]})") from None
     return model
 
 
@@ -336,7 +398,7 @@ def build_from_config(config: dict, variant: str | None = None) -> nn.Module:
     except TypeError as e:
         raise ConfigError(f"this config cannot build a MetaFormer ({e}); was it saved by another version?") from None
     _finish(model, variant if variant in _REGISTRY else None, None)
-    model.variant = variant
+    model.variant = variant  # also a name the registry does not know (a saved ablation's)
     if features_only:
         model = MetaFormerFeatures(model, out_indices if out_indices is not None else range(model.num_stages))
     return model

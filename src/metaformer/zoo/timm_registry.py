@@ -14,14 +14,15 @@ from __future__ import annotations
 import sys
 
 import torch
+from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._registry import _model_entrypoints
 
-from ..models.features import MetaFormerFeatures
+from ..models.features import feature_cfg_for, resolve_feature_cls
 from ..models.metaformer import MetaFormer, conv_out
 from ..weights.io import unwrap
 from ..weights.layouts import detect_layout, to_ours
-from .registry import _REGISTRY, ModelInfo, timm_name
+from .registry import _REGISTRY, ModelInfo, check_output_stride, split_feature_args, timm_name
 
 default_cfgs: dict = {}  # read by timm's register_model from this module
 
@@ -39,17 +40,24 @@ def checkpoint_filter(state_dict: dict, model: torch.nn.Module) -> dict:
     return out
 
 
+def token_grid(size: tuple) -> tuple:
+    """The last stage's token grid for an input of ``size`` (height, width): stem k7 s4 p2, three k3 s2 p1."""
+    out = []
+    for s in size:
+        for kernel, stride, padding in ((7, 4, 2), (3, 2, 1), (3, 2, 1), (3, 2, 1)):
+            s = conv_out(s, kernel, stride, padding)
+        out.append(s)
+    return tuple(out)
+
+
 def _timm_cfg(info: ModelInfo, cfg: dict, model_cfg: dict) -> dict:
     """A dict timm's PretrainedCfg accepts: what the test-suite and data pipeline read."""
-    grid = cfg["input_size"][-1]
-    for kernel, stride, padding in ((7, 4, 2), (3, 2, 1), (3, 2, 1), (3, 2, 1)):
-        grid = conv_out(grid, kernel, stride, padding)
     mlp_head = bool(model_cfg.get("mlp_head"))
     fixed = any(m in ("random", "spatial_mlp") for m in _as_list(model_cfg.get("token_mixers", "pooling")))
     keep = ("url", "hf_hub_id", "input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes",
             "license", "paper_ids", "description", "architecture", "tag")
     out = {k: v for k, v in cfg.items() if k in keep}
-    out.update(pool_size=(grid, grid), min_input_size=(3, 32, 32), fixed_input_size=fixed, first_conv="stem.conv",
+    out.update(pool_size=token_grid(cfg["input_size"][1:]), min_input_size=(3, 32, 32), fixed_input_size=fixed, first_conv="stem.conv",
                classifier="head.fc.fc2" if mlp_head else "head.fc", origin_url="https://github.com/sail-sg")
     out.pop("architecture", None)
     out.pop("tag", None)
@@ -60,19 +68,34 @@ def _as_list(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
+def _variant_builder(variant: str):
+    def build(**kwargs) -> MetaFormer:
+        model = MetaFormer(**kwargs)
+        model.variant = variant
+        return model
+
+    return build
+
+
 def _entrypoint(name: str, variant: str, model_cfg: dict):
     def entry(pretrained: bool = False, **kwargs) -> torch.nn.Module:
+        check_output_stride(kwargs.pop("output_stride", None))
         depths = kwargs.get("depths", model_cfg["depths"])
-        out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
-        model = build_model_with_cfg(MetaFormer, name, pretrained, pretrained_filter_fn=checkpoint_filter,
-                                     feature_cfg=dict(feature_cls=MetaFormerFeatures, out_indices=out_indices),
-                                     **{**model_cfg, **kwargs})
-        model.variant = variant
-        if "img_size" in kwargs and isinstance(model, MetaFormer):
+        out_indices, feature_cls, feature_cfg = split_feature_args(
+            kwargs.get("features_only", False), kwargs.pop("out_indices", None), kwargs.pop("feature_cls", None),
+            kwargs.pop("feature_cfg", None))
+        cls = resolve_feature_cls(feature_cls)
+        feature_cfg = dict(feature_cfg_for(cls, feature_cfg), feature_cls=cls,
+                           out_indices=tuple(range(len(depths))) if out_indices is None else out_indices)
+        if "img_size" in kwargs:
             # built for a size of the caller's: describe the model as built, so timm's data config fits it
-            cfg = dict(model.pretrained_cfg, input_size=(model.in_chans, *model.img_size), pool_size=model.token_grid)
-            model.pretrained_cfg = model.default_cfg = cfg
-        return model
+            size = to_2tuple(kwargs["img_size"])
+            kwargs["pretrained_cfg_overlay"] = {"input_size": (kwargs.get("in_chans", 3), *size),
+                                                "pool_size": token_grid(size),
+                                                **(kwargs.get("pretrained_cfg_overlay") or {})}
+        return build_model_with_cfg(_variant_builder(variant), name, pretrained,
+                                    pretrained_filter_fn=checkpoint_filter, feature_cfg=feature_cfg,
+                                    **{**model_cfg, **kwargs})
 
     entry.__name__ = entry.__qualname__ = name
     entry.__module__ = __name__

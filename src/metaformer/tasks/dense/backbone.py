@@ -1,7 +1,7 @@
 """MetaFormer backbones for dense prediction, and their FPN necks.
 
-The authors' dense backbones (REFERENCE §2): the features after each stage (strides
-4/8/16/32, channels = ``dims``), each through its own new GroupNorm(1), no classifier.
+The authors' dense backbones (Yu et al., CVPR 2022; docs/dense.md): the features after each stage
+(strides 4/8/16/32, channels = ``dims``), each through its own new GroupNorm(1), no classifier.
 That is ``create_model(name, features_only=True)``; this module adds what detection and
 segmentation frameworks expect of a backbone: ``frozen_stages`` (mmdet's meaning),
 loading an ImageNet checkpoint with the classifier dropped, and an FPN on chosen levels
@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.ops.feature_pyramid_network import (ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool,
                                                      LastLevelP6P7)
 
+from ...engine.loop import freeze, frozen_modules
 from ...errors import ConfigError
 from ...zoo import create_model, load_weights
 
@@ -54,33 +55,18 @@ class MetaFormerBackbone(nn.Module):
         self.out_indices = self.body.out_indices
         self.out_channels = self.body.feature_info.channels()
         self.strides = self.body.feature_info.reduction()
-        num_stages = self.body.num_stages
-        if not -1 <= frozen_stages <= num_stages:
-            raise ConfigError(f"frozen_stages={frozen_stages} is out of range: use -1 (none), 0 (stem) up to "
-                             f"{num_stages} (stem and all stages)")
+        frozen_modules(self.body, frozen_stages)  # checks the range before anything is loaded
         self.frozen_stages = frozen_stages
         self.load_report = None
         if pretrained:
             self.load_report = load_weights(self.body, pretrained)
             if verbose:
                 print(f"backbone {name}: {describe_report(self.load_report)}")
-        self._freeze()
-
-    def _frozen_modules(self) -> list[nn.Module]:
-        if self.frozen_stages < 0:
-            return []
-        return [self.body.stem] + [self.body.stages[i] for i in range(self.frozen_stages)]
-
-    def _freeze(self) -> None:
-        for m in self._frozen_modules():
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
+        freeze(self.body, frozen_stages)
 
     def train(self, mode: bool = True) -> "MetaFormerBackbone":
         super().train(mode)
-        for m in self._frozen_modules():
-            m.eval()
+        freeze(self.body, self.frozen_stages)  # frozen parts stay in eval mode
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ...data import Unreadable, open_rgb
 from ...errors import MetaFormerError, require
-from ...models.metaformer import IMAGENET_MEAN, IMAGENET_STD
 
 IGNORE_INDEX = 255
 BOX_TOLERANCE = 1.0  # px: COCO's float boxes may overshoot the border by rounding
@@ -253,8 +253,8 @@ def detection_collate(batch):
 
 def _normalize(img: Image.Image) -> torch.Tensor:
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
     return (x - mean) / std
 
 

@@ -1,6 +1,7 @@
 """RetinaNet and Mask R-CNN with a MetaFormer + FPN backbone, through torchvision.
 
-Set up as the paper (its mmdet configs, REFERENCE §5): a 256-channel FPN; RetinaNet's FPN
+Set up as PoolFormer's COCO experiments (Yu et al., CVPR 2022, with mmdet; docs/dense.md, "What is the
+paper's, and what is torchvision's"): a 256-channel FPN; RetinaNet's FPN
 on stages 2-4 (strides 8/16/32) plus P6/P7 computed from the last backbone map (mmdet's
 ``start_level=1, add_extra_convs='on_input'``), anchors of 3 scales per octave from 32 to
 512 px at 3 aspect ratios; Mask R-CNN's FPN on all four stages plus a max-pooled P6 (mmdet's
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -20,7 +22,6 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
 from ...errors import ConfigError
-from ...models.metaformer import IMAGENET_MEAN, IMAGENET_STD
 from .backbone import backbone_with_fpn
 
 ARCHS = ("retinanet", "mask_rcnn")
@@ -38,8 +39,8 @@ def retinanet(backbone_name: str = "poolformer_s12", num_classes: int = 81, *, p
     """torchvision ``RetinaNet`` on a MetaFormer: FPN on stages 2-4 + P6/P7 (strides 8-128)."""
     backbone = backbone_with_fpn(backbone_name, (1, 2, 3), "p6p7", fpn_channels, frozen_stages, pretrained_backbone,
                                  **(backbone_overrides or {}))
-    return RetinaNet(backbone, num_classes, min_size=min_size, max_size=max_size, image_mean=list(IMAGENET_MEAN),
-                     image_std=list(IMAGENET_STD), anchor_generator=_retinanet_anchors(), **kwargs)
+    return RetinaNet(backbone, num_classes, min_size=min_size, max_size=max_size, image_mean=list(IMAGENET_DEFAULT_MEAN),
+                     image_std=list(IMAGENET_DEFAULT_STD), anchor_generator=_retinanet_anchors(), **kwargs)
 
 
 def mask_rcnn(backbone_name: str = "poolformer_s12", num_classes: int = 81, *, pretrained_backbone: str | None = None,
@@ -55,8 +56,8 @@ def mask_rcnn(backbone_name: str = "poolformer_s12", num_classes: int = 81, *, p
                                  pretrained_backbone, **(backbone_overrides or {}))
     box_head = TwoMLPHead(fpn_channels * 7 * 7, box_head_dim)
     mask_head = MaskRCNNHeads(fpn_channels, [mask_head_channels] * 4, 1)
-    return MaskRCNN(backbone, None, min_size=min_size, max_size=max_size, image_mean=list(IMAGENET_MEAN),
-                    image_std=list(IMAGENET_STD), box_head=box_head,
+    return MaskRCNN(backbone, None, min_size=min_size, max_size=max_size, image_mean=list(IMAGENET_DEFAULT_MEAN),
+                    image_std=list(IMAGENET_DEFAULT_STD), box_head=box_head,
                     box_predictor=FastRCNNPredictor(box_head_dim, num_classes), mask_head=mask_head,
                     mask_predictor=MaskRCNNPredictor(mask_head_channels, mask_head_channels, num_classes), **kwargs)
 

@@ -52,20 +52,15 @@ class DenseRun:
             self.model.load_state_dict(ckpt["model"])
             self.opt.load_state_dict(ckpt["optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
-            self.iteration = ckpt["iteration"]
-            self.epoch, self.step_in_epoch = ckpt.get("epoch", 0), ckpt.get("step_in_epoch", 0)
-            self.history, self.pending_eval = list(ckpt["history"]), ckpt.get("pending_eval", False)
-            if "sums" in ckpt:
-                self.sums, self.steps = dict(ckpt["sums"]), ckpt["steps"]
-            else:  # written by metaformer 0.1's dense engine
-                self.sums = dict(ckpt.get("epoch_sums") or {"loss": ckpt.get("loss_sum", 0.0)})
-                self.steps = ckpt.get("epoch_steps", ckpt.get("loss_steps", 0))
-            rngs = ckpt.get("rng") if isinstance(ckpt.get("rng"), list) else None  # one state per rank
+            self.epoch, self.step_in_epoch, self.iteration = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["iteration"]
+            self.history, self.pending_eval = list(ckpt["history"]), ckpt["pending_eval"]
+            self.sums, self.steps = dict(ckpt["sums"]), ckpt["steps"]
+            rngs = ckpt.get("rng")  # one state per rank
             if self.step_in_epoch and len(rngs or ()) == rt.world:
                 self.rng = rngs[rt.rank]
             elif self.step_in_epoch:
-                rt.log(f"resume: the checkpoint holds no random state for {rt.world} process(es): the data order of "
-                       "this pass is kept, its random augmentation restarts")
+                rt.log(f"resume: the checkpoint was written by {len(rngs or ())} process(es), this run has "
+                       f"{rt.world}: the data order of this pass is kept, its random augmentation restarts")
             rt.log(f"resumed from {ckpt_io.resume_path(cfg.resume, self.output)}: pass {self.epoch + 1}, batch "
                    f"{self.step_in_epoch}, iteration {self.iteration}")
         on_main(lambda: ckpt_io.prepare_output(self.output, bool(cfg.resume), cfg.overwrite), rt.main)
