@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # timm's own generic model tests (pytorch-image-models tests/test_models.py, unchanged) on our models.
 #   bash benchmarks/timm_model_tests.sh PATH/TO/pytorch-image-models/tests/test_models.py [MODEL ...]
+#   ENTRY=metaformer bash benchmarks/timm_model_tests.sh ...   # models created by metaformer.create_model
 # MODEL: timm names of ours (default: metaformer_poolformer_s12, the four hybrids, the 14 Table-5 rows and one
 # size per Baselines family). The tests that download weights (inference, load/features_pretrained) need a
 # network; they are left out here. Runs in a temporary folder; prints pytest's summary.
@@ -17,6 +18,16 @@ cat > "$work/tests/conftest.py" <<PY
 import re
 import timm
 import metaformer  # noqa: F401  registers our models before test_models.py is collected
+
+if "${ENTRY:-timm}" == "metaformer":  # test_models.py imports create_model when collected: give it ours
+    _timm_create = timm.create_model
+
+    def create_model(name, *args, **kwargs):
+        if name.startswith("metaformer_"):
+            return metaformer.create_model(name[len("metaformer_"):], *args, **kwargs)
+        return _timm_create(name, *args, **kwargs)
+
+    timm.create_model = create_model
 
 KEEP = set("${*}".split()) or {"metaformer_poolformer_s12", "metaformer_pppa_s12", "metaformer_ppaa_s12",
     "metaformer_pppf_s12", "metaformer_ppff_s12", "metaformer_identityformer_s12", "metaformer_randformer_s12",

@@ -74,13 +74,21 @@ def gflop_per_image(model: nn.Module, img_size: int) -> float:
     """2 x the conv and linear MACs (what a GEMM-bound ceiling is measured in)."""
     from .complexity import count_macs
 
-    with torch.device("meta"):
-        meta = create_model(model.variant, num_classes=model.num_classes, **_overrides(model))
+    with torch.device("meta"):  # the model owns its config: the same network, without weights
+        meta = type(model)(**model.config)
     return 2 * count_macs(meta, img_size)["matmul_conv"] / 1e9
 
 
-def _overrides(model) -> dict:
-    return getattr(model, "bench_overrides", {})
+def _is_the_variant(model: nn.Module) -> bool:
+    """The model is its variant as the zoo builds it (no depth/width/mixer overrides): what timm also has."""
+    name = getattr(model, "variant", None)
+    if not name:
+        return False
+    with torch.device("meta"):
+        ref = create_model(name, num_classes=model.num_classes, img_size=model.config.get("img_size", 224))
+    ignore = ("drop_path_rate", "drop_rate", "head_dropout")  # training-time only: the same network
+    return {k: v for k, v in ref.config.items() if k not in ignore} == \
+        {k: v for k, v in model.config.items() if k not in ignore}
 
 
 def synchronize(device: torch.device) -> None:
@@ -142,7 +150,7 @@ def timm_reference(model: nn.Module) -> nn.Module | None:
     from ..weights import from_ours
 
     name = getattr(model, "variant", None) or ""
-    if name.split("_")[0] not in TIMM_FAMILIES or _overrides(model) or name not in timm.list_models(name):
+    if name.split("_")[0] not in TIMM_FAMILIES or name not in timm.list_models(name) or not _is_the_variant(model):
         return None
     ref = timm.create_model(name, pretrained=False, num_classes=model.num_classes)
     ref.load_state_dict(from_ours(model.state_dict(), "timm"), strict=True)
@@ -319,7 +327,6 @@ def bench_inference(variant: str, modes: list[str], batch: int, img_size: int, d
     torch.manual_seed(0)
     if model is None:
         model = create_model(variant, img_size=img_size, **overrides)
-        model.bench_overrides = overrides
         _randomize_affine(model)
     model.eval()
     x32 = torch.randn(batch, 3, img_size, img_size)
@@ -517,7 +524,6 @@ def bench_training(variant: str, modes: list[str], batch: int, img_size: int, de
     dev = torch.device(device)
     torch.manual_seed(0)
     model = create_model(variant, img_size=img_size, **overrides)
-    model.bench_overrides = overrides
     x = torch.randn(batch, 3, img_size, img_size, device=dev)
     target = torch.randint(0, model.num_classes, (batch,), device=dev)
     steps, notes = {}, {}
