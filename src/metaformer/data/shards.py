@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ..atomic import atomic_write, clean_stale_temps
+from ..atomic import atomic_write, check_writable, clean_stale_temps
 from ..errors import require
 from .images import DataError, Padding, Unreadable, to_rgb
 
@@ -440,8 +440,13 @@ def pack_image_folder(root: str | os.PathLike, out: str | os.PathLike, shard_siz
         raise DataError(f"--shard-size must be at least 1, not {shard_size}")
     train_dir, val_dir, classes = check_image_folder(root)
     out = Path(out)
+    for split_dir in (train_dir, val_dir):
+        if out.resolve() == split_dir.resolve() or split_dir.resolve() in out.resolve().parents:
+            raise DataError(f"{out} is inside {split_dir}, so it would be read as (part of) a class of the data it "
+                            f"packs: write the shards outside {root}/train and {root}/val")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a directory")
+    check_writable(out, f"OUT {out}", folder=True)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise DataError(f"{out} is not empty; choose a new folder or pass --overwrite to replace its shards")

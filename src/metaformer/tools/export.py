@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import check_writable, temp_file
 from ..errors import MetaFormerError, require
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
@@ -199,6 +199,12 @@ def sample_image(img_size: int, transform) -> torch.Tensor:
     return transform(pil).unsqueeze(0)
 
 
+def export_path(path: str | os.PathLike, fmt: str) -> Path:
+    """The file an export to ``path`` writes: ``path`` with the format's extension added when it has another."""
+    path = Path(path)
+    return path if path.suffix == FORMATS[fmt] else path.with_name(path.name + FORMATS[fmt])
+
+
 def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int | None = None,
            image: torch.Tensor | None = None, dynamic_batch: bool = False, dynamic_size: bool = False,
            dtype: str = "fp32", metadata: dict | None = None) -> ExportResult:
@@ -209,19 +215,16 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int
     """
     model = model.eval()
     check_combination(model, fmt, dynamic_size, dtype)
+    path = check_writable(export_path(path, fmt), f"--output {export_path(path, fmt)}")
     size = img_size or model.img_size[0]
     torch_dtype = DTYPES[dtype]
     cast = copy.deepcopy(model).to(torch_dtype) if dtype != "fp32" else model
     gen = torch.Generator().manual_seed(0)
     batch = 2 if dynamic_batch else 1
     example = torch.randn(batch, model.in_chans, size, size, generator=gen)
-    path = Path(path)
-    if path.suffix != FORMATS[fmt]:
-        path = path.with_name(path.name + FORMATS[fmt])
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temp name and rename only after the check passed: no half-verified file under `path`.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=FORMATS[fmt], dir=path.parent)
-    os.close(fd)
+    tmp = str(temp_file(path, suffix=FORMATS[fmt]))
     try:
         try:
             _write(cast, example.to(torch_dtype), Path(tmp), fmt, dynamic_batch, dynamic_size, metadata)
