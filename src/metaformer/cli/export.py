@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..ranges import NUM_CLASSES
 from . import UserError
 from .common import add_checkpoint, add_json, add_output, print_json
 
@@ -85,7 +86,7 @@ def _common(p, model_positional: bool = True):
         p.add_argument("model", nargs="?", help="variant name, e.g. poolformer_s12 (optional with a checkpoint "
                        "saved by metaformer, which stores its config)")
     add_checkpoint(p, what="weights: any layout metaformer loads (default: the variant's published weights)")
-    p.add_argument("--num-classes", type=int, help="classifier width of a checkpoint without stored config")
+    p.add_argument("--num-classes", type=NUM_CLASSES, help="classifier width of a checkpoint without stored config")
     p.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN or inf instead of "
                    "refusing them")
 

@@ -74,7 +74,7 @@ def gflop_per_image(model: nn.Module, img_size: int) -> float:
     from .complexity import count_macs
 
     with torch.device("meta"):
-        meta = create_model(model.variant, num_classes=model.num_classes, **_overrides(model))
+        meta = create_model(model.variant, num_classes=model.num_classes, img_size=img_size, **_overrides(model))
     return 2 * count_macs(meta, img_size)["matmul_conv"] / 1e9
 
 
