@@ -21,13 +21,15 @@ from .digits import DIGITS_SPLIT_SEED, DIGITS_VAL_FRACTION, Digits, is_builtin
 from .folders import SafeImageFolder, check_image_folder, find_eval_dir
 from .hfds import HFImageDataset
 from .images import DataError, Padding, Unreadable, list_images, open_rgb, to_rgb
-from .loaders import ResumableDistributedSampler, UnreadableLog, collate_skip_unreadable, make_loader
+from .loaders import (PerSampleSeeds, ResumableDistributedSampler, UnreadableLog, collate_skip_unreadable, make_loader,
+                      seeded)
 from .shards import ShardStream, pack_image_folder
 from .sources import DataSource, open_eval_source, open_source
 from .transforms import train_transform
 
 __all__ = ["DIGITS_SPLIT_SEED", "DIGITS_VAL_FRACTION", "DataError", "DataSource", "Digits", "HFImageDataset",
-           "Padding", "ResumableDistributedSampler", "SafeImageFolder", "ShardStream", "Unreadable", "UnreadableLog",
+           "Padding", "PerSampleSeeds", "ResumableDistributedSampler", "SafeImageFolder", "ShardStream", "Unreadable",
+           "UnreadableLog",
            "check_image_folder", "collate_skip_unreadable", "find_eval_dir", "is_builtin",
            "list_images", "make_loader", "open_eval_source", "open_rgb", "open_source", "pack_image_folder",
-           "to_rgb", "train_transform"]
+           "seeded", "to_rgb", "train_transform"]

@@ -15,6 +15,7 @@ every epoch; the collate drops them, and no real sample is repeated or lost.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -34,6 +35,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from ..atomic import atomic_write, check_writable, clean_stale_temps
 from ..errors import require
 from .images import DataError, Padding, Unreadable, to_rgb
+from .loaders import seeded
 
 INFO, CLASSES = "_info.json", "classes.json"
 SPLITS = ("train", "val")
@@ -404,7 +406,15 @@ class ShardStream(IterableDataset):
             return Unreadable(key, str(e))
         if self.target_transform is not None:
             label = self.target_transform(label)
-        return (self.transform(img) if self.transform else img), label
+        if self.transform is None:
+            return img, label
+        if not self.shuffle:
+            return self.transform(img), label
+        # Training: the augmentation is seeded by the sample, so it does not depend on the reader (worker) that
+        # reads it, and a resumed epoch draws exactly what an uninterrupted one draws.
+        with seeded(self.seed, self._epoch_state()[0], int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8)
+                                                                      .digest(), "little")):
+            return self.transform(img), label
 
 
 class _SampleLog:
