@@ -147,11 +147,18 @@ def run_predict(args) -> int:
         prepare(loaded, rt.device, args.fused, args.channels_last)
         device, amp_dtype, channels_last = rt.device, rt.amp_dtype, args.channels_last and not args.fused
     results = predict(loaded, images, args.topk, device, args.batch_size, amp_dtype, channels_last)
+    bad = [r for r in results if "error" in r]
+    if len(bad) == len(results):
+        raise UserError(f"none of the {len(results)} image(s) could be read; the first: {bad[0]['error']}")
     if args.json:
         print_json(results)
-        return 0
-    for r in results:
-        print(r["image"])
-        for name, p in r["predictions"]:
-            print(f"  {100 * p:6.2f}%  {name}")
+    for r in [] if args.json else results:
+        if "predictions" in r:
+            print(r["image"])
+            for name, p in r["predictions"]:
+                print(f"  {100 * p:6.2f}%  {name}")
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s):", file=sys.stderr)
+        for r in bad:
+            print(f"  {r['image']}: {r['error']}", file=sys.stderr)
     return 0

@@ -34,7 +34,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..atomic import atomic_write, check_writable, clean_stale_temps
 from ..errors import require
-from .images import DataError, Padding, Unreadable, to_rgb
+from .images import DataError, Padding, Unreadable, upright_rgb
 from .loaders import seeded
 
 INFO, CLASSES = "_info.json", "classes.json"
@@ -50,11 +50,11 @@ def _wds():
 
 
 def read_image_bytes(data: bytes, name: str) -> Image.Image:
-    """Decode an encoded image (PNG, JPEG, ...) into 8-bit RGB (:func:`to_rgb`); :class:`DataError` names it."""
+    """Decode an encoded image (PNG, JPEG, ...) into upright 8-bit RGB (:func:`upright_rgb`); :class:`DataError`
+    names it."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return to_rgb(img, name)
+            return upright_rgb(img, name)
     except Image.DecompressionBombError as e:
         raise DataError(f"{name}: refused as a possible decompression bomb ({e}); if you trust the file, raise "
                         "PIL.Image.MAX_IMAGE_PIXELS or resize it") from None
@@ -133,6 +133,13 @@ def read_classes(root: Path) -> list[str]:
     return classes
 
 
+def _inside(name) -> bool:
+    """Whether a shard name from ``_info.json`` stays inside the shard folder (no absolute path, no ``..``)."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or name.startswith(("/", "\\")):
+        return False
+    return ".." not in Path(name.replace("\\", "/")).parts
+
+
 def _read_info(root: Path) -> dict[str, Shards] | None:
     f = root / INFO
     if not f.is_file():
@@ -141,6 +148,10 @@ def _read_info(root: Path) -> dict[str, Shards] | None:
         info = json.loads(f.read_text())
         splits = {}
         for name, s in info["splits"].items():
+            outside = [n for n in s["filenames"] if not _inside(n)]
+            if outside:
+                raise DataError(f"{f} names shard {outside[0]!r}, which is not inside {root}: shard names must be "
+                                f"relative to the shard folder, without '..'; correct {INFO} or re-create the shards")
             paths, lengths = [str(root / n) for n in s["filenames"]], [int(n) for n in s["shard_lengths"]]
             if len(paths) != len(lengths):
                 raise ValueError(f"split {name}: {len(paths)} file names but {len(lengths)} shard lengths")

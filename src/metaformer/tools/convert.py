@@ -54,7 +54,7 @@ def load_source(src: str, model_name: str | None = None, img_size: int | None = 
     """The model a checkpoint describes, with its weights loaded strictly; and the file's layout."""
     from ..tasks.inference import resolve_checkpoint, stored_metadata
 
-    path = resolve_checkpoint(src)
+    path = resolve_checkpoint(src, "SRC")
     sd, metadata, path = read_state_dict(path)
     layout = detect_layout(sd, metadata)
     if layout is None:
