@@ -293,6 +293,30 @@ def test_predict_skips_and_lists_an_unreadable_file_in_a_folder(runs, data, tmp_
     assert "none of the 1 image(s) could be read" in error_line(capsys, "predict")
 
 
+def test_detect_and_segment_predict_skip_and_list_an_unreadable_file(tmp_path, capsys):
+    from metaformer.tasks.dense.data import make_toy_data
+
+    toy = make_toy_data(tmp_path / "toy", num_train=2, num_val=1, size=64)
+    net = ["--override", "depths=[1,1,1,1]", "--override", "dims=[8,16,24,32]", "--fpn-channels", "8",
+           "--batch-size", "2", "--workers", "0"]
+    assert main(["detect", "train", "--train-images", str(toy / "images/training"), "--train-ann",
+                 str(toy / "instances_training.json"), *net, "--min-size", "32", "--max-size", "64", "--epochs", "1",
+                 "--output", str(tmp_path / "det")]) == 0
+    assert main(["segment", "train", "--data-root", str(toy), "--num-classes", "4", *net, "--img-scale", "64", "64",
+                 "--crop-size", "32", "--iters", "1", "--no-val", "--output", str(tmp_path / "seg")]) == 0
+    folder = shutil.copytree(toy / "images/validation", tmp_path / "imgs")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    capsys.readouterr()
+    for task in ("detect", "segment"):
+        assert main([task, "predict", str(folder), "--checkpoint", str(tmp_path / task[:3] / "last.pth"),
+                     "--output", str(tmp_path / f"out-{task}"), "--json"]) == 0
+        captured = capsys.readouterr()
+        results = json.loads(captured.out)
+        assert [r["image"] for r in results if "error" in r] == [str(folder / "broken.jpg")]
+        assert (tmp_path / f"out-{task}" / "validation_0000.png").is_file()
+        assert "skipped 1 unreadable image(s)" in captured.err and "broken.jpg" in captured.err
+
+
 def test_pack_refuses_an_output_inside_the_data_it_packs(data, tmp_path, capsys):
     """Before: `data pack ROOT ROOT/train/zz` failed and left an empty class folder zz behind."""
     root = shutil.copytree(data, tmp_path / "root")

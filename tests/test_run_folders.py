@@ -232,7 +232,7 @@ def test_names_longer_than_file_systems_allow(data, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- 14. read-only outputs
 
-@pytest.mark.parametrize("verb", ["export", "cam", "data pack", "convert", "ablate", "bench"])
+@pytest.mark.parametrize("verb", ["export", "cam", "data pack", "convert", "ablate", "bench", "detect predict"])
 def test_an_unwritable_output_is_refused_before_the_work(data, finished, verb, capsys):
     """Before: PermissionError tracebacks (and bench failed only after the whole benchmark had run)."""
     ckpt, image = str(finished / "best.pth"), str(next((data / "val/0").iterdir()))
@@ -242,7 +242,8 @@ def test_an_unwritable_output_is_refused_before_the_work(data, finished, verb, c
             "convert": ["convert", ckpt, "/sys/mf/c.safetensors", "--to", "ours"],
             "ablate": ["ablate", "--rows", "baseline", "--set", "epochs=1", "--output", "/sys/mf/grid"],
             "bench": ["bench", "--img-size", "32", "--batch-size", "1", "--modes", "eager", "--repeats", "1",
-                      "--no-memory", "--output", "/sys/mf/b.json"]}[verb]
+                      "--no-memory", "--output", "/sys/mf/b.json"],
+            "detect predict": ["detect", "predict", image, "--checkpoint", ckpt, "--output", "/sys/mf/pred"]}[verb]
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and "inference:" not in captured.err + captured.out

@@ -170,8 +170,21 @@ def _det_predict(args) -> int:
     if args.json:
         print_json(results)
     for r in [] if args.json else results:
-        found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in r["detections"]) or "nothing"
-        print(f"{r['image']} -> {r['output']}: {found} (score >= {args.score_thresh})")
+        if "error" not in r:
+            found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in r["detections"]) or "nothing"
+            print(f"{r['image']} -> {r['output']}: {found} (score >= {args.score_thresh})")
+    return _skipped_images(results)
+
+
+def _skipped_images(results: list[dict]) -> int:
+    """List the images predict could not read (on stderr); an error when it could read none."""
+    bad = [r for r in results if "error" in r]
+    if bad and len(bad) == len(results):
+        raise UserError(f"none of the {len(results)} image(s) could be read; the first: {bad[0]['error']}")
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s):", file=sys.stderr)
+        for r in bad:
+            print(f"  {r['image']}: {r['error']}", file=sys.stderr)
     return 0
 
 
@@ -226,9 +239,10 @@ def _seg_predict(args) -> int:
     if args.json:
         print_json(results)
     for r in [] if args.json else results:
-        shares = sorted(r["classes"].items(), key=lambda kv: -kv[1])[:5]
-        print(f"{r['image']} -> {r['output']}: " + ", ".join(f"class {c} {100 * v:.0f}%" for c, v in shares))
-    return 0
+        if "error" not in r:
+            shares = sorted(r["classes"].items(), key=lambda kv: -kv[1])[:5]
+            print(f"{r['image']} -> {r['output']}: " + ", ".join(f"class {c} {100 * v:.0f}%" for c, v in shares))
+    return _skipped_images(results)
 
 
 def _task(sub, name: str, help: str, description: str):
