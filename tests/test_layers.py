@@ -9,7 +9,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "metaformer"
 LAYERS = [
-    {"errors", "yaml12", "atomic"},  # no dependencies of ours
+    {"errors", "yaml12", "atomic", "ranges"},  # no dependencies of ours
     {"models"},
     {"weights"},
     {"zoo"},

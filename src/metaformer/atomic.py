@@ -16,15 +16,78 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+from .errors import MetaFormerError
+
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]+\.tmp$")
+NAME_MAX = 255  # bytes per file name on the file systems we meet (ext4, xfs, btrfs, APFS, NTFS)
+_RANDOM = 8  # characters tempfile adds
+
+
+def short_name(name: str, budget: int) -> str:
+    """``name`` cut to at most ``budget`` bytes (UTF-8, whole characters): a temporary name built from a long
+    target name must still be a legal name."""
+    while len(name.encode()) > budget:
+        name = name[:-1]
+    return name
+
+
+def temp_prefix(path: Path, tag: str = "", suffix: str = "") -> str:
+    """``.<name>.<tag>`` for a temporary sibling of ``path``, short enough for the random part and ``suffix``."""
+    budget = NAME_MAX - len(f"..{tag}".encode()) - _RANDOM - len(suffix.encode())
+    return f".{short_name(path.name, budget)}.{tag}"
 
 
 def temp_file(path: str | os.PathLike, suffix: str = ".tmp") -> Path:
     """Create (empty) and return a temporary file beside ``path``, tagged with this process's id."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path, f"{os.getpid()}.", suffix), suffix=suffix)
     os.close(fd)
     return Path(tmp)
+
+
+class _Recording:
+    """A file object that remembers the first ``OSError`` of a write. ``torch.save`` reports a failed write
+    (a full disk) as its own ``RuntimeError`` ("unexpected pos ..."), which hides the reason; the
+    recorded error is raised instead."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> Path:
+    """Refuse an output before any work is done, leaving no trace: a name longer than file systems allow, a
+    file where a folder is wanted (or the reverse), a read-only place. ``what`` names it for the user
+    (``--output runs/x``); ``folder``: the output is a folder (else a file)."""
+    path = Path(path)
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise MetaFormerError(f"{what}: the name {part[:24]}...{part[-8:]} is {len(os.fsencode(part))} bytes "
+                                  f"long, and file systems allow at most {NAME_MAX} per name: choose a shorter name")
+    if folder and path.exists() and not path.is_dir():
+        raise MetaFormerError(f"{what} is a file, not a folder: choose a folder")
+    if not folder and path.is_dir():
+        raise MetaFormerError(f"{what} is a folder: name a file (e.g. {path / 'out'}...)")
+    probe = path if folder else path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise MetaFormerError(f"{what}: {probe} is a file, so the folder cannot be created")
+    try:
+        temp_file(probe / "write-test").unlink()
+    except OSError as e:
+        raise MetaFormerError(f"cannot write to {what} ({e.strerror or e} in {probe}): is it read-only? Choose a "
+                              "writable place") from None
+    return path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
@@ -34,8 +97,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     tmp = temp_file(path)
     try:
         with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
+            recording = _Recording(f)
+            try:
+                write(recording)
+                f.flush()
+            except Exception as e:
+                if recording.error is not None and not isinstance(e, OSError):
+                    raise recording.error from None
+                raise
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -62,7 +131,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     and is removed otherwise (raise inside the block to refuse a result that failed its check)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"))
+    holder = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path, f"{os.getpid()}.", ".tmp"), suffix=".tmp"))
     try:
         tmp = holder / path.name
         yield tmp
@@ -82,7 +151,7 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -99,7 +168,7 @@ def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in os.scandir(directory):
             m = _TEMP.match(entry.name)
-            if m and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            if m and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
                 if entry.is_dir(follow_symlinks=False):  # atomic_path's folder
                     shutil.rmtree(entry.path, ignore_errors=True)
                     removed.append(Path(entry.path))

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .. import yaml12
+from ..ranges import whole
 from . import UserError
 from .common import add_json, add_output, print_json
 
@@ -60,7 +61,8 @@ def check_same_grid(output: Path, grid: dict) -> None:
 def run(args) -> int:
     import torch
 
-    from ..tools.ablate import BUDGETS, command_line, run_grid, summarise, write_report
+    from ..atomic import check_writable
+    from ..tools.ablate import BUDGETS, command_line, run_config, run_grid, summarise, write_report
     from ..zoo import ABLATIONS
     from ..engine.stop import Interrupted
 
@@ -91,6 +93,8 @@ def run(args) -> int:
     else:
         devices = None
     output = Path(args.output)
+    check_writable(output, f"--output {output}", folder=True)  # before the first row trains
+    run_config(flags, rows[0], 0, output, args.config)  # a value out of range fails now, not in the first row
     grid = {"command": command_line(), "budget": args.budget, "rows": rows, "seeds": args.seeds, "flags": flags,
             "config": args.config}
     check_same_grid(output, grid)
@@ -124,7 +128,7 @@ def add_parser(sub) -> None:
                                    "the rank correlation with the paper. Re-running with the same --output skips "
                                    "finished rows and resumes the unfinished one.")
     p.add_argument("--rows", help=f"comma-separated subset of: {', '.join(ABLATIONS)} (default: all)")
-    p.add_argument("--seeds", type=int, default=1, help="runs per row (report mean ± std)")
+    p.add_argument("--seeds", type=whole(1, 100), default=1, help="runs per row (report mean ± std)")
     p.add_argument("--budget", choices=list(BUDGETS), default="quick",
                    help="quick: scaled-down S12 on the built-in digits, ~20 min for the whole grid on 2 CPU cores; "
                         "paper: the paper's ImageNet recipe (needs --data)")

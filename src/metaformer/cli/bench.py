@@ -1,19 +1,34 @@
 """``metaformer bench``: our inference and training modes beside timm and ONNX Runtime, interleaved."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import itertools
 import sys
 import time
 
+from ..ranges import IMG_SIZE, whole
 from ..tools import bench as harness
 from . import UserError
 from .common import add_json, print_json
 
+BATCH = whole(1, 4096)  # a benchmark's input is allocated whole: far beyond this it no longer fits in memory
+
 
 def _csv(kind=str):
-    return lambda s: [kind(v) for v in s.split(",") if v]
+    def parse(text: str) -> list:
+        return [kind(v) for v in text.split(",") if v]
+    parse.item = kind  # each value's type (a Range for numbers)
+    return parse
+
+
+def _one_of(choices):
+    def check(name: str) -> str:
+        if name not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {name!r}; choose from {', '.join(choices)}")
+        return name
+    return check
 
 
 def add_parser(sub) -> None:
@@ -23,21 +38,24 @@ def add_parser(sub) -> None:
                                    "finishes (median, min-max, latency, max logit difference vs the plain model, "
                                    "peak training memory), with the time left; writes all results as JSON.")
     p.add_argument("--variant", type=_csv(), default=["poolformer_s12"], help="comma-separated variants")
-    p.add_argument("--batch-size", "-b", type=_csv(int), default=[1, 32], help="comma-separated batch sizes")
-    p.add_argument("--img-size", type=_csv(int), default=[224], help="comma-separated resolutions")
-    p.add_argument("--dtype", type=_csv(), default=["fp32"], help="fp32, bf16, fp16 (comma-separated)")
-    p.add_argument("--modes", type=_csv(), default=harness.DEFAULT_INFER,
+    p.add_argument("--batch-size", "-b", type=_csv(BATCH), default=[1, 32],
+                   help=f"comma-separated batch sizes, each {BATCH.describe()}")
+    p.add_argument("--img-size", type=_csv(IMG_SIZE), default=[224],
+                   help=f"comma-separated resolutions, each {IMG_SIZE.describe()}")
+    p.add_argument("--dtype", type=_csv(_one_of(harness.DTYPES)), default=["fp32"],
+                   help="fp32, bf16, fp16 (comma-separated)")
+    p.add_argument("--modes", type=_csv(_one_of(harness.INFER_MODES)), default=harness.DEFAULT_INFER,
                    help=f"inference modes, from {','.join(harness.INFER_MODES)}")
     p.add_argument("--train", action="store_true", help="also benchmark training steps")
     p.add_argument("--train-only", action="store_true", help="only benchmark training steps")
-    p.add_argument("--train-modes", type=_csv(), default=harness.DEFAULT_TRAIN,
+    p.add_argument("--train-modes", type=_csv(_one_of(harness.TRAIN_MODES)), default=harness.DEFAULT_TRAIN,
                    help=f"training modes, from {','.join(harness.TRAIN_MODES)}")
-    p.add_argument("--train-batch", type=int, default=32, help="batch size of the training steps")
+    p.add_argument("--train-batch", type=BATCH, default=32, help="batch size of the training steps")
     p.add_argument("--train-dtype", default="fp32", choices=list(harness.DTYPES),
                    help="training precision: fp32, or bf16/fp16 mixed precision under autocast")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--repeats", type=int, default=10, help="timed rounds per mode")
-    p.add_argument("--warmup", type=int, default=3, help="untimed rounds per mode first")
+    p.add_argument("--repeats", type=whole(1, 10_000), default=10, help="timed rounds per mode")
+    p.add_argument("--warmup", type=whole(0, 1000), default=3, help="untimed rounds per mode first")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--output", "-o", help="where to write the results as JSON (default: "
                    "benchmarks/results/bench-DATE-TIME.json)")
@@ -46,12 +64,42 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def check(args) -> str:
+    """Everything a benchmark needs, checked before it runs (it may take an hour): the lists are not empty, the
+    variants exist, the device is there, the output files can be written. Returns the JSON path."""
+    import torch
+
+    from ..atomic import check_writable
+    from ..zoo import get_model_info
+
+    for flag, values in (("--variant", args.variant), ("--batch-size", args.batch_size),
+                         ("--img-size", args.img_size), ("--dtype", args.dtype), ("--modes", args.modes),
+                         ("--train-modes", args.train_modes)):
+        if not values:
+            raise UserError(f"{flag} names nothing: give at least one value")
+    for variant in args.variant:
+        get_model_info(variant)  # an unknown name: the error names close ones
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: no CUDA GPU is visible on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {args.device!r}: the benchmark runs on cpu or cuda")
+    path = args.output or f"benchmarks/results/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    check_writable(path, f"--output {path}")
+    if args.md:
+        check_writable(args.md, f"--md {args.md}")
+    return path
+
+
 def run(args) -> int:
     from ..engine.loop import progress_bar
 
-    for d in args.dtype:
-        if d not in harness.DTYPES:
-            raise UserError(f"unknown dtype {d!r}; choose from {', '.join(harness.DTYPES)}")
+    path = check(args)
     jobs = []  # (description, thunk), run one at a time, each printed as soon as it is done
     if not args.train_only:
         for variant, batch, size, dtype in itertools.product(args.variant, args.batch_size, args.img_size, args.dtype):
@@ -87,7 +135,6 @@ def run(args) -> int:
             if bar.disable:  # no terminal: say how far along it is on stderr instead
                 log(f"[{k}/{len(jobs)}] {what} done; {elapsed:.0f}s so far, about "
                     f"{elapsed / k * (len(jobs) - k):.0f}s left")
-    path = args.output or f"benchmarks/results/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     harness.save_json(results, path, sys.argv)
     if args.md:
         with open(args.md, "w") as f:

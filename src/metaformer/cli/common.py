@@ -8,6 +8,8 @@ import contextlib
 import json
 import sys
 
+from ..ranges import BATCH, WORKERS, Range
+
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 
@@ -37,6 +39,9 @@ class Parser(argparse.ArgumentParser):
 
     def add_argument(self, *args, **kwargs):
         action = super().add_argument(*args, **kwargs)
+        if isinstance(action.type, Range) and action.type.describe() not in (action.help or ""):
+            # a number checked as it is parsed: say what it takes
+            action.help = f"{action.help} ({action.type.describe()})" if action.help else action.type.describe()
         if action.option_strings and not action.help and _worth_showing(action.default):
             action.help = "(default: %(default)s)"  # argparse prints nothing, not even the default, without a help
         return action
@@ -58,9 +63,10 @@ def add_output(p, default: str | None, what: str) -> None:
         p.add_argument("--output", "-o", default=default, help=what)
 
 
-def add_run_folder(p, default: str) -> None:
-    """A training run's folder: refused when it holds a run, unless resumed or overwritten."""
-    add_output(p, default, "run folder: checkpoints (last.pth, best.pth), metrics.csv/jsonl, tb/, config")
+def add_run_folder(p, default: str, holds: str) -> None:
+    """A training run's folder (``holds``: what the run writes there): refused when it holds a run, unless resumed
+    or overwritten."""
+    add_output(p, default, f"run folder: {holds}")
     p.add_argument("--resume", metavar="CKPT|auto", help="continue from a checkpoint ('auto': OUTPUT/last.pth "
                    "when there is one)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output (else refused "
@@ -82,11 +88,11 @@ def add_amp(p, default: str = "auto") -> None:
 
 
 def add_batch_size(p, default: int | None, what: str = "images per process") -> None:
-    p.add_argument("--batch-size", "-b", type=int, default=default, help=what)
+    p.add_argument("--batch-size", "-b", type=BATCH, default=default, help=what)
 
 
 def add_workers(p, default: int = 2) -> None:
-    p.add_argument("--workers", "-j", type=int, default=default, help="data-loading worker processes")
+    p.add_argument("--workers", "-j", type=WORKERS, default=default, help="data-loading worker processes")
 
 
 def add_json(p, what: str = "print the result as JSON instead of a summary") -> None:

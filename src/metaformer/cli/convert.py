@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from ..ranges import IMG_SIZE
+
 
 def run(args) -> int:
     from ..tools.convert import convert
@@ -33,6 +35,6 @@ def add_parser(sub) -> None:
     p.add_argument("--to", required=True, choices=TARGETS, help="the layout to write")
     p.add_argument("--model", help="the variant, when the file's layers could be several (e.g. identityformer_s12 vs "
                                    "poolformerv2_s12)")
-    p.add_argument("--img-size", type=int, help="the input size of a model with size-bound parts")
+    p.add_argument("--img-size", type=IMG_SIZE, help="the input size of a model with size-bound parts")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from ..ranges import SEED, whole
+
 
 def run_pack(args) -> int:
     from tqdm import tqdm
@@ -50,10 +52,10 @@ def add_parser(sub) -> None:
                                         "seeded random order. Then train with --data OUT.")
     pack.add_argument("root", metavar="ROOT", help="ImageFolder root with train/ and val/ class folders")
     pack.add_argument("out", metavar="OUT", help="output folder (new or empty)")
-    pack.add_argument("--shard-size", type=int, default=1000, metavar="N",
+    pack.add_argument("--shard-size", type=whole(1), default=1000, metavar="N",
                       help="samples per shard (default 1000); keep the train shards many times the number of "
                            "ranks x workers, or padding grows")
-    pack.add_argument("--seed", type=int, default=0, help="seed of the train split's order (default 0)")
+    pack.add_argument("--seed", type=SEED, default=0, help="seed of the train split's order (default 0)")
     pack.add_argument("--overwrite", action="store_true", help="replace the shards of a non-empty OUT")
     pack.add_argument("--json", action="store_true", help="print the written _info.json")
     pack.set_defaults(func=run_pack)

@@ -10,6 +10,7 @@ import functools
 import sys
 
 from .. import yaml12
+from ..ranges import IMG_SIZE, MAX_EPOCHS, MAX_ITERS, PROBABILITY, SEED, real, whole
 from . import UserError
 from .common import (add_amp, add_batch_size, add_checkpoint, add_device, add_json, add_output, add_run_folder,
                      add_workers, logs_to_stderr, print_json)
@@ -62,29 +63,30 @@ def _toy(args) -> int:
 def _add_toy(sub) -> None:
     p = sub.add_parser("make-toy-data", help="write a tiny dataset of coloured shapes (COCO json + ADE20K layout)")
     p.add_argument("dir")
-    p.add_argument("--num-train", type=int, default=8)
-    p.add_argument("--num-val", type=int, default=4)
-    p.add_argument("--size", type=int, default=128, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=whole(1, 100_000), default=8, help="training images")
+    p.add_argument("--num-val", type=whole(1, 100_000), default=4, help="validation images")
+    p.add_argument("--size", type=IMG_SIZE, default=128, help="image side in pixels")
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=_toy)
 
 
 def _add_common_train(p, task: str) -> None:
-    add_run_folder(p, f"runs/{task}")
+    when = "every epoch" if task == "detect" else "every --ckpt-every iterations"
+    add_run_folder(p, f"runs/{task}", f"the checkpoint last.pth (saved {when}), metrics.csv/jsonl, tb/")
     p.add_argument("--backbone", default="poolformer_s12", help="any variant from `metaformer info`")
     p.add_argument("--override", action="append", metavar="KEY=VALUE",
                    help="backbone config override, repeatable (e.g. depths=[1,1,1,1] dims=[16,32,48,64])")
     p.add_argument("--pretrained", metavar="TAG_OR_PATH", help="ImageNet weights for the backbone: a tag from "
                    "`metaformer info`, or a file in any layout metaformer loads")
-    p.add_argument("--frozen-stages", type=int, default=-1, help="-1 none, 0 stem, k stem + stages 1..k")
-    p.add_argument("--fpn-channels", type=int, default=256)
-    p.add_argument("--lr", type=float, help="default: the paper's (detect 1e-4, segment 2e-4)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--frozen-stages", type=whole(-1, 16), default=-1, help="-1 none, 0 stem, k stem + stages 1..k")
+    p.add_argument("--fpn-channels", type=whole(1, 4096), default=256, help="FPN width")
+    p.add_argument("--lr", type=real(0, lo_open=True), help="default: the paper's (detect 1e-4, segment 2e-4)")
+    p.add_argument("--weight-decay", type=real(0), default=1e-4, help="AdamW's weight decay")
     add_batch_size(p, None, "images per process (default: the paper's, detect 2, segment 4)")
     add_workers(p)
     add_amp(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50, help="iterations between log points")
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--log-every", type=whole(1), default=50, help="iterations between log points")
     add_device(p)
     p.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     add_json(p, "print the final metrics row as JSON")
@@ -168,8 +170,21 @@ def _det_predict(args) -> int:
     if args.json:
         print_json(results)
     for r in [] if args.json else results:
-        found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in r["detections"]) or "nothing"
-        print(f"{r['image']} -> {r['output']}: {found} (score >= {args.score_thresh})")
+        if "error" not in r:
+            found = ", ".join(f"{d['label']} {d['score']:.2f}" for d in r["detections"]) or "nothing"
+            print(f"{r['image']} -> {r['output']}: {found} (score >= {args.score_thresh})")
+    return _skipped_images(results)
+
+
+def _skipped_images(results: list[dict]) -> int:
+    """List the images predict could not read (on stderr); an error when it could read none."""
+    bad = [r for r in results if "error" in r]
+    if bad and len(bad) == len(results):
+        raise UserError(f"none of the {len(results)} image(s) could be read; the first: {bad[0]['error']}")
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s):", file=sys.stderr)
+        for r in bad:
+            print(f"  {r['image']}: {r['error']}", file=sys.stderr)
     return 0
 
 
@@ -224,9 +239,10 @@ def _seg_predict(args) -> int:
     if args.json:
         print_json(results)
     for r in [] if args.json else results:
-        shares = sorted(r["classes"].items(), key=lambda kv: -kv[1])[:5]
-        print(f"{r['image']} -> {r['output']}: " + ", ".join(f"class {c} {100 * v:.0f}%" for c, v in shares))
-    return 0
+        if "error" not in r:
+            shares = sorted(r["classes"].items(), key=lambda kv: -kv[1])[:5]
+            print(f"{r['image']} -> {r['output']}: " + ", ".join(f"class {c} {100 * v:.0f}%" for c, v in shares))
+    return _skipped_images(results)
 
 
 def _task(sub, name: str, help: str, description: str):
@@ -255,11 +271,13 @@ def add_parser(sub) -> None:
     _add_common_train(p, "detect")
     p.add_argument("--detector-opt", action="append", metavar="KEY=VALUE",
                    help="torchvision RetinaNet/MaskRCNN keyword argument, repeatable (e.g. box_batch_size_per_image=128)")
-    p.add_argument("--min-size", type=int, default=800, help="shorter side after resizing (paper: 800)")
-    p.add_argument("--max-size", type=int, default=1333, help="longer side limit (paper: 1333)")
-    p.add_argument("--epochs", type=int, default=12, help="12: the 1x schedule")
-    p.add_argument("--lr-steps", type=int, nargs="*", default=[8, 11], help="epochs after which the lr drops x0.1")
-    p.add_argument("--warmup-iters", type=int, default=500, help="linear warm-up iterations")
+    p.add_argument("--min-size", type=IMG_SIZE, default=800, help="shorter side after resizing (paper: 800)")
+    p.add_argument("--max-size", type=IMG_SIZE, default=1333, help="longer side limit, at least --min-size (paper: "
+                                                                   "1333)")
+    p.add_argument("--epochs", type=whole(1, MAX_EPOCHS), default=12, help="12: the 1x schedule")
+    p.add_argument("--lr-steps", type=whole(1, MAX_EPOCHS), nargs="*", default=[8, 11],
+                   help="epochs after which the lr drops x0.1")
+    p.add_argument("--warmup-iters", type=whole(0, MAX_ITERS), default=500, help="linear warm-up iterations")
     p.set_defaults(func=_det_train)
 
     p = dsub.add_parser("eval", help="COCO mAP (pycocotools COCOeval) of a checkpoint",
@@ -278,7 +296,7 @@ def add_parser(sub) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     add_checkpoint(p, True, "last.pth of `metaformer detect train`")
     add_output(p, "predictions", "folder for the PNGs")
-    p.add_argument("--score-thresh", type=float, default=0.5, help="draw detections scoring at least this")
+    p.add_argument("--score-thresh", type=PROBABILITY, default=0.5, help="draw detections scoring at least this")
     add_amp(p)
     add_device(p)
     add_json(p, "print the detections as JSON")
@@ -297,17 +315,19 @@ def add_parser(sub) -> None:
     p.add_argument("--train-split", default="training")
     p.add_argument("--val-split", default="validation")
     p.add_argument("--no-val", action="store_true", help="no periodic evaluation")
-    p.add_argument("--num-classes", type=int, default=150, help="after the label shift (ADE20K: 150)")
+    p.add_argument("--num-classes", type=whole(1, 255), default=150, help="after the label shift (ADE20K: 150)")
     p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=True,
                    help="label 0 = 'other' -> ignored, the rest shift by -1 (ADE20K)")
     _add_common_train(p, "segment")
-    p.add_argument("--img-scale", type=int, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"))
-    p.add_argument("--crop-size", type=int, default=512)
-    p.add_argument("--ratio-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"))
-    p.add_argument("--iters", type=int, default=40000, help="training iterations")
-    p.add_argument("--power", type=float, default=0.9, help="poly decay power")
-    p.add_argument("--ckpt-every", type=int, default=4000, help="iterations between checkpoints")
-    p.add_argument("--eval-every", type=int, default=4000, help="iterations between evaluations")
+    p.add_argument("--img-scale", type=IMG_SIZE, nargs=2, default=[2048, 512], metavar=("LONG", "SHORT"),
+                   help="resize keeping the ratio to fit LONG x SHORT")
+    p.add_argument("--crop-size", type=IMG_SIZE, default=512, help="training crop side")
+    p.add_argument("--ratio-range", type=real(0, 16, lo_open=True), nargs=2, default=[0.5, 2.0],
+                   metavar=("MIN", "MAX"), help="random rescale of --img-scale, MIN <= MAX")
+    p.add_argument("--iters", type=whole(1, MAX_ITERS), default=40000, help="training iterations")
+    p.add_argument("--power", type=real(0, 100), default=0.9, help="poly decay power")
+    p.add_argument("--ckpt-every", type=whole(1), default=4000, help="iterations between checkpoints")
+    p.add_argument("--eval-every", type=whole(1), default=4000, help="iterations between evaluations")
     p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="test mode of the periodic evaluation")
     p.set_defaults(func=_seg_train)
 
@@ -318,8 +338,8 @@ def add_parser(sub) -> None:
     p.add_argument("--data-root", required=True, help="folder with images/SPLIT and annotations/SPLIT")
     p.add_argument("--split", default="validation")
     p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="one pass, or sliding windows")
-    p.add_argument("--crop-size", type=int, help="slide window (default: the training crop)")
-    p.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"), help="default: as trained")
+    p.add_argument("--crop-size", type=IMG_SIZE, help="slide window (default: the training crop)")
+    p.add_argument("--img-scale", type=IMG_SIZE, nargs=2, metavar=("LONG", "SHORT"), help="default: as trained")
     p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
                    help="default: as trained")
     add_amp(p)
@@ -332,7 +352,7 @@ def add_parser(sub) -> None:
     add_checkpoint(p, True, "last.pth of `metaformer segment train`")
     add_output(p, "predictions", "folder for the PNGs")
     p.add_argument("--mode", choices=["whole", "slide"], default="whole", help="one pass, or sliding windows")
-    p.add_argument("--opacity", type=float, default=0.5, help="weight of the class colours over the image")
+    p.add_argument("--opacity", type=PROBABILITY, default=0.5, help="weight of the class colours over the image")
     add_amp(p)
     add_device(p)
     add_json(p, "print each image's class shares as JSON")

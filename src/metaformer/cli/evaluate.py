@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
+from ..ranges import NUM_CLASSES, whole
 from .common import (add_amp, add_batch_size, add_checkpoint, add_device, add_json, add_workers, print_json)
 
 
 def _add_weights(p) -> None:
     add_checkpoint(p, what="weights: ours (a training checkpoint or .safetensors, which name their model), the "
                            "authors', timm's or Hugging Face's (default: the variant's published weights)")
-    p.add_argument("--num-classes", type=int, help="classifier width of a checkpoint that does not say (default: "
-                                                   "1000)")
+    p.add_argument("--num-classes", type=NUM_CLASSES, help="classifier width of a checkpoint that does not say "
+                                                           "(default: 1000)")
     p.add_argument("--ema", action="store_true", help="the training checkpoint's EMA weights (train --ema; timm's "
                                                       "state_dict_ema) instead of its model weights")
     p.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN or inf instead of "
@@ -59,7 +61,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE", help="variant name (optional with a checkpoint "
                                                                       "of ours) followed by image files or folders")
     _add_weights(p)
-    p.add_argument("--topk", type=int, default=5, help="labels per image")
+    p.add_argument("--topk", type=whole(1), default=5, help="labels per image (at most the model's classes)")
     add_batch_size(p, 32)
     _add_speed(p)
     p.add_argument("--exported", metavar="FILE", help="run this file from `metaformer export` instead of PyTorch: "
@@ -145,11 +147,18 @@ def run_predict(args) -> int:
         prepare(loaded, rt.device, args.fused, args.channels_last)
         device, amp_dtype, channels_last = rt.device, rt.amp_dtype, args.channels_last and not args.fused
     results = predict(loaded, images, args.topk, device, args.batch_size, amp_dtype, channels_last)
+    bad = [r for r in results if "error" in r]
+    if len(bad) == len(results):
+        raise UserError(f"none of the {len(results)} image(s) could be read; the first: {bad[0]['error']}")
     if args.json:
         print_json(results)
-        return 0
-    for r in results:
-        print(r["image"])
-        for name, p in r["predictions"]:
-            print(f"  {100 * p:6.2f}%  {name}")
+    for r in [] if args.json else results:
+        if "predictions" in r:
+            print(r["image"])
+            for name, p in r["predictions"]:
+                print(f"  {100 * p:6.2f}%  {name}")
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s):", file=sys.stderr)
+        for r in bad:
+            print(f"  {r['image']}: {r['error']}", file=sys.stderr)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..ranges import NUM_CLASSES
 from . import UserError
 from .common import add_checkpoint, add_json, add_output, print_json
 
@@ -16,8 +17,12 @@ def _load(args):
 
 
 def run_export(args) -> int:
-    from ..tools.export import FORMATS, ExportError, export, export_metadata, sample_image
+    from ..atomic import check_writable
+    from ..tools.export import FORMATS, ExportError, export, export_metadata, export_path, sample_image
 
+    out = export_path(args.output or f"{args.model or 'model'}{'_fused' if args.fused else ''}{FORMATS[args.format]}",
+                      args.format)
+    check_writable(out, f"--output {out}")  # before the model is loaded and exported
     loaded = _load(args)
     model = loaded.model
     if args.fused:
@@ -25,7 +30,6 @@ def run_export(args) -> int:
 
         # the portable backend: oneDNN's packed-weight ops do not exist in ONNX or TorchScript runtimes
         model = fuse(model, backend="aten")
-    out = Path(args.output or f"{args.model or 'model'}{'_fused' if args.fused else ''}{FORMATS[args.format]}")
     image = sample_image(loaded.img_size, loaded.transform) if loaded.model.in_chans == 3 else None
     try:
         result = export(model, out, args.format, img_size=loaded.img_size, image=image,
@@ -48,12 +52,14 @@ def run_export(args) -> int:
 
 
 def run_cam(args) -> int:
-    from ..tools.cam import grad_cam, resolve_target, save_overlay
+    from ..atomic import check_writable
     from ..data import open_rgb
+    from ..tools.cam import grad_cam, resolve_target, save_overlay
 
     from .evaluate import split_model_and_images
 
     args.model, images = split_model_and_images(args.inputs, args.checkpoint, "cam")
+    check_writable(args.output, f"--output {args.output}", folder=True)  # before the model is loaded
     loaded = _load(args)
     target = resolve_target(args.target, loaded.class_names)
     grid = getattr(loaded.model, "token_grid", None)
@@ -80,7 +86,7 @@ def _common(p, model_positional: bool = True):
         p.add_argument("model", nargs="?", help="variant name, e.g. poolformer_s12 (optional with a checkpoint "
                        "saved by metaformer, which stores its config)")
     add_checkpoint(p, what="weights: any layout metaformer loads (default: the variant's published weights)")
-    p.add_argument("--num-classes", type=int, help="classifier width of a checkpoint without stored config")
+    p.add_argument("--num-classes", type=NUM_CLASSES, help="classifier width of a checkpoint without stored config")
     p.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN or inf instead of "
                    "refusing them")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fnmatch
 import json
 
+from ..ranges import IMG_SIZE
 from . import UserError
 
 _ROW_NAMES = {"baseline": "poolformer_s12"}  # Table-5 rows are models of their own; see ablation_name()
@@ -99,6 +100,6 @@ def add_parser(sub) -> None:
     p.add_argument("models", nargs="*", metavar="MODEL", help="models or patterns to show (default: all)")
     p.add_argument("--ablation", nargs="*", metavar="ROW", help="PoolFormer Table-5 rows to add, by row name "
                    "(e.g. identity dwconv no_mlp)")
-    p.add_argument("--img-size", type=int, default=224, help="input size the MACs are counted at")
+    p.add_argument("--img-size", type=IMG_SIZE, default=224, help="input size the MACs are counted at")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)

@@ -13,24 +13,25 @@ from .. import yaml12
 from .common import add_json, logs_to_stderr, print_json
 
 
-def _flag_type(annotation: str) -> dict:
+def _flag_type(annotation: str, allowed=None) -> dict:
+    """argparse's type for an option; a numeric one is parsed and checked against its range (``allowed``)."""
     if annotation.startswith("bool"):
         return {"action": argparse.BooleanOptionalAction}
     if annotation.startswith("list[int]"):
-        return {"type": int, "nargs": "+"}
+        return {"type": allowed or int, "nargs": "+"}
     if annotation.startswith("list[float]"):
-        return {"type": float, "nargs": "+"}
+        return {"type": allowed or float, "nargs": "+"}
     if annotation.startswith("dict"):
         return {"type": lambda text: yaml12.load(text, "--model-kwargs"), "metavar": "YAML"}
     if annotation.startswith("int"):
-        return {"type": int}
+        return {"type": allowed or int}
     if annotation.startswith("float"):
-        return {"type": float}
+        return {"type": allowed or float}
     return {"type": str}
 
 
 def add_parser(subparsers) -> None:
-    from ..tasks.train_config import DEMO, TrainConfig
+    from ..tasks.train_config import DEMO, RANGES, TrainConfig
 
     p = subparsers.add_parser(
         "train", help="train on an ImageNet-layout folder or the built-in digits",
@@ -42,10 +43,12 @@ def add_parser(subparsers) -> None:
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = f.metadata["help"]
+        if f.name in RANGES:
+            text += f" ({RANGES[f.name].describe()})"
         if default not in (None, False) and "default" not in text:  # the real default is resolved later (YAML)
             text += f" (default: {default})"
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=text,
-                       **_flag_type(str(f.type)))
+                       **_flag_type(str(f.type), RANGES.get(f.name)))
     add_json(p, "print the run's summary as JSON at the end")
     p.set_defaults(func=run)
 

@@ -21,12 +21,12 @@ from .digits import Digits, is_builtin
 from .folders import SafeImageFolder, check_image_folder
 from .hfds import HFImageDataset
 from .images import DataError, Padding, Unreadable, list_images, open_rgb
-from .loaders import ResumableDistributedSampler, UnreadableLog, collate_skip_unreadable, make_loader
+from .loaders import PerSampleSeeds, ResumableDistributedSampler, UnreadableLog, collate_skip_unreadable, make_loader
 from .shards import ShardStream, pack_image_folder
 from .sources import DataSource, open_eval_source, open_source
 from .transforms import train_transform
 
-__all__ = ["DataError", "DataSource", "Digits", "HFImageDataset", "Padding", "ResumableDistributedSampler",
-           "SafeImageFolder", "ShardStream", "Unreadable", "UnreadableLog", "check_image_folder",
-           "collate_skip_unreadable", "is_builtin", "list_images", "make_loader", "open_eval_source", "open_rgb",
-           "open_source", "pack_image_folder", "train_transform"]
+__all__ = ["DataError", "DataSource", "Digits", "HFImageDataset", "Padding", "PerSampleSeeds",
+           "ResumableDistributedSampler", "SafeImageFolder", "ShardStream", "Unreadable", "UnreadableLog",
+           "check_image_folder", "collate_skip_unreadable", "is_builtin", "list_images", "make_loader",
+           "open_eval_source", "open_rgb", "open_source", "pack_image_folder", "train_transform"]

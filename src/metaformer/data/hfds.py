@@ -74,8 +74,9 @@ def pick_split(splits, wanted: str | None, names: tuple[str, ...], path: str, ro
                     f"name the {role} split with {path}#{role}=SPLIT")
 
 
-def columns(ds, options: dict[str, str], where: str) -> tuple[str, str, list[str]]:
-    """The image column, the label column and the class names of a ``datasets.Dataset``."""
+def columns(ds, options: dict[str, str], where: str, path: str | None = None) -> tuple[str, str, list[str]]:
+    """The image column, the label column and the class names of a ``datasets.Dataset``; ``where`` names it in
+    messages, ``path`` is the folder --data names (what a ``#key=COLUMN`` suffix goes after)."""
     datasets = _datasets()
     features = ds.features
 
@@ -94,7 +95,7 @@ def columns(ds, options: dict[str, str], where: str) -> tuple[str, str, list[str
             return found[0]
         if found:
             raise DataError(f"{where} has {len(found)} {what} columns ({', '.join(found)}); choose one with "
-                            f"{where}#{key}=COLUMN")
+                            f"--data {path or where}#{key}=COLUMN")
         hint = ("; the labels need class names: save the column as datasets.ClassLabel(names=[...])"
                 if kind is datasets.ClassLabel else "")
         have = ", ".join(f"{n}: {type(f).__name__}" for n, f in features.items())
@@ -165,7 +166,7 @@ def open_hf(data: str, train_transform, eval_transform) -> HFSource:
         where = f"{path} ({names[role]} split)"
         if len(split) == 0:
             raise DataError(f"{where} has no rows; both splits need samples")
-        image, label, classes[role] = columns(split, options, where)
+        image, label, classes[role] = columns(split, options, where, path)
         parts[role] = HFImageDataset(split, image, label, transform, name=f"{path}:{names[role]}")
     if classes["train"] != classes["val"]:
         raise DataError(f"{path}: the {names['train']} and {names['val']} splits have different class names "
@@ -190,5 +191,5 @@ def open_hf_eval(data: str, eval_transform) -> tuple[HFImageDataset, list[str]]:
         name, split, where = "data", dd, path
     if len(split) == 0:
         raise DataError(f"{where} has no rows to evaluate")
-    image, label, classes = columns(split, options, where)
+    image, label, classes = columns(split, options, where, path)
     return HFImageDataset(split, image, label, eval_transform, name=f"{path}:{name}"), classes

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import MetaFormerError
 
@@ -55,12 +55,20 @@ def to_rgb(img: Image.Image, name: str = "image") -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
+def upright_rgb(img: Image.Image, name: str = "image") -> Image.Image:
+    """A decoded image turned as its EXIF orientation says (a phone's portrait photo is stored sideways, with
+    a tag saying so), then 8-bit RGB (:func:`to_rgb`). Every reader goes through here: training,
+    evaluation, prediction, Grad-CAM, shards."""
+    img.load()  # the full decode, inside the caller's try
+    return to_rgb(ImageOps.exif_transpose(img), name)
+
+
 def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file fully into 8-bit RGB (:func:`to_rgb`); :class:`DataError` names the problem."""
+    """Decode an image file fully into upright 8-bit RGB (:func:`upright_rgb`); :class:`DataError` names the
+    problem."""
     try:
         with Image.open(path) as img:
-            img.load()  # the full decode, inside the try
-            return to_rgb(img, str(path))
+            return upright_rgb(img, str(path))
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist") from None
     except IsADirectoryError:

@@ -1,13 +1,16 @@
 """Samplers and loaders: resumable distributed sampling, and batches that skip unreadable files."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import random
 import signal
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from .images import DataError, Padding, Unreadable
 
@@ -35,6 +38,46 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start
+
+
+@contextlib.contextmanager
+def seeded(*key: int):
+    """Inside, python's, numpy's and torch's (CPU) random draws depend on ``key`` alone; outside, the streams
+    go on as if nothing had been drawn."""
+    a, b = (int(v) for v in np.random.SeedSequence([int(k) % 2**64 for k in key]).generate_state(2))
+    saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    random.seed(a << 32 | b)
+    np.random.seed(a)
+    torch.default_generator.manual_seed(a << 31 | b >> 1)  # CPU only: a GPU's stream is the model's
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.default_generator.set_state(saved[2])
+
+
+class PerSampleSeeds(Dataset):
+    """A map-style dataset whose samples draw their random augmentation from ``(seed, index)`` alone.
+
+    Why: DataLoader workers each keep one random stream, so a sample's crop and flip would depend on
+    which worker read it after how many others. Seeded per sample, an epoch's augmentation is the same
+    for any number of workers, and a run resumed mid-epoch (which restarts the workers) draws exactly
+    what an uninterrupted run draws. :meth:`set_seed` before each epoch (workers start afresh each epoch).
+    """
+
+    def __init__(self, dataset, seed: int = 0):
+        self.dataset, self.seed = dataset, seed
+
+    def set_seed(self, seed: int) -> None:
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with seeded(self.seed, index):
+            return self.dataset[index]
 
 
 def collate_skip_unreadable(batch):

@@ -15,6 +15,7 @@ every epoch; the collate drops them, and no real sample is repeated or lost.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -31,9 +32,10 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ..atomic import atomic_write, clean_stale_temps
+from ..atomic import atomic_write, check_writable, clean_stale_temps
 from ..errors import require
-from .images import DataError, Padding, Unreadable, to_rgb
+from .images import DataError, Padding, Unreadable, upright_rgb
+from .loaders import seeded
 
 INFO, CLASSES = "_info.json", "classes.json"
 SPLITS = ("train", "val")
@@ -48,11 +50,11 @@ def _wds():
 
 
 def read_image_bytes(data: bytes, name: str) -> Image.Image:
-    """Decode an encoded image (PNG, JPEG, ...) into 8-bit RGB (:func:`to_rgb`); :class:`DataError` names it."""
+    """Decode an encoded image (PNG, JPEG, ...) into upright 8-bit RGB (:func:`upright_rgb`); :class:`DataError`
+    names it."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return to_rgb(img, name)
+            return upright_rgb(img, name)
     except Image.DecompressionBombError as e:
         raise DataError(f"{name}: refused as a possible decompression bomb ({e}); if you trust the file, raise "
                         "PIL.Image.MAX_IMAGE_PIXELS or resize it") from None
@@ -131,6 +133,13 @@ def read_classes(root: Path) -> list[str]:
     return classes
 
 
+def _inside(name) -> bool:
+    """Whether a shard name from ``_info.json`` stays inside the shard folder (no absolute path, no ``..``)."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or name.startswith(("/", "\\")):
+        return False
+    return ".." not in Path(name.replace("\\", "/")).parts
+
+
 def _read_info(root: Path) -> dict[str, Shards] | None:
     f = root / INFO
     if not f.is_file():
@@ -139,6 +148,10 @@ def _read_info(root: Path) -> dict[str, Shards] | None:
         info = json.loads(f.read_text())
         splits = {}
         for name, s in info["splits"].items():
+            outside = [n for n in s["filenames"] if not _inside(n)]
+            if outside:
+                raise DataError(f"{f} names shard {outside[0]!r}, which is not inside {root}: shard names must be "
+                                f"relative to the shard folder, without '..'; correct {INFO} or re-create the shards")
             paths, lengths = [str(root / n) for n in s["filenames"]], [int(n) for n in s["shard_lengths"]]
             if len(paths) != len(lengths):
                 raise ValueError(f"split {name}: {len(paths)} file names but {len(lengths)} shard lengths")
@@ -404,7 +417,15 @@ class ShardStream(IterableDataset):
             return Unreadable(key, str(e))
         if self.target_transform is not None:
             label = self.target_transform(label)
-        return (self.transform(img) if self.transform else img), label
+        if self.transform is None:
+            return img, label
+        if not self.shuffle:
+            return self.transform(img), label
+        # Training: the augmentation is seeded by the sample, so it does not depend on the reader (worker) that
+        # reads it, and a resumed epoch draws exactly what an uninterrupted one draws.
+        with seeded(self.seed, self._epoch_state()[0], int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8)
+                                                                      .digest(), "little")):
+            return self.transform(img), label
 
 
 class _SampleLog:
@@ -440,8 +461,13 @@ def pack_image_folder(root: str | os.PathLike, out: str | os.PathLike, shard_siz
         raise DataError(f"--shard-size must be at least 1, not {shard_size}")
     train_dir, val_dir, classes = check_image_folder(root)
     out = Path(out)
+    for split_dir in (train_dir, val_dir):
+        if out.resolve() == split_dir.resolve() or split_dir.resolve() in out.resolve().parents:
+            raise DataError(f"{out} is inside {split_dir}, so it would be read as (part of) a class of the data it "
+                            f"packs: write the shards outside {root}/train and {root}/val")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} exists and is not a directory")
+    check_writable(out, f"OUT {out}", folder=True)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise DataError(f"{out} is not empty; choose a new folder or pass --overwrite to replace its shards")

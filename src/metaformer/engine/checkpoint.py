@@ -2,7 +2,9 @@
 
 - :func:`prepare_output` checks the output folder before anything runs: it must be a folder
   we can write to, and an earlier run in it is continued only with ``--resume`` and replaced
-  only with ``--overwrite`` (a re-run never appends to another run's logs).
+  only with ``--overwrite`` (a re-run never appends to another run's logs, and ``--resume auto``
+  without a ``last.pth`` never starts a run's folder over); :class:`RunLock` keeps a second run out.
+- :func:`load` refuses a checkpoint it cannot read or whose weights are NaN or inf, in one line.
 - :func:`save` writes atomically and turns a full disk into a message that says the previous
   checkpoint is intact.
 - :func:`save_pair` writes ``best.pth`` *before* ``last.pth``: a kill between the two leaves
@@ -11,15 +13,19 @@
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
-from ..atomic import atomic_save, atomic_write, clean_stale_temps, temp_file
+from ..atomic import atomic_save, atomic_write, check_writable, clean_stale_temps, pid_alive
 from ..errors import ConfigError, MetaFormerError
 
 # What a run writes into its folder (a new run replaces these only with --overwrite).
@@ -36,43 +42,146 @@ def existing_run_files(out: Path) -> list[str]:
     return names + sorted(p.name for p in out.glob("config.*.yaml"))
 
 
-def check_output(out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
-    """Refuse an unusable output folder before any work, leaving no trace (see :func:`prepare_output`)."""
+def check_output(out: str | os.PathLike, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Refuse an unusable output folder before any work, leaving no trace (see :func:`prepare_output`).
+
+    ``resume`` is the ``--resume`` option (a path, ``auto`` or None). A folder holding a run's files is
+    never started over without ``overwrite``: ``--resume auto`` there without a ``last.pth`` to continue
+    from is refused too, rather than read as "start from scratch".
+    """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output {out} is a file, not a folder: choose a folder for the run")
-    if out.is_dir():
-        existing = existing_run_files(out)
-        if existing and not resume and not overwrite:
-            raise ConfigError(f"--output {out} already holds a run ({', '.join(existing[:5])}): continue it with "
-                              "--resume auto, replace it with --overwrite, or choose another --output")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"--output {out}: {probe} is a file, so the folder cannot be created")
-    try:
-        temp_file(probe / "write-test").unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to --output {out} ({e.strerror or e} in {probe}): is it read-only? "
-                          "Choose a writable folder") from None
+    check_writable(out, f"--output {out}", folder=True)
+    existing = existing_run_files(out) if out.is_dir() else []
+    if existing and not resume and not overwrite:
+        raise ConfigError(f"--output {out} already holds a run ({', '.join(existing[:5])}): continue it with "
+                          "--resume auto, replace it with --overwrite, or choose another --output")
+    last = out / "last.pth"
+    if resume == "auto" and last.exists() and not last.is_file():
+        raise ConfigError(f"--resume auto: {last} is not a checkpoint file (a folder?): move it away, or pass the "
+                          "checkpoint to continue from with --resume FILE")
+    work = finished_work(out) if resume == "auto" and not last.exists() and not overwrite else []
+    if work:
+        best = out / "best.pth"
+        raise ConfigError(f"--resume auto: {out} holds a run ({', '.join(work)}) but no last.pth to continue "
+                          "from, and starting it over would replace it: put last.pth back, "
+                          + (f"continue from the best epoch with --resume {best}, " if best.is_file() else "")
+                          + "or start over with --overwrite")
     return out
 
 
-def prepare_output(out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> Path:
-    """The run folder ``out``, checked (:func:`check_output`), created, cleared of an earlier run's files
-    when ``overwrite`` (and not resuming), and of temp files left by killed writers."""
+def finished_work(out: Path) -> list[str]:
+    """What a new run in ``out`` would destroy: checkpoints, a summary, rows of metrics (a run killed before its
+    first checkpoint leaves only its config and an empty log, which a fresh start may replace)."""
+    found = [n for n in ("best.pth", "summary.json") if (out / n).exists()]
+    try:
+        rows = sum(1 for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError):
+        rows = 0
+    return found + ([f"metrics.jsonl with {rows} row(s)"] if rows else [])
+
+
+def prepare_output(out: str | os.PathLike, resume: str | None = None, overwrite: bool = False,
+                   lock: "RunLock | None" = None) -> Path:
+    """The run folder ``out``, checked (:func:`check_output`), created, taken by ``lock`` (one writer per
+    folder), cleared of an earlier run's files when ``overwrite`` and not continuing it, and of temp files
+    left by killed writers."""
     out = check_output(out, resume, overwrite)
-    if out.is_dir() and overwrite and not resume:
-        for name in existing_run_files(out):
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create --output {out} ({e.strerror or e})") from None
+    if lock is not None:
+        lock.acquire()
+    continuing = resume_path(resume, out) is not None
+    if overwrite and not continuing:
+        for name in existing_run_files(out):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
     clean_stale_temps(out)
     return out
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: clock ticks since boot), to tell it from a later process that
+    reuses its id; None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class RunLock:
+    """One writer per run folder: ``OUTPUT/.metaformer.lock`` names the process that holds it (pid, host,
+    start). Another run into the folder is refused while that process lives; a lock whose process is gone
+    (killed, crashed, a reboot) is stale and taken over. Only rank 0 writes, so only rank 0 locks."""
+
+    NAME = ".metaformer.lock"
+
+    def __init__(self, out: str | os.PathLike, log=None):
+        self.path, self.log, self.held = Path(out) / self.NAME, log, False
+
+    def _me(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def _owner(self) -> dict | None:
+        try:
+            owner = json.loads(self.path.read_text())
+            return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, owner: dict | None) -> bool:
+        if owner is None:  # unreadable: a writer between creating and filling it, or garbage left by a crash
+            try:
+                return time.time() - self.path.stat().st_mtime > 10
+            except FileNotFoundError:
+                return True
+        if owner.get("host") != socket.gethostname():
+            return False  # another machine's process: we cannot tell whether it still runs
+        if not pid_alive(owner["pid"]):
+            return True
+        start = _process_start(owner["pid"])
+        return owner.get("start") is not None and start is not None and start != owner["start"]
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if not self._stale(owner):
+                    who = (f"process {owner['pid']} on {owner.get('host')}, since {owner.get('since')}" if owner
+                           else "another process")
+                    raise CheckpointError(f"{self.path.parent} is being written by another run ({who}): one run per "
+                                          "folder. Wait for it to end or stop it, or choose another --output; if "
+                                          f"that run is gone, delete {self.path}")
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                if self.log is not None:
+                    self.log(f"{self.path}: taken over from a run that is gone"
+                             + (f" (process {owner['pid']} on {owner.get('host')})" if owner else ""))
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._me(), f)
+            self.held = True
+            return
+        raise CheckpointError(f"could not lock {self.path.parent}: another run keeps taking it")
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            owner = self._owner()
+            if owner is None or (owner["pid"] == os.getpid() and owner.get("host") == socket.gethostname()):
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def save(state: dict, path: str | os.PathLike) -> Path:
@@ -133,11 +242,15 @@ def load(path: str | os.PathLike, task: str) -> dict:
         raise CheckpointError(f"{path} is a folder: pass its last.pth, or --resume auto with --output {path}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): a save that never finished; continue from "
+                              "another checkpoint (best.pth?) with --resume FILE, or start over with --overwrite")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0][:200]}; it is "
-                              "probably truncated or corrupt (an older one may be in the same folder)") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"cannot read checkpoint {path}: {first}; it is probably truncated or corrupt (an "
+                              "older one may be in the same folder)") from None
     found = ckpt.get("task", "train" if "model_config" in ckpt else None) if isinstance(ckpt, dict) else None
     if found != task or "model" not in ckpt or "optimizer" not in ckpt:
         verb = {"train": "metaformer train", "detect": "metaformer detect train",
@@ -145,7 +258,27 @@ def load(path: str | os.PathLike, task: str) -> dict:
         what = f"a `{verb[found]}` checkpoint" if found in verb else "not a training checkpoint (weights alone " \
             "hold no optimizer or schedule state)"
         raise CheckpointError(f"{path} is {what}; --resume needs the last.pth or best.pth of `{verb[task]}`")
+    bad = nonfinite(ckpt["model"])
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or inf weights ({len(bad)} tensor(s), e.g. {bad[0]}): it was saved "
+                              "from a diverged run and cannot be continued; use an earlier checkpoint "
+                              "(--resume FILE), or start over with --overwrite and a lower --lr")
     return ckpt
+
+
+def nonfinite(state_dict) -> list[str]:
+    """The names of the floating-point tensors in ``state_dict`` that hold NaN or inf."""
+    return [k for k, v in (state_dict or {}).items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def good_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint in ``out`` whose weights are all finite (``last.pth``, else ``best.pth``)."""
+    for name in ("last.pth", "best.pth"):
+        ckpt = _peek(out / name) if (out / name).is_file() else None
+        if ckpt is not None and isinstance(ckpt.get("model"), dict) and not nonfinite(ckpt["model"]):
+            return out / name
+    return None
 
 
 def resume_path(resume: str | None, output: Path) -> Path | None:

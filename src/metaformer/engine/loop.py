@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import ConfigError
+from .checkpoint import good_checkpoint, nonfinite
 from .runtime import Runtime
 from .stop import GracefulStop, TrainingDiverged
 
@@ -41,14 +42,28 @@ def freeze(model: torch.nn.Module, frozen_stages: int) -> list[torch.nn.Module]:
     return frozen
 
 
-def check_finite(loss: float, where: str, output: Path, amp: str, hint: str = "") -> None:
-    """Stop the run at a NaN/inf loss, before the step is applied, naming the last good checkpoint."""
+def check_finite(loss: float, where: str, output: Path, amp: str, hint: str = "", what: str = "loss",
+                 stopped: str = "stopped without applying it") -> None:
+    """Stop the run at a NaN/inf loss, before the step is applied (or, for a validation loss, before the epoch
+    is saved), naming the last good checkpoint."""
     if math.isfinite(loss):
         return
-    last = Path(output) / "last.pth"
-    ckpt = f"{last} (resume with --resume {last})" if last.is_file() else "none yet"
-    raise TrainingDiverged(f"loss is {loss} at {where}; stopped without applying it. Last good checkpoint: {ckpt}. "
+    good = good_checkpoint(Path(output))
+    ckpt = f"{good} (resume with --resume {good})" if good else "none yet"
+    raise TrainingDiverged(f"{what} is {loss} at {where}; {stopped}. Last good checkpoint: {ckpt}. "
                            f"Try a lower --lr{', --amp bf16 instead of fp16' if amp == 'fp16' else ''}{hint}")
+
+
+def check_weights_finite(model: torch.nn.Module, where: str, output: Path, hint: str = "") -> None:
+    """Refuse to save weights holding NaN or inf (a step can overflow them while its loss was still finite):
+    the checkpoint on disk stays the last good one."""
+    bad = nonfinite(model.state_dict())
+    if bad:
+        good = good_checkpoint(Path(output))
+        raise TrainingDiverged(f"the weights hold NaN or inf at {where} ({len(bad)} tensor(s), e.g. {bad[0]}) though "
+                               f"the loss was finite; they were not saved. Last good checkpoint: "
+                               f"{f'{good} (resume with --resume {good})' if good else 'none yet'}. Try a lower --lr"
+                               f"{hint}")
 
 
 def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,

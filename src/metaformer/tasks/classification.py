@@ -11,16 +11,17 @@ classification: :func:`train` wires ``build_data``, ``build_model``, ``build_rec
 
 Exact resume: every epoch re-seeds python/numpy/torch and the loader generator from
 ``(seed, epoch, rank)`` and the sampler shuffles by epoch, so an epoch's data order,
-augmentation, Mixup and drop-path draws do not depend on what ran before it. Together with
-the model/optimizer/scaler/EMA state this makes a resumed CPU run bit-identical to an
-uninterrupted one. A Ctrl-C checkpoint is taken between optimizer steps and resumes at the
-next batch of the same epoch order.
+Mixup and drop-path draws do not depend on what ran before it; each sample's augmentation is
+seeded by the sample itself (:class:`~metaformer.data.PerSampleSeeds`), so it does not depend on
+the DataLoader worker that reads it. Together with the model/optimizer/scaler/EMA state this
+makes a resumed CPU run bit-identical to an uninterrupted one, with any number of workers. A
+Ctrl-C checkpoint is taken between optimizer steps and resumes at the next batch of the same
+epoch order, with the epoch's running loss.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -33,14 +34,16 @@ from torch import nn
 
 from .. import data as D
 from ..engine import checkpoint as ckpt_io
-from ..engine.loop import check_finite, freeze, optimizer_step, progress_bar, report_unreadable, wrap_ddp
+from ..engine.loop import (check_finite, check_weights_finite, freeze, optimizer_step, progress_bar, report_unreadable,
+                           wrap_ddp)
 from ..engine.metrics import MetricsLog
 from ..engine.runtime import Runtime, epoch_seed, on_main, rng_state, seed_everything, set_rng_state, setup
 from ..engine.stop import GracefulStop, Interrupted
 from ..errors import ConfigError, require
 from ..fast.training import enable_fast_training, fast_training_report
+from ..weights.io import state_dict_sha256
 from ..zoo import create_model, eval_transform, get_model_info, get_weights, list_models, split_name
-from .train_config import TrainConfig, keep_previous_config, resume_changes
+from .train_config import TrainConfig, check_config, keep_previous_config, resume_changes
 
 
 # ----------------------------------------------------------------------------------------- building
@@ -63,6 +66,7 @@ class Data:
         if self.stream is not None:
             self.stream.set_epoch(epoch, skip_batches=step * micro_per_step)
         else:
+            self.train_loader.dataset.set_seed(seed)
             self.sampler.set_epoch(epoch, start=step * micro_per_step * batch_size)
 
 
@@ -91,6 +95,7 @@ def build_data(cfg: TrainConfig, rt: Runtime) -> Data:
         steps = batches // cfg.accum_steps
         sampler, loader = None, D.make_loader(stream, cfg.batch_size, None, cfg.workers, generator=gen, pin_memory=pin)
     else:
+        train_set = D.PerSampleSeeds(train_set)
         sampler = D.ResumableDistributedSampler(train_set, num_replicas=rt.world, rank=rt.rank, shuffle=True,
                                                 seed=cfg.seed, drop_last=True)
         steps = len(sampler) // micro
@@ -266,18 +271,27 @@ class RunState:
     best_epoch: int | None = None
     history: list[dict] = field(default_factory=list)
     rng: dict | None = None  # this rank's RNG streams at a mid-epoch checkpoint
+    # The epoch in progress so far (a mid-epoch checkpoint carries them, so its row covers the whole epoch):
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+    images: int = 0  # over all ranks
+    seconds: float = 0.0
+
+    def sums(self) -> dict:
+        return {"loss_sum": self.loss_sum, "loss_steps": self.loss_steps, "images": self.images,
+                "seconds": self.seconds}
 
 
 def train_one_epoch(model, raw, data: Data, recipe: Recipe, rt: Runtime, cfg: TrainConfig, state: RunState,
                     stop: GracefulStop, unreadable, metrics: MetricsLog, save) -> dict:
     """One epoch of optimizer steps (from ``state.step_in_epoch``); returns the epoch's row."""
     opt, pin = recipe.optimizer, rt.device.type == "cuda"
-    loss_sum, loss_steps, images, t0 = 0.0, 0, 0, time.time()
+    images, t0 = 0, time.time() - state.seconds  # images: this process's, for its speed
     lr = max(g["lr"] for g in opt.param_groups)  # the top layer's, under --layer-decay
     data_iter = iter(data.train_loader)
     if state.step_in_epoch and state.rng is not None:
-        # Mid-epoch (Ctrl-C) resume: continue the interrupted RNG streams. Exact with --workers 0; with
-        # workers, their augmentation streams restart, so only the data order is exact.
+        # Mid-epoch (Ctrl-C) resume: continue the interrupted RNG streams (Mixup, drop path); the samples'
+        # augmentation is seeded per sample, whatever the workers.
         set_rng_state(state.rng)
     with progress_bar(range(state.step_in_epoch, data.steps_per_epoch), main=rt.main,
                   desc=f"epoch {state.epoch + 1}/{cfg.epochs}") as bar:
@@ -298,7 +312,8 @@ def train_one_epoch(model, raw, data: Data, recipe: Recipe, rt: Runtime, cfg: Tr
                 with contextlib.nullcontext() if sync else model.no_sync():
                     with rt.autocast():
                         # A micro-batch of only unreadable files still joins the gradient all-reduce.
-                        loss = recipe.criterion(model(x), y) if len(x) else sum(p.sum() * 0 for p in model.parameters())
+                        loss = recipe.criterion(forward(model, x), y) if len(x) else \
+                            sum(p.sum() * 0 for p in model.parameters())
                     recipe.scaler.scale(loss / cfg.accum_steps).backward()
                 batch_loss[0] += loss.detach().float()
                 images += len(x)
@@ -312,22 +327,35 @@ def train_one_epoch(model, raw, data: Data, recipe: Recipe, rt: Runtime, cfg: Tr
             recipe.scheduler.step_update(num_updates=state.step)
             if recipe.ema is not None:
                 recipe.ema.update(raw, step=state.step)
-            loss_sum, loss_steps = loss_sum + loss_value, loss_steps + 1
+            state.loss_sum, state.loss_steps = state.loss_sum + loss_value, state.loss_steps + 1
             lr = max(g["lr"] for g in opt.param_groups)
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
-                            img_s=f"{images * rt.world / max(time.time() - t0, 1e-9):.0f}", refresh=False)
+                            img_s=f"{images * rt.world / max(time.time() - t0 - state.seconds, 1e-9):.0f}",
+                            refresh=False)
             if state.step % cfg.log_interval == 0:
                 metrics.scalar("train/loss", loss_value, state.step)
                 metrics.scalar("train/lr", lr, state.step)
             if batch_loss[1] > 0:
-                state.step_in_epoch = it + 1
+                state.step_in_epoch, state.seconds = it + 1, time.time() - t0
+                state.images += images * rt.world
                 path = save()
                 raise Interrupted(f"stopped by {stop.signal or 'another rank'} at epoch {state.epoch + 1}, step "
                                   f"{state.step}; saved {path}. Continue with the same command plus --resume auto")
-    seconds = time.time() - t0
-    return {"epoch": state.epoch + 1, "step": state.step, "train_loss": loss_sum / max(loss_steps, 1),
-            "lr": lr, "images_per_s": images * rt.world / seconds, "epoch_time_s": seconds,
-            "images": images * rt.world}
+    seconds, total = time.time() - t0, state.images + images * rt.world
+    return {"epoch": state.epoch + 1, "step": state.step, "train_loss": state.loss_sum / max(state.loss_steps, 1),
+            "lr": lr, "images_per_s": total / seconds, "epoch_time_s": seconds, "images": images * rt.world}
+
+
+def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` in training; BatchNorm's complaint about a batch too small to normalise becomes a user error."""
+    try:
+        return model(x)
+    except ValueError as e:
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        raise ConfigError(f"BatchNorm cannot train on a batch of {len(x)} at {x.shape[-2]}x{x.shape[-1]} (one of its "
+                          "norms would see one value per channel): use --batch-size 2 or more, or another norm than "
+                          "bn") from None
 
 
 @torch.no_grad()
@@ -365,9 +393,9 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dt
 
 # ----------------------------------------------------------------------------------------- resume
 
-def resume(cfg: TrainConfig, rt: Runtime, raw: nn.Module, recipe: Recipe, class_names: list[str]) -> tuple:
+def resume(cfg: TrainConfig, rt: Runtime, raw: nn.Module, recipe: Recipe, data: Data) -> tuple:
     """``(RunState, changed options)`` from ``--resume`` (see :mod:`.train_config` for what may change)."""
-    out = Path(cfg.output)
+    out, class_names = Path(cfg.output), data.class_names
     path = ckpt_io.resume_path(cfg.resume, out)
     if path is None:
         if cfg.resume == "auto":
@@ -379,6 +407,13 @@ def resume(cfg: TrainConfig, rt: Runtime, raw: nn.Module, recipe: Recipe, class_
                           f"{', '.join(ckpt['class_names'][:5])}...) than --data has ({len(class_names)}: "
                           f"{', '.join(class_names[:5])}...); resume on the same classes, or start a new run")
     changed = resume_changes(ckpt.get("train_config") or {}, cfg, rt.world, len(ckpt["rng"]))
+    if "workers" in changed and data.stream is not None and ckpt["step_in_epoch"]:
+        before, now = changed["workers"]
+        if max(before or 0, 1) != max(now or 0, 1):  # 0 and 1 worker read the shards alike
+            raise ConfigError(f"--resume: {path} stopped in the middle of epoch {ckpt['epoch'] + 1} on shards read by "
+                              f"{before} worker(s). Shards are dealt out to the workers, so with --workers {now} the "
+                              f"rest of that epoch would see some samples twice and others never: resume with "
+                              f"--workers {before} (it may change from the next run that starts at an epoch's end)")
     try:
         raw.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -406,7 +441,7 @@ def resume(cfg: TrainConfig, rt: Runtime, raw: nn.Module, recipe: Recipe, class_
         if fixed:
             rt.log(f"resume: {fixed}")
     state = RunState(ckpt["epoch"], ckpt["step_in_epoch"], ckpt["step"], ckpt["best_top1"], ckpt.get("best_epoch"),
-                     history, ckpt["rng"][rt.rank])
+                     history, ckpt["rng"][rt.rank], **(ckpt.get("epoch_sums") or {}))
     recipe.scheduler.step_update(num_updates=state.step)
     rt.log(f"resumed from {path}: epoch {state.epoch + 1}, step {state.step}")
     if changed:
@@ -417,6 +452,7 @@ def resume(cfg: TrainConfig, rt: Runtime, raw: nn.Module, recipe: Recipe, class_
 
 def save_checkpoint(cfg, rt, raw, recipe, state: RunState, class_names, is_best: bool = False) -> Path | None:
     """Save on rank 0 (collective: every rank must call it, for the RNG gather)."""
+    check_weights_finite(raw, f"step {state.step}", Path(cfg.output), " or --clip-grad 1.0")
     rngs = rt.gather(rng_state())
     if not rt.main:
         return None
@@ -426,7 +462,7 @@ def save_checkpoint(cfg, rt, raw, recipe, state: RunState, class_names, is_best:
             "epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "step": state.step, "rng": rngs,
             "best_top1": state.best_top1, "best_epoch": state.best_epoch, "history": state.history,
             "class_names": list(class_names), "model_config": raw.config, "variant": raw.variant,
-            "train_config": dataclasses.asdict(cfg), "world_size": rt.world}
+            "train_config": dataclasses.asdict(cfg), "world_size": rt.world, "epoch_sums": state.sums()}
     return ckpt_io.save_pair(blob, Path(cfg.output), is_best)
 
 
@@ -434,22 +470,32 @@ def save_checkpoint(cfg, rt, raw, recipe, state: RunState, class_names, is_best:
 
 def train(cfg: TrainConfig) -> dict:
     """Run training; returns the summary (best top-1, wall time, images/s, paths)."""
-    if cfg.batch_size < 1 or cfg.accum_steps < 1 or cfg.epochs < 1:
-        raise ConfigError("--batch-size, --accum-steps and --epochs must be at least 1")
+    check_config(cfg)  # resolve_config did for the command line; a TrainConfig built in Python is checked here
+    require("matplotlib", "train", "plotting the training curves")  # now, not after the last epoch
     rt = setup(cfg.device, cfg.amp)
     out = Path(cfg.output)
-    on_main(lambda: ckpt_io.check_output(out, bool(cfg.resume), cfg.overwrite), rt.main)  # before any work
+    on_main(lambda: ckpt_io.check_output(out, cfg.resume, cfg.overwrite), rt.main)  # before any work
     data = build_data(cfg, rt)
     unreadable = D.UnreadableLog(strict=cfg.strict_data)
-    on_main(lambda: ckpt_io.prepare_output(out, bool(cfg.resume), cfg.overwrite), rt.main)
-    raw, model = build_model(cfg, rt, data.class_names)
-    recipe = build_recipe(cfg, rt, raw, len(data.class_names), data.steps_per_epoch)
-    state, changed = resume(cfg, rt, raw, recipe, data.class_names)
-    if state.epoch >= cfg.epochs:
-        raise ConfigError(f"{out / 'last.pth'} already finished {state.epoch} of {cfg.epochs} epochs; raise --epochs "
-                          "to continue")
-    if rt.main:
-        write_config(cfg, rt, recipe, out, changed)
+    with ckpt_io.RunLock(out, rt.log) as lock:  # one run writes into a folder at a time
+        on_main(lambda: ckpt_io.prepare_output(out, cfg.resume, cfg.overwrite, lock), rt.main)
+        raw, model = build_model(cfg, rt, data.class_names)
+        recipe = build_recipe(cfg, rt, raw, len(data.class_names), data.steps_per_epoch)
+        state, changed = resume(cfg, rt, raw, recipe, data)
+        if state.epoch >= cfg.epochs:
+            raise ConfigError(f"{out / 'last.pth'} already finished {state.epoch} of {cfg.epochs} epochs; raise "
+                              "--epochs to continue")
+        if rt.main:
+            write_config(cfg, rt, recipe, out, changed)
+        summary = run_epochs(cfg, rt, data, raw, model, recipe, state, unreadable)
+    rt.close()
+    return summary
+
+
+def run_epochs(cfg: TrainConfig, rt: Runtime, data: Data, raw: nn.Module, model: nn.Module, recipe: Recipe,
+               state: RunState, unreadable) -> dict:
+    """Train from ``state`` to ``cfg.epochs``, evaluating and saving after each epoch; returns the summary."""
+    out = Path(cfg.output)
     metrics = MetricsLog(out, rt.main, state.history, "epoch", wandb=cfg.wandb, config=dataclasses.asdict(cfg),
                          purge_step=state.step if state.step else None)
     rt.log(f"data: {data.description}, {len(data.class_names)} classes | model: {raw.variant} | {rt.world} "
@@ -473,6 +519,9 @@ def train(cfg: TrainConfig) -> dict:
                 row = train_one_epoch(model, raw, data, recipe, rt, cfg, state, stop, unreadable, metrics, save)
                 images_seen += row.pop("images")
                 val = evaluate(model, data.val_loader, rt.device, rt.amp_dtype, cfg.channels_last, unreadable)
+                # Weights can overflow into NaN outputs while every training loss was finite: not an epoch to keep.
+                check_finite(val["loss"], f"the evaluation after epoch {state.epoch + 1}", cfg.output, rt.amp,
+                             " or --clip-grad 1.0", what="the validation loss", stopped="the epoch was not saved")
                 row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
                 if recipe.ema is not None:
                     ema = evaluate(recipe.ema.module, data.val_loader, rt.device, rt.amp_dtype, cfg.channels_last,
@@ -484,14 +533,13 @@ def train(cfg: TrainConfig) -> dict:
                 if is_best:
                     state.best_top1, state.best_epoch = val["top1"], state.epoch + 1
                 state.epoch, state.step_in_epoch, state.rng = state.epoch + 1, 0, None
+                state.loss_sum, state.loss_steps, state.images, state.seconds = 0.0, 0, 0, 0.0
                 metrics.add(row)
                 save(is_best)
                 log_epoch(rt, cfg, row, is_best, bad_files)
         finally:
             metrics.close()
-    summary = finish(cfg, rt, raw, state, time.time() - t_run, images_seen)
-    rt.close()
-    return summary
+    return finish(cfg, rt, raw, state, time.time() - t_run, images_seen)
 
 
 # ----------------------------------------------------------------------------------------- feedback
@@ -520,9 +568,7 @@ def log_epoch(rt: Runtime, cfg: TrainConfig, row: dict, is_best: bool, bad_files
 def finish(cfg: TrainConfig, rt: Runtime, raw: nn.Module, state: RunState, wall: float, images_seen: int) -> dict:
     """The run's summary; every rank must end with the same weights (a difference means a desynchronised run)."""
     out = Path(cfg.output)
-    digest = hashlib.sha256(b"".join(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-                                     for t in raw.state_dict().values())).hexdigest()
-    digests = rt.gather(digest)
+    digests = rt.gather(state_dict_sha256(raw.state_dict()))
     if len(set(digests)) > 1:
         rt.log(f"WARNING: the ranks ended with different weights: {digests}")
     history = state.history

@@ -82,6 +82,9 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
     """Train a detector; returns one row per epoch (mean losses, and COCO AP when a val set is given)."""
     if (cfg.val_images is None) != (cfg.val_ann is None):
         raise ConfigError("give both --val-images and --val-ann, or neither")
+    if cfg.max_size < cfg.min_size:
+        raise ConfigError(f"--max-size {cfg.max_size} is below --min-size {cfg.min_size}: the longer side limit must "
+                          "be at least the shorter side's size")
     rt = setup(cfg.device, cfg.amp)
     ckpt = DenseRun.open("detect", cfg, rt)
     arch = ckpt["arch"] if ckpt else cfg.arch

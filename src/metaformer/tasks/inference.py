@@ -18,6 +18,7 @@ from torch import nn
 from .. import data as D
 from ..data import DataError
 from ..weights import WeightsError
+from ..weights.load import NonFiniteWeights
 from ..zoo import build_from_config, create_model, load_weights
 from ..zoo.imagenet import categories, imagenet_classes
 from ..zoo.registry import eval_transform
@@ -55,10 +56,12 @@ class Loaded:
     preprocessing: dict = field(default_factory=dict)  # what built `transform`, as data
     class_aliases: list[str] | None = None  # other names of the same classes (ImageNet's WordNet ids)
     variant: str | None = None
+    class_names_stored: bool = True  # False: the weights name no classes, so class_names are defaults
 
 
-def resolve_checkpoint(checkpoint: str) -> Path:
-    """A local checkpoint file: URLs are downloaded (cached); a folder or a missing path is named as such."""
+def resolve_checkpoint(checkpoint: str, flag: str = "--checkpoint") -> Path:
+    """A local checkpoint file: URLs are downloaded (cached); a folder or a missing path is named as such (``flag``:
+    how the command line names the argument)."""
     from ..weights.io import EXTENSIONS, is_url, resolve
 
     if is_url(checkpoint):
@@ -68,7 +71,7 @@ def resolve_checkpoint(checkpoint: str) -> Path:
         inside = sorted(q.name for q in path.iterdir() if q.name.endswith(EXTENSIONS))
         hint = f": pass one of the files inside, e.g. {path / inside[0]} ({', '.join(inside[:6])})" if inside else \
             f" without checkpoint files ({', '.join(EXTENSIONS)})"
-        raise WeightsError(f"--checkpoint {checkpoint} is a folder, not a checkpoint file{hint}")
+        raise WeightsError(f"{flag} {checkpoint} is a folder, not a checkpoint file{hint}")
     if not path.exists():
         raise WeightsError(f"checkpoint {checkpoint} does not exist")
     return path
@@ -77,13 +80,15 @@ def resolve_checkpoint(checkpoint: str) -> Path:
 def stored_metadata(path: Path) -> dict | None:
     """``{'config', 'variant', 'class_names'}`` of a checkpoint written by this library, else None."""
     from ..weights import read_metadata
-    from ..weights.io import read_torch
+    from ..weights.io import read_safetensors_metadata, read_torch
+    from ..weights.layouts import FORMAT_NAME
 
     if path.name.endswith(".safetensors"):
         try:
-            return read_metadata(path)
+            ours = read_safetensors_metadata(path).get("format") == FORMAT_NAME
         except WeightsError:
-            return None  # a plain safetensors file: load_weights decides what it is
+            return None  # unreadable: load_weights says precisely why
+        return read_metadata(path) if ours else None  # damaged metadata of ours is an error, not "no metadata"
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
@@ -119,29 +124,37 @@ def load_for_inference(model_name: str | None, checkpoint: str | None = None, nu
     elif not model_name:
         raise WeightsError("name the model (e.g. poolformer_s12): the checkpoint does not say which it is"
                            if checkpoint else "name the model (e.g. poolformer_s12) or pass --checkpoint")
-    elif path is None:
-        model = create_model(model_name, pretrained=True, num_classes=num_classes, allow_nonfinite=allow_nonfinite)
-    else:
-        model = create_model(model_name, num_classes=num_classes)
+    try:
+        if meta is None and path is None:
+            model = create_model(model_name, pretrained=True, num_classes=num_classes,
+                                 allow_nonfinite=allow_nonfinite)
+        elif meta is None:
+            model = create_model(model_name, num_classes=num_classes)
+        report = load_weights(model, path, strict=True, allow_nonfinite=allow_nonfinite, ema=ema) if path else None
+    except NonFiniteWeights as e:
+        raise NonFiniteWeights(f"{e}; or pass --allow-nonfinite (allow_nonfinite=True) to load them anyway and "
+                               "inspect them") from None
     if path:
-        report = load_weights(model, path, strict=True, allow_nonfinite=allow_nonfinite, ema=ema)
+        if report.no_classifier:
+            raise WeightsError(f"{checkpoint} has no classifier (saved with num_classes=0), so it cannot classify: "
+                               "use a checkpoint with its classifier")
         if any(k.startswith("head.fc.") for k in report.reinitialised):
             raise WeightsError(f"{checkpoint} has a classifier for another number of classes than the model's "
                                f"{model.num_classes}; pass --num-classes N to match it")
         source = f"{checkpoint} (EMA weights)" if ema else checkpoint
     else:
         source = f"{model_name} published weights"
-    aliases = None
+    aliases, stored = None, class_names is not None
     if class_names is None:
         class_names, aliases = default_class_names(model.num_classes)
     pre = preprocessing_of(model)
     model.to(device).eval()
     return Loaded(model, list(class_names), pre["img_size"], eval_transform(**pre), source, pre, aliases,
-                  getattr(model, "variant", None))
+                  getattr(model, "variant", None), stored)
 
 
 def class_targets(folder: Path, folder_classes: list[str], names: list[str], aliases: list[str] | None = None,
-                  positional: bool = False) -> list[int]:
+                  positional: bool = False, names_stored: bool = True) -> list[int]:
     """The model's class index of each class folder, matched by name (or alias), never by position unless
     asked: a subset of the classes, or another order, still scores right, and unknown names are an error."""
     if positional:
@@ -155,24 +168,33 @@ def class_targets(folder: Path, folder_classes: list[str], names: list[str], ali
     if unknown:
         shown = ", ".join(unknown[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
         model = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        unnamed = names == [str(i) for i in range(len(names))]
-        hint = (" The checkpoint stores no class names, so its classes are 0..{}: name the folders by class index, "
-                "or pass --positional to map the sorted folders to classes in order (as torchvision's ImageFolder "
-                "does).".format(len(names) - 1) if unnamed else
+        numbered = names == [str(i) for i in range(len(names))]
+        whose = ("The checkpoint stores no class names, so its" if not names_stored else
+                 "The model's classes are named by number:")
+        hint = (f" {whose} classes are 0..{len(names) - 1}: name the folders by class index, or pass --positional to "
+                "map the sorted folders to classes in order (as torchvision's ImageFolder does)." if numbered else
                 " Evaluate on folders named like the classes the model was trained on.")
         raise DataError(f"{folder}: {len(unknown)} of {len(folder_classes)} class folders are not classes of the "
                         f"model: {shown}. The model's {len(names)} classes: {model}.{hint}")
     return [index[c] for c in folder_classes]
 
 
+def require_classifier(loaded: Loaded) -> None:
+    if not loaded.class_names:
+        raise WeightsError(f"{loaded.source} has no classifier (num_classes=0: its output is the feature vector), so "
+                           "it cannot classify: use a checkpoint with its classifier")
+
+
 def eval_dataset(loaded: Loaded, data: str | None, positional: bool = False):
     """What ``--data`` names (the built-in digits' val split, a class-folder directory or an ImageNet root's
     ``val/``, val shards, a Hugging Face folder's validation split), its classes mapped onto the model's by name."""
+    require_classifier(loaded)
     ds, classes = D.open_eval_source(data, loaded.transform, loaded.img_size)
     if D.is_builtin(data) and loaded.class_names != list(classes):
         raise DataError("the built-in digits need a model trained on them (10 classes '0'..'9'): pass "
                         "--checkpoint runs/digits/best.pth, or --data DIR for other data")
-    targets = class_targets(Path(str(data)), list(classes), loaded.class_names, loaded.class_aliases, positional)
+    targets = class_targets(Path(str(data)), list(classes), loaded.class_names, loaded.class_aliases, positional,
+                            loaded.class_names_stored)
     if targets != list(range(len(classes))):
         ds.target_transform = targets.__getitem__
     return ds
@@ -200,17 +222,28 @@ def prepare(loaded: Loaded, device: torch.device, fused: bool = True, channels_l
 @torch.no_grad()
 def predict(loaded: Loaded, images: list, topk: int = 5, device: str | torch.device = "cpu", batch_size: int = 32,
             amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> list[dict]:
-    """For each image: ``{'image', 'predictions': [(class name, probability), ...]}``, best first; read and run
-    ``batch_size`` images at a time."""
+    """For each image, in order: ``{'image', 'predictions': [(class name, probability), ...]}``, best first; or
+    ``{'image', 'error'}`` for a file that cannot be read (skipped: one bad file in a folder does not stop the
+    others). Images are read and run ``batch_size`` at a time."""
     from ..engine.loop import progress_bar
 
+    require_classifier(loaded)
     device = torch.device(device)
     k = min(topk, len(loaded.class_names))
     results = []
     starts = range(0, len(images), batch_size)
     for start in progress_bar(starts, main=len(starts) > 1, desc="predict", unit="batch"):
-        paths = images[start:start + batch_size]
-        x = torch.stack([loaded.transform(D.open_rgb(p)) for p in paths]).to(device)
+        batch, pixels = [], []
+        for p in images[start:start + batch_size]:
+            try:
+                pixels.append(loaded.transform(D.open_rgb(p)))
+                batch.append({"image": str(p)})
+            except DataError as e:
+                batch.append({"image": str(p), "error": str(e)})
+        results += batch
+        if not pixels:
+            continue
+        x = torch.stack(pixels).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -219,7 +252,6 @@ def predict(loaded: Loaded, images: list, topk: int = 5, device: str | torch.dev
             raise WeightsError(f"{loaded.source} gives {probs.shape[1]} class scores but {len(loaded.class_names)} "
                                "class names were given with it: predict with the checkpoint it was made from")
         values, indices = probs.topk(k, dim=1)
-        results += [{"image": str(p), "predictions": [(loaded.class_names[i], v) for v, i in zip(vs.tolist(),
-                                                                                               ix.tolist())]}
-                    for p, vs, ix in zip(paths, values.cpu(), indices.cpu())]
+        for r, vs, ix in zip([r for r in batch if "error" not in r], values.cpu(), indices.cpu()):
+            r["predictions"] = [(loaded.class_names[i], v) for v, i in zip(vs.tolist(), ix.tolist())]
     return results

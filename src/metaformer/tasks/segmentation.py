@@ -23,6 +23,7 @@ from ..engine.loop import format_row, progress_bar
 from ..engine.runtime import Runtime, setup
 from ..engine.stop import GracefulStop
 from ..errors import ConfigError
+from ..models.metaformer import MIN_INPUT
 from .dense.data import IGNORE_INDEX, SegmentationDataset
 from .dense.run import DenseRun
 from .dense.segmentation import build_segmenter
@@ -76,6 +77,11 @@ def train_segmentation(cfg: SegmentationConfig) -> list[dict]:
     """
     if min(cfg.iters, cfg.log_every, cfg.ckpt_every, cfg.eval_every) < 1:
         raise ConfigError("--iters, --log-every, --ckpt-every and --eval-every must be at least 1")
+    if min(cfg.crop_size, *cfg.img_scale) < MIN_INPUT:
+        raise ConfigError(f"--crop-size {cfg.crop_size} / --img-scale {' '.join(map(str, cfg.img_scale))}: each must "
+                          f"be at least {MIN_INPUT}, since the backbone downsamples by 32")
+    if not 0 < cfg.ratio_range[0] <= cfg.ratio_range[1]:
+        raise ConfigError(f"--ratio-range takes MIN MAX with 0 < MIN <= MAX, got {cfg.ratio_range}")
     rt = setup(cfg.device, cfg.amp)
     ckpt = DenseRun.open("segment", cfg, rt)
     model_config = ckpt["model_config"] if ckpt else dict(

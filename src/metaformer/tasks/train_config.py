@@ -10,6 +10,7 @@ from pathlib import Path
 from .. import data as D
 from .. import yaml12
 from ..errors import ConfigError
+from ..ranges import BATCH, IMG_SIZE, MAX_BATCH, MAX_EPOCHS, PROBABILITY, SEED, WORKERS, Range, real, whole
 
 
 @dataclass
@@ -92,6 +93,69 @@ class TrainConfig:
                                                                "(needs `pip install wandb`)"})
 
 
+POSITIVE = real(0, lo_open=True)
+# The allowed values of every numeric option (each element of a list), checked when the options are resolved
+# (flags and YAML alike) and shown in `metaformer train --help`.
+RANGES: dict[str, Range] = {
+    "depths": whole(1, 100), "dims": whole(1, 8192), "drop_path": real(0, 1, hi_open=True),
+    "layer_decay": real(0, 1, lo_open=True), "frozen_stages": whole(-1, 16),
+    "head_warmup_epochs": whole(0, MAX_EPOCHS),
+    "img_size": IMG_SIZE, "workers": WORKERS, "epochs": whole(1, MAX_EPOCHS), "batch_size": BATCH,
+    "accum_steps": whole(1, MAX_BATCH), "base_lr": POSITIVE, "lr": POSITIVE, "min_lr": real(0), "warmup_lr": real(0),
+    "warmup_epochs": whole(0, MAX_EPOCHS), "opt_eps": POSITIVE, "opt_betas": real(0, 1, hi_open=True),
+    "weight_decay": real(0), "clip_grad": POSITIVE, "smoothing": real(0, 1, hi_open=True), "mixup": real(0),
+    "cutmix": real(0), "mixup_prob": PROBABILITY, "mixup_switch_prob": PROBABILITY, "color_jitter": real(0),
+    "scale": real(0, 1, lo_open=True), "hflip": PROBABILITY, "reprob": PROBABILITY, "recount": whole(1, 100),
+    "ema_decay": real(0, 1, hi_open=True), "seed": SEED, "log_interval": whole(1),
+}
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "rsqrt", "constant")  # timm's, stepped per update
+ERASE_MODES = ("pixel", "rand", "const")
+
+
+def check_config(cfg: "TrainConfig") -> None:
+    """Every option's value against its range and meaning, before anything is built: a ConfigError naming the
+    option and what it takes."""
+    for name, allowed in RANGES.items():
+        value, flag = getattr(cfg, name), f"--{name.replace('_', '-')}"
+        for v in value if isinstance(value, (list, tuple)) else [] if value is None else [value]:
+            allowed.check(v, flag)
+    if len(cfg.opt_betas) != (3 if cfg.opt.lower().endswith("adan") else 2):
+        raise ConfigError(f"--opt-betas takes {3 if cfg.opt.lower().endswith('adan') else 2} values (e.g. 0.9 "
+                          f"0.999), got {len(cfg.opt_betas)}")
+    if cfg.batch_size < 2 and (cfg.mixup > 0 or cfg.cutmix > 0):
+        raise ConfigError("Mixup and CutMix mix the images of a batch in pairs, so --batch-size must be at least 2; or "
+                          "turn them off with --mixup 0 --cutmix 0")
+    if len(cfg.scale) != 2 or cfg.scale[0] > cfg.scale[1]:
+        raise ConfigError(f"--scale takes two values MIN MAX with MIN <= MAX (e.g. 0.08 1.0), got {cfg.scale}")
+    from timm.data.transforms import str_to_interp_mode
+    from timm.optim import get_optimizer_info
+
+    try:
+        get_optimizer_info(cfg.opt.lower().removeprefix("lookahead_"))
+    except ValueError:
+        raise ConfigError(f"--opt {cfg.opt!r}: timm has no such optimizer (e.g. adamw, lamb, sgd; "
+                          "timm.optim.list_optimizers() lists them)") from None
+    if cfg.sched not in SCHEDULERS:
+        raise ConfigError(f"--sched {cfg.sched!r}: choose one of {', '.join(SCHEDULERS)} (timm's schedulers that step "
+                          "with every update)")
+    if cfg.train_interpolation != "random":
+        try:
+            str_to_interp_mode(cfg.train_interpolation)
+        except KeyError:
+            raise ConfigError(f"--train-interpolation {cfg.train_interpolation!r}: choose random, nearest, bilinear, "
+                              "bicubic, box, hamming or lanczos") from None
+    if cfg.remode not in ERASE_MODES:
+        raise ConfigError(f"--remode {cfg.remode!r}: choose one of {', '.join(ERASE_MODES)}")
+    if cfg.aa not in (None, "", "none"):
+        from timm.data import create_transform
+
+        try:
+            create_transform(input_size=32, is_training=True, auto_augment=cfg.aa)
+        except Exception as e:  # timm asserts, or fails to parse, a policy it does not know
+            raise ConfigError(f"--aa {cfg.aa!r} is not a timm augmentation policy ({type(e).__name__}: {e}); e.g. "
+                              "rand-m9-mstd0.5-inc1, augmix-m5-w3, original, v0, or '' for none") from None
+
+
 # Scaled down for the built-in digits so the first run ends in ~3 minutes on 2 CPU cores:
 # PoolFormer-S12's architecture at half depth and width, 32 px, and augmentations that suit
 # digits (no flips: a mirrored 2 is not a 2; no Mixup/erasing: 1.4k images, 10 epochs).
@@ -155,10 +219,15 @@ def resolve_config(flags: dict | None = None, config_file: str | None = None) ->
             raise ConfigError(f"unknown option(s) in {config_file}: {', '.join(unknown)} (see `metaformer train "
                               "--help`)")
         from_file = {k: coerce_option(k, v, fields[k], config_file) for k, v in from_file.items()}
+        for k, v in from_file.items():
+            for item in (v if isinstance(v, list) else [v]) if k in RANGES and v is not None else []:
+                RANGES[k].check(item, f"{config_file}: {k}")
     cli = {k: coerce_option(k, v, fields[k], f"--{k.replace('_', '-')}") for k, v in (flags or {}).items() if v is not None}
     user = {**from_file, **cli}
     base = dict(DEMO) if D.is_builtin(user.get("data")) else {}
-    return TrainConfig(**{**base, **user})
+    cfg = TrainConfig(**{**base, **user})
+    check_config(cfg)
+    return cfg
 
 
 # Options a resumed run may not change: they define the network, or the data order and the

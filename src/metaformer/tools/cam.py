@@ -41,6 +41,9 @@ def grad_cam(model: nn.Module, pil: Image.Image, transform, target: int | None =
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+    if getattr(model, "num_classes", None) == 0:
+        raise ConfigError("this model has no classifier (num_classes 0: its output is the feature vector), so there "
+                          "are no class scores to explain: use a checkpoint with its classifier")
     model.eval()
     x = transform(pil.convert("RGB")).unsqueeze(0)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_writable
 from ..errors import MetaFormerError
 from ..weights import architecture, detect_layout, from_ours, read_state_dict, save_weights, to_ours
 from ..weights.io import WeightsError
@@ -52,7 +52,7 @@ def load_source(src: str, model_name: str | None = None, img_size: int | None = 
     """The model a checkpoint describes, with its weights loaded strictly; and the file's layout."""
     from ..tasks.inference import resolve_checkpoint, stored_metadata
 
-    path = resolve_checkpoint(src)
+    path = resolve_checkpoint(src, "SRC")
     sd, metadata, path = read_state_dict(path)
     layout = detect_layout(sd, metadata)
     if layout is None:
@@ -205,13 +205,14 @@ def convert(src: str, dst: str | os.PathLike, to: str, model_name: str | None = 
     """Write the checkpoint ``src`` as ``dst`` in layout ``to`` (see the module docstring)."""
     if to not in TARGETS:
         raise ConvertError(f"unknown layout {to!r}; choose one of {', '.join(TARGETS)}")
-    model, source_layout = load_source(src, model_name, img_size)
-    class_names = getattr(model, "class_names", None)
     dst = Path(dst)
     if to == "ours" and not dst.name.endswith(".safetensors"):
         raise ConvertError(f"our layout is a safetensors file: name it {dst.with_suffix('.safetensors')}")
     if dst.exists():
         raise ConvertError(f"{dst} already exists: remove it or choose another name")
+    check_writable(dst, f"DST {dst}", folder=to == "hf")  # before the work
+    model, source_layout = load_source(src, model_name, img_size)
+    class_names = getattr(model, "class_names", None)
     torch.manual_seed(0)
     x = torch.randn(2, model.in_chans, *model.img_size)
     ref = _logits(model, x)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_writable
 from ..errors import MetaFormerError, require
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
@@ -199,6 +199,12 @@ def sample_image(img_size: int, transform) -> torch.Tensor:
     return transform(pil).unsqueeze(0)
 
 
+def export_path(path: str | os.PathLike, fmt: str) -> Path:
+    """The file an export to ``path`` writes: ``path`` with the format's extension added when it has another."""
+    path = Path(path)
+    return path if path.suffix == FORMATS[fmt] else path.with_name(path.name + FORMATS[fmt])
+
+
 def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int | None = None,
            image: torch.Tensor | None = None, dynamic_batch: bool = False, dynamic_size: bool = False,
            dtype: str = "fp32", metadata: dict | None = None) -> ExportResult:
@@ -212,15 +218,13 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int
         # the file does not depend on where the model lives: write and verify it from a CPU copy
         model = copy.deepcopy(model).cpu()
     check_combination(model, fmt, dynamic_size, dtype)
+    path = check_writable(export_path(path, fmt), f"--output {export_path(path, fmt)}")
     size = img_size or model.img_size[0]
     torch_dtype = DTYPES[dtype]
     cast = copy.deepcopy(model).to(torch_dtype) if dtype != "fp32" else model
     gen = torch.Generator().manual_seed(0)
     batch = 2 if dynamic_batch else 1
     example = torch.randn(batch, model.in_chans, size, size, generator=gen)
-    path = Path(path)
-    if path.suffix != FORMATS[fmt]:
-        path = path.with_name(path.name + FORMATS[fmt])
     # Written beside `path` and renamed only after the check passed: no half-verified file under `path`.
     with atomic_path(path) as tmp:
         try:
@@ -270,9 +274,12 @@ def export_metadata(loaded) -> dict:
     """What an exported file must carry to be run correctly alone: classes, input, preprocessing."""
     from .. import __version__
 
+    from ..weights.io import state_dict_sha256
+
     return {"format": "metaformer", "variant": loaded.variant, "num_classes": len(loaded.class_names),
             "class_names": loaded.class_names, "in_chans": loaded.model.in_chans,
-            "preprocessing": loaded.preprocessing, "metaformer_version": __version__}
+            "preprocessing": loaded.preprocessing, "metaformer_version": __version__,
+            "weights_sha256": state_dict_sha256(loaded.model.state_dict())}  # which weights: see load_exported
 
 
 def _described_by(model_name: str | None, checkpoint: str | None) -> dict:
@@ -306,6 +313,8 @@ def load_exported(path: str, model_name: str | None, checkpoint: str | None = No
     if meta:
         if ref is not None:
             _check_exported_against(path, meta, ref)
+        if checkpoint:
+            _check_same_weights(path, meta, model_name, checkpoint)
         names, pre, variant = meta["class_names"], meta["preprocessing"], meta.get("variant")
         default_names, default_aliases = default_class_names(len(names))
         aliases = default_aliases if names == default_names else None  # ImageNet's wnids for its names
@@ -316,6 +325,24 @@ def load_exported(path: str, model_name: str | None, checkpoint: str | None = No
                           "model (e.g. poolformer_s12) or pass the --checkpoint it was exported from, so the images "
                           "get the right preprocessing and class names")
     return Loaded(run, list(names), pre["img_size"], eval_transform(**pre), path, pre, aliases, variant)
+
+
+def _check_same_weights(path: str, meta: dict, model_name: str | None, checkpoint: str) -> None:
+    """A file is run with ``--checkpoint`` only when it holds that checkpoint's weights: the same classes and input
+    size are not enough (another epoch, another run), and the file's weights are the ones that would run."""
+    from ..tasks.inference import load_for_inference
+    from ..weights.io import state_dict_sha256
+
+    if not meta.get("weights_sha256"):
+        raise ExportError(f"{path} does not record which weights it was exported from (an older metaformer wrote it), "
+                          f"so it cannot be checked against --checkpoint {checkpoint}: drop --checkpoint (the file "
+                          "carries its class names and preprocessing), or export the checkpoint again")
+    mine = state_dict_sha256(load_for_inference(model_name, checkpoint).model.state_dict())
+    if mine != meta["weights_sha256"]:
+        raise ExportError(f"{path} holds other weights than --checkpoint {checkpoint} (weights sha256 "
+                          f"{meta['weights_sha256'][:12]}... vs {mine[:12]}...): it was exported from another "
+                          f"checkpoint. Export {checkpoint} to run it, or drop --checkpoint to run the file's own "
+                          "weights")
 
 
 def _check_exported_against(path: str, meta: dict, ref: dict) -> None:

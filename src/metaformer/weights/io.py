@@ -46,6 +46,17 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """A fingerprint of weights: sha256 over every tensor's name, dtype, shape and bytes (in name order), so two
+    files that load the same numbers into a model have the same one, whatever their layout."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _record_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".sha256.json")
 

@@ -48,20 +48,26 @@ class LoadReport:
     reinitialised: list[str] = field(default_factory=list)  # model tensors left at their initial values
     adapted: list[str] = field(default_factory=list)  # tensors converted to fit (stem channels, pos-embed grid)
     dropped: list[str] = field(default_factory=list)  # file tensors the model has no place for by design
+    no_classifier: bool = False  # the file has none (num_classes=0): the model's stays at its initialisation
 
     @property
     def ok(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched)
 
 
+class NonFiniteWeights(WeightsError):
+    """Weights holding NaN or inf (``load_weights(..., allow_nonfinite=True)`` loads them anyway)."""
+
+
 def check_finite(sd: dict[str, torch.Tensor], path: Any) -> None:
     """Refuse weights holding NaN or inf: they load without complaint and every output is then NaN."""
     bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise WeightsError(
+        # No word of a way around it here: only the verbs that inspect weights (eval, predict, export, cam) have
+        # one, and they add it (metaformer.tasks.inference); training from or converting NaN has no use.
+        raise NonFiniteWeights(
             f"{path}: {len(bad)} tensor(s) hold NaN or inf values: {fmt_list(bad)}. These weights are broken "
-            "(saved from a diverged run?): use a checkpoint from before the divergence, or pass "
-            "allow_nonfinite=True (command line: --allow-nonfinite) to load them anyway")
+            "(saved from a diverged run?): use a checkpoint from before the divergence")
 
 
 def architecture(keys_shapes: dict[str, tuple]) -> dict | None:
@@ -112,8 +118,8 @@ def _hint(converted: dict[str, tuple], model: nn.Module, mismatched: list,
     if any(".token_mixer." in k or ".random_matrix" in k for k, _, _ in mismatched):
         return ("token-mixing parameters are sized for another token grid: rebuild the model with the input size "
                 "the weights were trained at (img_size=..., 224 for the authors' releases)")
-    return "the model's config differs from the file's (norm, layer scale, MLP ratio?); " \
-           "or pass strict=False to load only the tensors that fit"
+    return ("the model's config differs from the file's (norm, layer scale, MLP ratio?): build the model the file "
+            "was saved from (from Python, load_weights(model, file, strict=False) loads only the tensors that fit)")
 
 
 def load_weights(model: nn.Module, source: Any, strict: bool = True, allow_nonfinite: bool = False,
@@ -147,6 +153,12 @@ def load_weights(model: nn.Module, source: Any, strict: bool = True, allow_nonfi
         _warn_config_difference(model, metadata, path)
 
     own = model.state_dict()
+    not_weights = [f"{k} ({v.dtype})" for k, (_, v) in converted.items()
+                   if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if not_weights:  # load_state_dict would cast them silently: 0/1 or integer "weights" give a useless model
+        raise WeightsError(f"{path}: {len(not_weights)} tensor(s) where the model has floating-point weights hold "
+                           f"integers or booleans: {fmt_list(not_weights, 4)}. These are not weights (a damaged or "
+                           "mislabelled file?); nothing was loaded")
     features_only = "feature_norms.0.weight" in own or getattr(model, "config", {}).get("features_only", False)
     accepted: dict[str, torch.Tensor] = {}
     for key, (orig, value) in converted.items():
@@ -166,11 +178,18 @@ def load_weights(model: nn.Module, source: Any, strict: bool = True, allow_nonfi
                 continue
         accepted[key] = value
 
+    headless = not any(k.startswith("head.fc.") for k in converted)  # saved with num_classes=0 (features only)
     for key in own:
         if key in accepted or key in report.reinitialised or any(k == key for k, _, _ in report.mismatched):
             continue
         if features_only and key.startswith("feature_norms."):
             report.reinitialised.append(key)  # the backbone's new per-stage norms start at their init
+        elif headless and key.startswith("head.fc."):
+            if not report.no_classifier:
+                warnings.warn(f"{path} has no classifier (saved with num_classes=0): the model's classifier keeps "
+                              "its initialisation; every other tensor is loaded", stacklevel=2)
+            report.reinitialised.append(key)
+            report.no_classifier = True
         else:
             report.missing.append(key)
 
@@ -254,7 +273,9 @@ def _warn_config_difference(model: nn.Module, metadata: dict, path: Path) -> Non
     ours = getattr(model, "config", None)
     if not ours or "config" not in metadata:
         return
-    saved = json.loads(metadata["config"])
+    from .save import metadata_json
+
+    saved = metadata_json(metadata, "config", path)
     mine = json.loads(json.dumps(jsonable_config(ours, strict=False)))
     diff = sorted(k for k in set(saved) | set(mine) if k not in _NON_ARCH and k in saved and k in mine
                   and saved.get(k) != mine.get(k))

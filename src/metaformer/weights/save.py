@@ -116,10 +116,24 @@ def read_metadata(path: str | os.PathLike) -> dict:
                            "create the model yourself and call metaformer.load_weights(model, path)")
     variant = meta.get("variant") or None
     return {
-        "config": json.loads(meta["config"]),
+        "config": metadata_json(meta, "config", path),
         "variant": variant,
-        "class_names": json.loads(meta["class_names"]) if "class_names" in meta else None,
-        "extra": json.loads(meta["extra"]) if "extra" in meta else None,
+        "class_names": metadata_json(meta, "class_names", path) if "class_names" in meta else None,
+        "extra": metadata_json(meta, "extra", path) if "extra" in meta else None,
         "format_version": meta.get("format_version"),
         "metaformer_version": meta.get("metaformer_version"),
     }
+
+
+def metadata_json(meta: dict[str, str], key: str, path) -> Any:
+    """The JSON value stored under ``key`` in a safetensors file's metadata; a damaged one is a WeightsError."""
+    try:
+        value = json.loads(meta[key])
+    except ValueError as e:
+        raise WeightsError(f"{path}: its {key!r} metadata is not valid JSON ({e}); the file was damaged or edited: "
+                           "save or download it again") from None
+    kinds = {"config": dict, "class_names": list}
+    if key in kinds and not isinstance(value, kinds[key]):
+        raise WeightsError(f"{path}: its {key!r} metadata holds a {type(value).__name__}, not a "
+                           f"{kinds[key].__name__}; the file was damaged or edited: save or download it again")
+    return value

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ...data import list_images, open_rgb
+from ...atomic import check_writable
+from ...data import DataError, list_images, open_rgb
 from ...errors import ConfigError
 from ...engine.checkpoint import load as load_checkpoint
 from ...engine.loop import progress_bar
@@ -50,14 +51,14 @@ def blend_mask(image: Image.Image, pred: np.ndarray, colours: np.ndarray, opacit
 def predict_detection(checkpoint: str, inputs: Iterable[str], output: str, score_thresh: float = 0.5,
                       device: str | None = None, amp: str = "auto") -> list[dict]:
     """Write ``OUTPUT/<name>.png`` per input image (boxes with class and score, and masks); returns per image
-    ``{'image', 'output', 'detections': [{'label', 'score', 'box'}...]}`` for the detections drawn."""
+    ``{'image', 'output', 'detections': [{'label', 'score', 'box'}...]}`` for the detections drawn, or
+    ``{'image', 'error'}`` for a file that cannot be read (skipped)."""
+    out_dir = _output_dir(output)
     ckpt = load_checkpoint(checkpoint, "detect")
     rt = setup(device, amp)
     model = build_detector_from_checkpoint(ckpt).to(rt.device)
-    out_dir = _output_dir(output)
     results = []
-    for path in progress_bar(list_images(inputs), desc="predict"):
-        image = open_rgb(path)
+    for path, image in _readable(inputs, results):
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         det = detect(model, [x], rt)[0]
         dest = _destination(out_dir, path, results)
@@ -73,15 +74,15 @@ def predict_detection(checkpoint: str, inputs: Iterable[str], output: str, score
 def predict_segmentation(checkpoint: str, inputs: Iterable[str], output: str, mode: str = "whole",
                          opacity: float = 0.5, device: str | None = None, amp: str = "auto") -> list[dict]:
     """Write ``OUTPUT/<name>.png`` per input image (the predicted class colours blended over it); returns per
-    image ``{'image', 'output', 'classes': {class index: share of the pixels}}``."""
+    image ``{'image', 'output', 'classes': {class index: share of the pixels}}``, or ``{'image', 'error'}`` for a
+    file that cannot be read (skipped)."""
+    out_dir = _output_dir(output)
     ckpt = load_checkpoint(checkpoint, "segment")
     rt = setup(device, amp)
     model = build_segmenter_from_checkpoint(ckpt).to(rt.device).eval()
     colours = palette(model.num_classes)
-    out_dir = _output_dir(output)
     results = []
-    for path in progress_bar(list_images(inputs), desc="predict"):
-        image = open_rgb(path)
+    for path, image in _readable(inputs, results):
         x = _normalize(image.resize(rescale_size(*image.size, tuple(ckpt["img_scale"])), Image.BILINEAR))
         with rt.autocast():
             logits = segment_logits(model, x[None].to(rt.device), mode, ckpt["crop_size"]).float()
@@ -95,9 +96,19 @@ def predict_segmentation(checkpoint: str, inputs: Iterable[str], output: str, mo
     return results
 
 
+def _readable(inputs: Iterable[str], results: list[dict]):
+    """``(path, image)`` of each input image; one that cannot be read goes into ``results`` as an error and the
+    others go on (one bad file in a folder does not stop the rest)."""
+    for path in progress_bar(list_images(inputs), desc="predict"):
+        try:
+            yield path, open_rgb(path)
+        except DataError as e:
+            results.append({"image": str(path), "error": str(e)})
+
+
 def _destination(out_dir: Path, image: Path, done: list[dict]) -> Path:
     """``OUTPUT/<name>.png``; inputs of the same name (from different folders) get ``<name>-2.png``..."""
-    taken = {r["output"] for r in done}
+    taken = {r["output"] for r in done if "output" in r}
     dest, k = out_dir / f"{image.stem}.png", 1
     while str(dest) in taken:
         k += 1
@@ -106,8 +117,10 @@ def _destination(out_dir: Path, image: Path, done: list[dict]) -> Path:
 
 
 def _output_dir(output: str) -> Path:
+    """The folder for the pictures, checked (a file, a read-only place, a name too long) before anything runs."""
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {out} is a file: give a folder for the pictures")
+    check_writable(out, f"--output {out}", folder=True)
     out.mkdir(parents=True, exist_ok=True)
     return out

@@ -9,8 +9,10 @@ is redone on resume). The loops themselves, the schedules and the metrics are th
 (:mod:`metaformer.tasks.detection`, :mod:`metaformer.tasks.segmentation`).
 
 Exact resume, as in classification: each pass over the data re-seeds python/numpy/torch from
-``(seed, pass, rank)`` and shuffles by pass; a checkpoint taken mid-pass holds every rank's
-RNG streams, so a resumed run draws the same crops, flips and sampled RoIs.
+``(seed, pass, rank)`` and shuffles by pass; each image's crops and flips are seeded by the image
+(:class:`~metaformer.data.PerSampleSeeds`), whatever DataLoader worker reads it; a checkpoint taken
+mid-pass holds every rank's RNG streams, so a resumed run, with any number of workers, draws the
+same crops, flips and sampled RoIs.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import torch
 
 from ... import data as D
 from ...engine import checkpoint as ckpt_io
-from ...engine.loop import check_finite, optimizer_step, report_unreadable, stop_requested, wrap_ddp
+from ...engine.loop import (check_finite, check_weights_finite, optimizer_step, report_unreadable, stop_requested,
+                            wrap_ddp)
 from ...engine.metrics import MetricsLog
 from ...engine.runtime import Runtime, epoch_seed, on_main, rng_state, seed_everything, set_rng_state
 from ...engine.stop import GracefulStop, Interrupted
@@ -63,9 +66,14 @@ class DenseRun:
                        f"{rt.world}: the data order of this pass is kept, its random augmentation restarts")
             rt.log(f"resumed from {ckpt_io.resume_path(cfg.resume, self.output)}: pass {self.epoch + 1}, batch "
                    f"{self.step_in_epoch}, iteration {self.iteration}")
-        on_main(lambda: ckpt_io.prepare_output(self.output, bool(cfg.resume), cfg.overwrite), rt.main)
-        self.metrics = MetricsLog(self.output, rt.main, self.history, step_key, wandb=cfg.wandb,
-                                  config=dataclasses.asdict(cfg), purge_step=self.iteration or None)
+        self.lock = ckpt_io.RunLock(self.output, rt.log)  # one run writes into a folder at a time
+        try:
+            on_main(lambda: ckpt_io.prepare_output(self.output, cfg.resume, cfg.overwrite, self.lock), rt.main)
+            self.metrics = MetricsLog(self.output, rt.main, self.history, step_key, wandb=cfg.wandb,
+                                      config=dataclasses.asdict(cfg), purge_step=self.iteration or None)
+        except BaseException:
+            self.lock.release()
+            raise
         self.unreadable = D.UnreadableLog()
         self.stop: GracefulStop | None = None
 
@@ -73,7 +81,7 @@ class DenseRun:
     def open(task: str, cfg: Any, rt: Runtime) -> dict | None:
         """Check ``cfg.output`` before any work; the checkpoint to resume from, if any."""
         output = Path(cfg.output)
-        on_main(lambda: ckpt_io.check_output(output, bool(cfg.resume), cfg.overwrite), rt.main)
+        on_main(lambda: ckpt_io.check_output(output, cfg.resume, cfg.overwrite), rt.main)
         path = ckpt_io.resume_path(cfg.resume, output)
         return ckpt_io.load(path, task) if path else None
 
@@ -88,6 +96,7 @@ class DenseRun:
             set_rng_state(self.rng)
             self.rng = None
         full = len(dataset) >= cfg.batch_size * rt.world  # else one short batch per pass
+        dataset = D.PerSampleSeeds(dataset, seed)
         sampler = D.ResumableDistributedSampler(dataset, num_replicas=rt.world, rank=rt.rank, shuffle=True,
                                                 seed=cfg.seed, drop_last=full)
         sampler.set_epoch(self.epoch, start=self.step_in_epoch * cfg.batch_size)
@@ -140,6 +149,7 @@ class DenseRun:
 
     def save(self, pending_eval: bool = False) -> Path:
         """Write ``last.pth`` (collective: every rank gives its RNG streams; rank 0 writes)."""
+        check_weights_finite(self.model, f"iteration {self.iteration}", self.output)
         rngs = self.rt.gather(rng_state())
         path = self.output / "last.pth"
         if self.rt.main:
@@ -169,4 +179,5 @@ class DenseRun:
 
     def close(self) -> list[dict]:
         self.metrics.close()
+        self.lock.release()
         return self.history

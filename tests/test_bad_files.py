@@ -1,0 +1,340 @@
+"""Files and options that used to give a silent wrong result, a traceback, or a message pointing the wrong way:
+exported files of other weights, integer "weights", damaged metadata, headless models, EXIF-rotated photos,
+unknown names for the recipe's parts, and each misleading message of issue 19."""
+import io
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import metaformer
+from digits import write_digits
+from metaformer import data as D
+from metaformer.cli import main
+from metaformer.tasks.inference import load_for_inference
+
+NET = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--img-size", "32", "--batch-size", "4",
+       "--workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_digits(tmp_path_factory.mktemp("data"), classes=("0", "1"), per_class=4)
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """Two runs on the same data (other seeds: other weights, the same classes and input size)."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, seed in (("a", "0"), ("b", "1")):
+        assert main(["train", "--data", str(data), *NET, "--epochs", "1", "--seed", seed,
+                     "--output", str(root / name)]) == 0
+    return root
+
+
+def error_line(capsys, verb: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith(f"metaformer {verb}:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def image_of(data):
+    return str(next((data / "val/0").iterdir()))
+
+
+# ----------------------------------------------------------------------------- 7. exported files
+
+def test_predict_refuses_an_exported_file_of_other_weights(data, runs, tmp_path, capsys):
+    """Before: the same classes and input size passed the check, and the ONNX file's weights ran silently."""
+    b_onnx = tmp_path / "b.onnx"
+    assert main(["export", "--checkpoint", str(runs / "b/best.pth"), "--output", str(b_onnx)]) == 0
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(runs / "a/best.pth"), "--exported", str(b_onnx), image_of(data)]) == 2
+    err = error_line(capsys, "predict")
+    assert "b.onnx holds other weights than --checkpoint" in err and "drop --checkpoint" in err
+    assert main(["predict", "--checkpoint", str(runs / "b/best.pth"), "--exported", str(b_onnx), image_of(data),
+                 "--json"]) == 0
+    assert main(["predict", "--exported", str(b_onnx), image_of(data), "--json"]) == 0
+
+
+def test_an_exported_file_without_a_weights_record_is_not_matched_to_a_checkpoint(data, runs, tmp_path, capsys):
+    from metaformer.tools.export import export, export_metadata
+
+    loaded = load_for_inference(None, str(runs / "a/best.pth"))
+    meta = {k: v for k, v in export_metadata(loaded).items() if k != "weights_sha256"}  # as 0.1 wrote them
+    export(loaded.model, tmp_path / "old.onnx", "onnx", metadata=meta)
+    assert main(["predict", "--checkpoint", str(runs / "a/best.pth"), "--exported", str(tmp_path / "old.onnx"),
+                 image_of(data)]) == 2
+    assert "does not record which weights it was exported from" in error_line(capsys, "predict")
+
+
+# ----------------------------------------------------------------------------- 8, 18. weights files
+
+def save_ours_with(path, tensors=None, **metadata):
+    from safetensors.torch import save_file
+
+    model = metaformer.create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], num_classes=2,
+                                    img_size=32)
+    metaformer.save_weights(model, path, class_names=["0", "1"])
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = {**f.metadata(), **metadata}
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**sd, **(tensors(sd) if tensors else {})}, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["int32", "bool"])
+def test_integer_or_boolean_weights_are_refused(data, tmp_path, kind, capsys):
+    """Before: cast to float silently (top-1 at chance)."""
+    def broken(sd):
+        return {k: (v.to(torch.int32) if kind == "int32" else v > 0) for k, v in sd.items()
+                if k == "head.fc.weight"}
+
+    path = save_ours_with(tmp_path / "w.safetensors", broken)
+    assert main(["eval", "--checkpoint", str(path), "--data", str(data), "--workers", "0"]) == 2
+    err = error_line(capsys, "eval")
+    assert f"head.fc.weight (torch.{kind})" in err and "not weights" in err and "nothing was loaded" in err
+
+
+@pytest.mark.parametrize("key", ["config", "class_names"])
+def test_damaged_json_metadata_is_a_one_line_error(data, tmp_path, key, capsys):
+    """Before: JSONDecodeError."""
+    path = save_ours_with(tmp_path / "w.safetensors", **{key: '{"depths": [1, 1'})
+    assert main(["eval", "--checkpoint", str(path), "--data", str(data), "--workers", "0"]) == 2
+    assert f"its {key!r} metadata is not valid JSON" in error_line(capsys, "eval")
+
+
+# ----------------------------------------------------------------------------- 9. headless models
+
+def test_cam_and_eval_refuse_a_model_without_a_classifier(data, tmp_path, capsys):
+    """Before: cam reported "class 15" of the 32-dim feature vector."""
+    model = metaformer.create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], num_classes=2,
+                                    img_size=32)
+    model.reset_classifier(0)
+    metaformer.save_weights(model, tmp_path / "headless.safetensors")
+    ckpt = str(tmp_path / "headless.safetensors")
+    assert main(["cam", "--checkpoint", ckpt, image_of(data), "--output", str(tmp_path / "cam")]) == 2
+    assert "no classifier (num_classes 0" in error_line(capsys, "cam") and not (tmp_path / "cam").exists()
+    assert main(["eval", "--checkpoint", ckpt, "--data", str(data), "--workers", "0"]) == 2
+    assert "has no classifier" in error_line(capsys, "eval")
+    # fine-tuning from it is what a headless checkpoint is for: a new classifier, no "strict=False" hint
+    assert main(["train", "--data", str(data), *NET, "--epochs", "1", "--pretrained", ckpt,
+                 "--output", str(tmp_path / "ft")]) == 0
+    assert "new classifier" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 11. EXIF orientation
+
+def portrait_jpeg(orientation: int = 6) -> bytes:
+    """A 64x32 (wide) JPEG whose EXIF says: turn me 90 degrees (a phone's portrait photo)."""
+    img = Image.new("RGB", (64, 32), (200, 10, 10))
+    img.paste((10, 10, 200), (0, 0, 8, 32))  # blue strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    return buf.getvalue()
+
+
+def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
+    """Before: orientation 6 loaded as 64x32, not 32x64."""
+    from metaformer.data.shards import read_image_bytes
+
+    (tmp_path / "p.jpg").write_bytes(portrait_jpeg())
+    assert D.open_rgb(tmp_path / "p.jpg").size == (32, 64)
+    upright = D.open_rgb(tmp_path / "p.jpg")
+    assert upright.getpixel((16, 2))[2] > 150  # the strip is on top after the turn
+    assert read_image_bytes(portrait_jpeg(), "p.jpg").size == (32, 64)  # shards, Hugging Face rows
+    root = tmp_path / "root"
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        (root / split / "a" / "p.jpg").write_bytes(portrait_jpeg())
+    assert D.SafeImageFolder(root / "train")[0][0].size == (32, 64)  # train, eval
+
+
+# ----------------------------------------------------------------------------- 12, 15. names and sizes
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--opt", "nosuch"], "--opt 'nosuch': timm has no such optimizer"),
+    (["--sched", "nosuch"], "--sched 'nosuch': choose one of cosine"),
+    (["--sched", "plateau"], "--sched 'plateau': choose one of"),
+    (["--aa", "nosuch"], "--aa 'nosuch' is not a timm augmentation policy"),
+    (["--train-interpolation", "nosuch"], "--train-interpolation 'nosuch': choose random, nearest"),
+    (["--remode", "nosuch"], "--remode 'nosuch': choose one of pixel, rand, const"),
+    (["--opt-betas", "0.9"], "--opt-betas takes 2 values (e.g. 0.9 0.999), got 1"),
+    (["--scale", "0.9", "0.1"], "--scale takes two values MIN MAX with MIN <= MAX"),
+    (["--batch-size", "1"], "Mixup and CutMix mix the images of a batch in pairs, so --batch-size must be at least 2"),
+    (["--model-kwargs", "{norm: bn}", "--batch-size", "1", "--mixup", "0", "--cutmix", "0"],
+     "BatchNorm cannot train on a batch of 1 at 32x32"),
+])
+def test_train_refuses_unknown_parts_and_impossible_batches(data, tmp_path, flags, expected, capsys):
+    """Before: ValueError / AssertionError / KeyError / IndexError tracebacks, and at --batch-size 1 with Mixup an
+    epoch that trained on nothing (loss 0.0000, 0 img/s)."""
+    assert main(["train", "--data", str(data), *NET, "--epochs", "1", "--output", str(tmp_path / "r"), *flags]) == 2
+    assert expected in error_line(capsys, "train")
+    assert not (tmp_path / "r" / "last.pth").exists()
+
+
+def test_nan_in_a_yaml_config_is_named_with_its_file(data, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("lr: .nan\n")
+    assert main(["train", "--data", str(data), *NET, "--config", str(tmp_path / "c.yaml"),
+                 "--output", str(tmp_path / "r")]) == 2
+    assert f"{tmp_path / 'c.yaml'}: lr: nan is not a finite number; it must be > 0" in error_line(capsys, "train")
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["bench", "--modes", "nosuch"], "argument --modes: unknown 'nosuch'; choose from eager"),
+    (["bench", "--img-size", "7"], "argument --img-size: must be 32 to 4096, not 7"),
+    (["bench", "--device", "cuda"] if not torch.cuda.is_available() else ["bench", "--device", "cuda:99"],
+     "--device cuda"),
+    (["info", "poolformer_s12", "--img-size", "7"], "argument --img-size: must be 32 to 4096, not 7"),
+    (["segment", "train", "--data-root", ".", "--crop-size", "16"], "argument --crop-size: must be 32 to 4096"),
+])
+def test_bench_info_segment_sizes_and_devices(argv, expected, tmp_path, capsys):
+    argv = [*argv, "--output", str(tmp_path / "o")] if argv[0] != "info" else argv
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    assert expected in error_line(capsys, " ".join(argv[:2]) if argv[0] == "segment" else argv[0])
+
+
+def test_bench_runs_a_size_bound_variant_at_another_size(tmp_path, capsys):
+    """Before: randformer at --img-size 32 failed counting its FLOPs at the default 224 token grid."""
+    out = tmp_path / "b.json"
+    assert main(["bench", "--variant", "randformer_s12", "--img-size", "32", "--batch-size", "1", "--modes", "eager",
+                 "--repeats", "1", "--warmup", "0", "--no-memory", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["results"][0]["variant"] == "randformer_s12"
+
+
+# ----------------------------------------------------------------------------- messages that pointed the wrong way
+
+def test_the_nan_hint_names_allow_nonfinite_only_where_it_exists(runs, tmp_path, capsys):
+    model = load_for_inference(None, str(runs / "a/best.pth")).model
+    with torch.no_grad():
+        model.head.fc.bias[1] = float("nan")
+    nan = tmp_path / "nan.safetensors"
+    metaformer.save_weights(model, nan, class_names=["0", "1"])
+    assert main(["eval", "--checkpoint", str(nan)]) == 2
+    assert "--allow-nonfinite" in error_line(capsys, "eval")
+    assert main(["convert", str(nan), str(tmp_path / "c.pth"), "--to", "timm"]) == 2
+    err = error_line(capsys, "convert")
+    assert "hold NaN or inf" in err and "-nonfinite" not in err and "_nonfinite" not in err
+    assert main(["train", "--pretrained", str(nan), *NET, "--epochs", "1", "--output", str(tmp_path / "t")]) == 2
+    err = error_line(capsys, "train")
+    assert "hold NaN or inf" in err and "-nonfinite" not in err and "_nonfinite" not in err
+
+
+def test_numbered_class_names_are_not_called_missing(runs, tmp_path, capsys):
+    """Before: "The checkpoint stores no class names" for a checkpoint that stores '0' and '1'."""
+    other = write_digits(tmp_path / "d", classes=("0", "1"), per_class=1)
+    (other / "val/0").rename(other / "val/zero")
+    assert main(["eval", "--checkpoint", str(runs / "a/best.pth"), "--data", str(other / "val")]) == 2
+    err = error_line(capsys, "eval")
+    assert "stores no class names" not in err and "The model's classes are named by number: classes are 0..1" in err
+
+
+def test_the_hf_column_hint_is_a_path_to_pass(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from metaformer.data import hfds
+
+    img = Image.new("RGB", (4, 4))
+    feats = datasets.Features({"a": datasets.Image(), "b": datasets.Image(), "label": datasets.ClassLabel(names=["x"])})
+    split = datasets.Dataset.from_dict({"a": [img], "b": [img], "label": [0]}, features=feats)
+    datasets.DatasetDict(train=split, validation=split).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(D.DataError, match=r"choose one with --data \S+/hf#image=COLUMN$") as e:
+        hfds.open_hf(str(tmp_path / "hf"), None, None)
+    assert "(train split)#" not in str(e.value)
+
+
+def test_convert_names_its_own_argument_for_a_folder(tmp_path, capsys):
+    assert main(["convert", str(tmp_path), str(tmp_path / "c.pth"), "--to", "timm"]) == 2
+    err = error_line(capsys, "convert")
+    assert f"SRC {tmp_path} is a folder" in err and "--checkpoint" not in err
+
+
+def test_a_missing_matplotlib_stops_training_before_the_first_epoch(data, tmp_path, monkeypatch, capsys):
+    """Before: every epoch trained, then exit 2 without summary.json."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["train", "--data", str(data), *NET, "--epochs", "1", "--output", str(tmp_path / "r")]) == 2
+    assert "needs matplotlib, which is not installed: pip install 'metaformer[train]'" in error_line(capsys, "train")
+    assert not (tmp_path / "r").exists()
+
+
+def test_detect_train_help_lists_only_what_it_writes(capsys):
+    with pytest.raises(SystemExit):
+        main(["detect", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "best.pth" not in text and "the checkpoint last.pth (saved every epoch)" in text
+
+
+def test_predict_skips_and_lists_an_unreadable_file_in_a_folder(runs, data, tmp_path, capsys):
+    """Before: one unreadable file stopped the whole folder."""
+    folder = tmp_path / "imgs"
+    shutil.copytree(data / "val/0", folder)
+    (folder / "broken.png").write_bytes(b"not a png")
+    assert main(["predict", "--checkpoint", str(runs / "a/best.pth"), str(folder), "--json"]) == 0
+    captured = capsys.readouterr()
+    results = json.loads(captured.out)
+    assert len(results) == len(list(folder.iterdir()))
+    assert [r["image"] for r in results if "error" in r] == [str(folder / "broken.png")]
+    assert all(len(r["predictions"]) == 2 for r in results if "error" not in r)
+    assert "skipped 1 unreadable image(s)" in captured.err and "broken.png" in captured.err
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "broken.png").write_bytes(b"not a png")
+    assert main(["predict", "--checkpoint", str(runs / "a/best.pth"), str(tmp_path / "only")]) == 2
+    assert "none of the 1 image(s) could be read" in error_line(capsys, "predict")
+
+
+def test_detect_and_segment_predict_skip_and_list_an_unreadable_file(tmp_path, capsys):
+    from metaformer.tasks.dense.data import make_toy_data
+
+    toy = make_toy_data(tmp_path / "toy", num_train=2, num_val=1, size=64)
+    net = ["--override", "depths=[1,1,1,1]", "--override", "dims=[8,16,24,32]", "--fpn-channels", "8",
+           "--batch-size", "2", "--workers", "0"]
+    assert main(["detect", "train", "--train-images", str(toy / "images/training"), "--train-ann",
+                 str(toy / "instances_training.json"), *net, "--min-size", "32", "--max-size", "64", "--epochs", "1",
+                 "--output", str(tmp_path / "det")]) == 0
+    assert main(["segment", "train", "--data-root", str(toy), "--num-classes", "4", *net, "--img-scale", "64", "64",
+                 "--crop-size", "32", "--iters", "1", "--no-val", "--output", str(tmp_path / "seg")]) == 0
+    folder = shutil.copytree(toy / "images/validation", tmp_path / "imgs")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    capsys.readouterr()
+    for task in ("detect", "segment"):
+        assert main([task, "predict", str(folder), "--checkpoint", str(tmp_path / task[:3] / "last.pth"),
+                     "--output", str(tmp_path / f"out-{task}"), "--json"]) == 0
+        captured = capsys.readouterr()
+        results = json.loads(captured.out)
+        assert [r["image"] for r in results if "error" in r] == [str(folder / "broken.jpg")]
+        assert (tmp_path / f"out-{task}" / "validation_0000.png").is_file()
+        assert "skipped 1 unreadable image(s)" in captured.err and "broken.jpg" in captured.err
+
+
+def test_pack_refuses_an_output_inside_the_data_it_packs(data, tmp_path, capsys):
+    """Before: `data pack ROOT ROOT/train/zz` failed and left an empty class folder zz behind."""
+    root = shutil.copytree(data, tmp_path / "root")
+    assert main(["data", "pack", str(root), str(root / "train/zz")]) == 2
+    assert "is inside" in error_line(capsys, "data")
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["0", "1"]
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "/tmp/outside.tar"])
+def test_shard_names_in_info_json_stay_inside_the_shard_folder(data, tmp_path, name, capsys):
+    """Before: _info.json names with ../ or an absolute path were read from outside the shard folder."""
+    pytest.importorskip("webdataset")
+    shards = tmp_path / "shards"
+    assert main(["data", "pack", str(data), str(shards)]) == 0
+    info = json.loads((shards / "_info.json").read_text())
+    shutil.copy(shards / info["splits"]["train"]["filenames"][0], tmp_path / "outside.tar")
+    info["splits"]["train"]["filenames"][0] = name
+    (shards / "_info.json").write_text(json.dumps(info))
+    assert main(["data", "check", str(shards)]) == 2
+    err = error_line(capsys, "data")
+    assert f"names shard {name!r}, which is not inside {shards}" in err

@@ -1,0 +1,251 @@
+"""A run folder never loses work: no start-over without --overwrite, one writer at a time, no resume from broken
+weights, a full disk named as such, names longer than file systems allow refused before anything is written."""
+import errno
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+
+import pytest
+import torch
+
+from digits import write_digits
+from metaformer import atomic
+from metaformer.cli import main
+from metaformer.engine import checkpoint as ckpt_io
+from metaformer.engine.loop import check_finite
+from metaformer.engine.stop import TrainingDiverged
+from metaformer.tasks.dense.data import make_toy_data
+
+NET = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--img-size", "32", "--batch-size", "4",
+       "--workers", "0"]
+DENSE = ["--override", "depths=[1,1,1,1]", "--override", "dims=[8,16,24,32]", "--fpn-channels", "8", "--min-size",
+         "32", "--max-size", "64", "--batch-size", "2", "--workers", "0", "--warmup-iters", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_digits(tmp_path_factory.mktemp("data"), classes=("0", "1"), per_class=4)
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """A run of 2 epochs (kept pristine; tests copy it)."""
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert train(data, out, "--epochs", "2") == 0
+    return out
+
+
+def train(data, out, *argv):
+    return main(["train", "--data", str(data), *NET, "--output", str(out), *argv])
+
+
+def error_line(capsys, verb="train") -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith(f"metaformer {verb}:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- 1. --resume auto without last.pth
+
+@pytest.mark.parametrize("how", ["deleted", "a folder"])
+def test_resume_auto_without_last_pth_never_starts_a_run_over(data, finished, tmp_path, capsys, how):
+    """Before: "starting from scratch", and best.pth (epoch 2) and metrics.csv were replaced by a new epoch 1."""
+    run = shutil.copytree(finished, tmp_path / "run")
+    (run / "last.pth").unlink()
+    if how == "a folder":
+        (run / "last.pth").mkdir()
+    before = snapshot(run)
+    assert train(data, run, "--epochs", "3", "--resume", "auto") == 2
+    err = error_line(capsys)
+    if how == "deleted":
+        assert "holds a run (best.pth, summary.json, metrics.jsonl with 2 row(s)) but no last.pth to continue from" \
+            in err and f"--resume {run}/best.pth" in err and "--overwrite" in err
+    else:
+        assert "last.pth is not a checkpoint file" in err
+    assert snapshot(run) == before
+    if how == "deleted":  # the way out it names works
+        assert train(data, run, "--epochs", "3", "--resume", str(run / "best.pth")) == 0
+        assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 3
+
+
+def test_resume_auto_with_overwrite_and_no_last_pth_starts_over(data, finished, tmp_path):
+    run = shutil.copytree(finished, tmp_path / "run")
+    (run / "last.pth").unlink()
+    assert train(data, run, "--epochs", "1", "--resume", "auto", "--overwrite") == 0
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1  # the old run's 2 rows are gone
+
+
+def test_resume_auto_after_a_kill_in_the_first_epoch_starts_from_scratch(data, tmp_path, capsys):
+    """A run killed before its first checkpoint left only its config and an empty log: nothing to lose."""
+    run = tmp_path / "run"
+    assert train(data, run, "--epochs", "1") == 0
+    for name in ("last.pth", "best.pth", "summary.json", "curves.png"):
+        (run / name).unlink()
+    (run / "metrics.jsonl").write_text("")
+    assert train(data, run, "--epochs", "1", "--resume", "auto") == 0
+    assert "starting from scratch" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 2. one writer per folder
+
+def lock_of(pid: int) -> str:
+    return json.dumps({"pid": pid, "host": socket.gethostname(), "start": ckpt_io._process_start(pid),
+                       "since": "2025-01-01 00:00:00"})
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(data, finished, tmp_path, capsys):
+    """Before: two `--resume auto` runs on one folder both exited 0; the last writer won, and one of them printed a
+    best top-1 that best.pth did not hold."""
+    run = shutil.copytree(finished, tmp_path / "run")
+    other = subprocess.Popen(["sleep", "60"])  # a live process that holds the folder
+    try:
+        (run / ckpt_io.RunLock.NAME).write_text(lock_of(other.pid))
+        before = snapshot(run)
+        assert train(data, run, "--epochs", "3", "--resume", "auto") == 2
+        err = error_line(capsys)
+        assert f"is being written by another run (process {other.pid} on {socket.gethostname()}" in err
+        assert "Wait for it to end" in err and f"delete {run / ckpt_io.RunLock.NAME}" in err
+        assert snapshot(run) == before
+    finally:
+        other.kill()
+        other.wait()
+    # the holder is gone: its lock is stale, taken over, and released at the end
+    assert train(data, run, "--epochs", "3", "--resume", "auto") == 0
+    assert "taken over from a run that is gone" in capsys.readouterr().out
+    assert not (run / ckpt_io.RunLock.NAME).exists()
+
+
+def test_a_lock_is_released_when_a_run_fails_and_a_reused_pid_is_not_an_owner(data, tmp_path, capsys):
+    assert train(data, tmp_path / "run", "--epochs", "1", "--lr", "1e30") == 2  # diverges
+    assert "nan" in error_line(capsys).lower()
+    assert not (tmp_path / "run" / ckpt_io.RunLock.NAME).exists()
+    lock = ckpt_io.RunLock(tmp_path)
+    (tmp_path / lock.NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                   "start": "1", "since": "then"}))  # this pid, another start
+    lock.acquire()
+    assert json.loads((tmp_path / lock.NAME).read_text())["start"] == ckpt_io._process_start(os.getpid())
+    lock.release()
+    assert not (tmp_path / lock.NAME).exists()
+
+
+def test_two_detection_runs_into_one_folder(tmp_path, capsys):
+    toy = make_toy_data(tmp_path / "toy", num_train=2, num_val=1, size=64)
+    argv = ["detect", "train", "--train-images", str(toy / "images/training"), "--train-ann",
+            str(toy / "instances_training.json"), *DENSE, "--epochs", "1", "--output", str(tmp_path / "det")]
+    assert main(argv) == 0
+    (tmp_path / "det" / ckpt_io.RunLock.NAME).write_text(lock_of(os.getpid()))  # this very process holds it
+    assert main([*argv, "--epochs", "2", "--resume", "auto"]) == 2
+    assert "is being written by another run" in error_line(capsys, "detect")
+
+
+# ----------------------------------------------------------------------------- 6. NaN weights
+
+def test_resume_from_nan_weights_is_refused_at_load(data, finished, tmp_path, capsys):
+    """Before: the run started, stopped with "loss is nan" and called the same file the last good checkpoint."""
+    run = shutil.copytree(finished, tmp_path / "run")
+    ckpt = torch.load(run / "last.pth", weights_only=True)
+    ckpt["model"]["head.fc.weight"][0, 0] = float("nan")
+    torch.save(ckpt, run / "last.pth")
+    before = snapshot(run)
+    assert train(data, run, "--epochs", "3", "--resume", "auto") == 2
+    err = error_line(capsys)
+    assert "last.pth holds NaN or inf weights (1 tensor(s), e.g. head.fc.weight)" in err
+    assert snapshot(run) == before
+    # the NaN stop names a checkpoint whose weights are finite, not the broken last.pth
+    with pytest.raises(TrainingDiverged, match=rf"Last good checkpoint: {run / 'best.pth'} \(resume with --resume"):
+        check_finite(float("nan"), "step 9", run, "none")
+
+
+# ----------------------------------------------------------------------------- 16. empty checkpoints
+
+def test_an_empty_last_pth_is_a_one_line_error_everywhere(data, tmp_path, capsys):
+    """Before: IndexError inside the code that words the error (an empty exception message)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pth").write_bytes(b"")
+    assert train(data, run, "--epochs", "1", "--resume", "auto") == 2
+    assert "last.pth is empty (0 bytes)" in error_line(capsys)
+    toy = make_toy_data(tmp_path / "toy", num_train=2, num_val=1, size=64)
+    assert main(["detect", "eval", "--checkpoint", str(run / "last.pth"), "--images",
+                 str(toy / "images/validation"), "--ann", str(toy / "instances_validation.json")]) == 2
+    assert "last.pth is empty (0 bytes)" in error_line(capsys, "detect")
+    assert main(["detect", "train", "--train-images", str(toy / "images/training"), "--train-ann",
+                 str(toy / "instances_training.json"), *DENSE, "--output", str(run), "--resume", "auto"]) == 2
+    assert "last.pth is empty (0 bytes)" in error_line(capsys, "detect")
+
+
+# ----------------------------------------------------------------------------- 17. full disk
+
+def test_a_full_disk_inside_torch_save_is_named(tmp_path, monkeypatch):
+    """Before: torch's writer turned ENOSPC into "RuntimeError: ... unexpected pos", so the documented "disk full,
+    the previous checkpoint is intact" message never showed."""
+    path = tmp_path / "last.pth"
+    ckpt_io.save({"model": {"w": torch.zeros(4)}}, path)
+    before = path.read_bytes()
+
+    class Full(io.FileIO):
+        written = 0
+
+        def write(self, b):
+            self.written += len(b)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    monkeypatch.setattr(atomic, "open", lambda p, mode: Full(p, "w"), raising=False)
+    with pytest.raises(ckpt_io.CheckpointError, match=rf"disk full while writing {path}: the previous last.pth is "
+                                                      "intact. Free some space and continue with --resume auto"):
+        ckpt_io.save({"model": {"w": torch.randn(100_000)}}, path)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+# ----------------------------------------------------------------------------- 19. long names
+
+def test_names_longer_than_file_systems_allow(data, tmp_path, capsys):
+    """Before: OSError (File name too long) tracebacks from train, detect and export; and export -o with a valid
+    245-character name failed, since its temporary name was 11 characters longer."""
+    long = tmp_path / ("r" * 300)
+    assert train(data, long, "--epochs", "1") == 2
+    assert "is 300 bytes long, and file systems allow at most 255 per name" in error_line(capsys)
+    toy = make_toy_data(tmp_path / "toy", num_train=2, num_val=1, size=64)
+    assert main(["detect", "train", "--train-images", str(toy / "images/training"), "--train-ann",
+                 str(toy / "instances_training.json"), *DENSE, "--output", str(long)]) == 2
+    assert "is 300 bytes long" in error_line(capsys, "detect")
+    model = tmp_path / "m"
+    assert train(data, model, "--epochs", "1") == 0
+    assert main(["export", "--checkpoint", str(model / "best.pth"), "--output", str(long / "x.onnx")]) == 2
+    assert "is 300 bytes long" in error_line(capsys, "export")
+    name = tmp_path / ("e" * 240 + ".onnx")  # 245 characters: a legal name
+    assert main(["export", "--checkpoint", str(model / "best.pth"), "--output", str(name)]) == 0
+    assert name.is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(atomic.temp_file(tmp_path / ("t" * 255)).name.encode()) <= 255
+
+
+# ----------------------------------------------------------------------------- 14. read-only outputs
+
+@pytest.mark.parametrize("verb", ["export", "cam", "data pack", "convert", "ablate", "bench", "detect predict"])
+def test_an_unwritable_output_is_refused_before_the_work(data, finished, verb, capsys):
+    """Before: PermissionError tracebacks (and bench failed only after the whole benchmark had run)."""
+    ckpt, image = str(finished / "best.pth"), str(next((data / "val/0").iterdir()))
+    argv = {"export": ["export", "--checkpoint", ckpt, "--output", "/sys/mf/m.onnx"],
+            "cam": ["cam", "--checkpoint", ckpt, image, "--output", "/sys/mf/cam"],
+            "data pack": ["data", "pack", str(data), "/sys/mf/shards"],
+            "convert": ["convert", ckpt, "/sys/mf/c.safetensors", "--to", "ours"],
+            "ablate": ["ablate", "--rows", "baseline", "--set", "epochs=1", "--output", "/sys/mf/grid"],
+            "bench": ["bench", "--img-size", "32", "--batch-size", "1", "--modes", "eager", "--repeats", "1",
+                      "--no-memory", "--output", "/sys/mf/b.json"],
+            "detect predict": ["detect", "predict", image, "--checkpoint", ckpt, "--output", "/sys/mf/pred"]}[verb]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "inference:" not in captured.err + captured.out
+    line = [x for x in captured.err.splitlines() if x.startswith(f"metaformer {verb.split()[0]}: error:")]
+    assert len(line) == 1 and "cannot write to" in line[0] and "/sys/mf" in line[0] and "read-only" in line[0]
