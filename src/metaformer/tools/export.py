@@ -124,6 +124,14 @@ class Runtime:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
 
+    def eval(self) -> "Runtime":  # an exported file is inference-only already; evaluate() calls model.eval()
+        return self
+
+    @property
+    def quantization(self) -> dict | None:
+        """How the file was quantized and what it cost (``metaformer quantize``), or None."""
+        return (self.metadata or {}).get("quantization")
+
 
 def _parse_metadata(text: str | bytes | None, path: Path) -> dict | None:
     if not text:
@@ -171,7 +179,14 @@ def _load_runtime(path: Path, fmt: str) -> Runtime:
     if fmt == "torchscript":
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     else:
-        module = torch.export.load(str(path), extra_files=extra).module()
+        program = torch.export.load(str(path), extra_files=extra)
+        module = program.module()
+        if _is_int8_program(program):
+            # an int8 program (metaformer quantize --backend pt2e) runs at int8 speed only once Inductor has
+            # lowered its quantize/dequantize pairs to oneDNN int8 kernels: compiled on the first call
+            from .quantize import compile_int8
+
+            return Runtime(compile_int8(module), _parse_metadata(extra[META_KEY], path), fmt)
     dtype = next((p.dtype for p in module.parameters()), None) if fmt == "torchscript" else None
     if dtype is None:
         dtype = next((t.dtype for t in module.state_dict().values() if t.is_floating_point()), torch.float32)
@@ -181,6 +196,11 @@ def _load_runtime(path: Path, fmt: str) -> Runtime:
             return module(x.to(dtype)).float()
 
     return Runtime(run_torch, _parse_metadata(extra[META_KEY], path), fmt)
+
+
+def _is_int8_program(program) -> bool:
+    return any(node.op == "call_function" and "quantized_decomposed" in str(node.target)
+               for node in program.graph.nodes)
 
 
 def sample_image(img_size: int, transform) -> torch.Tensor:
