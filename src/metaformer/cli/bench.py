@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", type=_csv(), default=["fp32"], help="fp32, bf16, fp16 (comma-separated)")
     p.add_argument("--modes", type=_csv(), default=harness.DEFAULT_INFER,
                    help=f"inference modes, from {','.join(harness.INFER_MODES)}")
+    p.add_argument("--exported", metavar="FILE", help="also time this file from `metaformer export` or `metaformer "
+                   "quantize` (mode 'exported'), beside the other modes run on its architecture with random "
+                   "weights, at its input size")
     p.add_argument("--train", action="store_true", help="also benchmark training steps")
     p.add_argument("--train-only", action="store_true", help="only benchmark training steps")
     p.add_argument("--train-modes", type=_csv(), default=harness.DEFAULT_TRAIN,
@@ -53,11 +56,17 @@ def run(args) -> int:
         if d not in harness.DTYPES:
             raise UserError(f"unknown dtype {d!r}; choose from {', '.join(harness.DTYPES)}")
     jobs = []  # (description, thunk), run one at a time, each printed as soon as it is done
+    model = None
+    if args.exported:
+        if args.train or args.train_only or args.device != "cpu":
+            raise UserError("--exported times a file on the CPU: drop --train/--train-only/--device")
+        model = harness.model_of_file(args.exported)
+        args.variant, args.img_size = [model.variant or "model"], [model.img_size[0]]
     if not args.train_only:
         for variant, batch, size, dtype in itertools.product(args.variant, args.batch_size, args.img_size, args.dtype):
             jobs.append((f"inference: {variant} batch {batch} {size}x{size} {dtype}", functools.partial(
                 harness.bench_inference, variant, args.modes, batch, size, dtype, args.device, repeats=args.repeats,
-                warmup=args.warmup)))
+                warmup=args.warmup, model=model, exported=args.exported)))
     if args.train or args.train_only:
         for variant, size in itertools.product(args.variant, args.img_size):
             jobs.append((f"training: {variant} batch {args.train_batch} {size}x{size} {args.train_dtype}",

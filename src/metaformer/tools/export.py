@@ -297,9 +297,14 @@ def export_metadata(loaded) -> dict:
     """What an exported file must carry to be run correctly alone: classes, input, preprocessing."""
     from .. import __version__
 
-    return {"format": "metaformer", "variant": loaded.variant, "num_classes": len(loaded.class_names),
+    meta = {"format": "metaformer", "variant": loaded.variant, "num_classes": len(loaded.class_names),
             "class_names": loaded.class_names, "in_chans": loaded.model.in_chans,
             "preprocessing": loaded.preprocessing, "metaformer_version": __version__}
+    try:  # the architecture, so tools (bench) can rebuild the same network; absent for custom Python parts
+        meta["config"] = json.loads(json.dumps(getattr(loaded.model, "config", None)))
+    except (TypeError, ValueError):
+        pass
+    return meta
 
 
 def _described_by(model_name: str | None, checkpoint: str | None) -> dict:
