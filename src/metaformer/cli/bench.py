@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import os
 import sys
 import time
 
@@ -77,7 +78,8 @@ def run(args) -> int:
     gpu = f"; {env['cuda']} (driver {env.get('driver')}, CUDA {env.get('cuda_runtime')})" if env["cuda"] else ""
     header = (f"{env['cpu']} ({env['isa']}; torch dispatch {env['onednn']}), {env['threads']} threads{gpu}; "
               f"torch {env['torch']}, timm {env['timm']}, "
-              f"triton {env['triton']}, onnxruntime {env['onnxruntime']}; malloc: {env['malloc']}\n\n")
+              f"triton {env['triton']}, onnxruntime {env['onnxruntime']}; malloc: {env['malloc']}; load average "
+              f"{env['loadavg']} at the start\n\n")
     lines = harness.markdown_table([]).splitlines()
     if not args.json:
         print(header + "\n".join(lines), flush=True)
@@ -96,6 +98,8 @@ def run(args) -> int:
             if bar.disable:  # no terminal: say how far along it is on stderr instead
                 log(f"[{k}/{len(jobs)}] {what} done; {elapsed:.0f}s so far, about "
                     f"{elapsed / k * (len(jobs) - k):.0f}s left")
+    if hasattr(os, "getloadavg"):
+        lines.append(f"\nload average at the end: {[round(v, 2) for v in os.getloadavg()]}")
     path = args.output or f"benchmarks/results/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     harness.save_json(results, path, sys.argv)
     if args.md:

@@ -628,6 +628,8 @@ def environment() -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "timm": version("timm"),
         "triton": version("triton"), "onnxruntime": version("onnxruntime"), "metaformer": version("metaformer"),
         "malloc": malloc_mode(),
+        # other processes' load (1, 5, 15 min): above the core count, every mode's time includes waiting for a core
+        "loadavg": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if torch.cuda.is_available():

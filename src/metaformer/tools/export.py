@@ -165,7 +165,11 @@ def load_runtime(path: str | os.PathLike, fmt: str | None = None) -> Runtime:
 def _load_runtime(path: Path, fmt: str) -> Runtime:
     if fmt == "onnx":
         ort = require("onnxruntime", "export", "running an ONNX file")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        # idle workers spinning after each run take the cores from everything else in the process (the
+        # server's decoding, PyTorch's threads) for the little latency it saves between calls
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         inp = session.get_inputs()[0]
         np_dtype = np.float16 if "float16" in inp.type else np.float32
 

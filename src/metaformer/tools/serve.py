@@ -180,6 +180,7 @@ class Batcher:
 
     def start(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.max_queue)
+        self._full = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
@@ -198,23 +199,23 @@ class Batcher:
             self.queue.put_nowait((x, future))
         except asyncio.QueueFull:
             raise QueueFull() from None
+        if self.queue.qsize() >= self.max_batch - 1:  # the batch being collected holds one more
+            self._full.set()
         return await future
 
     async def _collect(self) -> list:
         batch = [await self.queue.get()]
-        deadline = time.monotonic() + self.max_wait
-        while len(batch) < self.max_batch:
-            try:  # whatever is already waiting joins at once
-                batch.append(self.queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
+        if self.max_wait > 0 and self.queue.qsize() < self.max_batch - 1:
+            # one timed wait per batch, cut short by submit() once a full batch is waiting
+            self._full.clear()
             try:
-                batch.append(await asyncio.wait_for(self.queue.get(), left))
+                await asyncio.wait_for(self._full.wait(), self.max_wait)
             except asyncio.TimeoutError:
+                pass
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self.queue.get_nowait())
+            except asyncio.QueueEmpty:
                 break
         return batch
 
