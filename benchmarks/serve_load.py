@@ -78,7 +78,11 @@ async def load(url: str, image: bytes, clients: int, seconds: float, max_request
         nonlocal errors
         while time.perf_counter() < deadline and len(latencies) + errors < max_requests:
             t0 = time.perf_counter()
-            r = await http.post(url + "/predict", content=image, headers={"content-type": "image/png"})
+            try:
+                r = await http.post(url + "/predict", content=image, headers={"content-type": "image/png"})
+            except httpx.HTTPError:  # a dropped connection counts as an error, it does not end the run
+                errors += 1
+                continue
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - t0)
             else:
@@ -116,8 +120,9 @@ def main() -> int:
         settings.append(("max-batch 1", ["--max-batch", "1"]))
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
+    load = f"; load average {[round(v, 2) for v in os.getloadavg()]} at the start" if hasattr(os, "getloadavg") else ""
     lines = [f"{cpu}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}; image {len(image)} bytes PNG; "
-             f"{args.seconds:g} s per level", "",
+             f"{args.seconds:g} s per level{load}", "",
              "| served | batching | clients | requests | requests/s | p50 ms | p99 ms | mean batch | errors |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     print("\n".join(lines), flush=True)

@@ -149,6 +149,28 @@ def test_batcher_batches_concurrent_requests_and_bounds_its_queue():
     assert sum(sizes) == 12 + 12
 
 
+def test_batcher_holds_a_batch_only_while_more_requests_are_on_their_way():
+    async def scenario():
+        batcher = Batcher(lambda x: x.flatten(1), max_batch=8, max_wait_ms=2000, max_queue=8)
+        batcher.start()
+        t0 = time.perf_counter()
+        _, batch = await batcher.submit(torch.zeros(1, 1, 1))  # alone: answered without the 2 s wait
+        alone = time.perf_counter() - t0
+        with batcher.incoming():  # another request is being decoded: the batch waits for it
+            first = asyncio.create_task(batcher.submit(torch.zeros(1, 1, 1)))
+            await asyncio.sleep(0.3)
+            assert not first.done()
+            second = asyncio.create_task(batcher.submit(torch.ones(1, 1, 1)))
+            await asyncio.sleep(0)
+        results = await asyncio.gather(first, second)
+        await batcher.stop()
+        return alone, batch, results
+
+    alone, batch, results = asyncio.run(scenario())
+    assert alone < 1.0 and batch == 1
+    assert [b for _, b in results] == [2, 2]  # the two ran as one batch
+
+
 def test_serve_binds_to_loopback_unless_told():
     args = build_parser().parse_args(["serve", "runs/digits/best.pth"])
     assert args.host == "127.0.0.1"

@@ -370,10 +370,13 @@ def bench_inference(variant: str, modes: list[str], batch: int, img_size: int, d
                 fn, gemm_gflop = _gemm_fn(tdtype, device)
                 fns[mode], gflop[mode] = fn, gemm_gflop
                 continue
+            built = time.perf_counter()
             fn, diff_ref = build_infer_mode(mode, model, tdtype, device, x, exported)
             with torch.inference_mode():
                 fn(x)  # compile / export happens here, outside the timed loop
             fns[mode], refs[mode] = fn, diff_ref
+            if "compile" in mode or mode.startswith(("int8", "ort", "timm_ort")):
+                notes[mode] = f"built in {time.perf_counter() - built:.0f} s (export, quantization, compilation)"
             if mode == "fused":  # what ran: the blocks fused, and the conv path this CPU allows
                 from ..fast import fusion_report
 

@@ -7,8 +7,9 @@
 * ``GET /``: the page (drop or choose an image; top-5 bars; the CAM overlay).
 
 Concurrent requests are batched: a bounded queue (a full queue answers 503 at once) and one worker
-that takes up to ``max_batch`` waiting images, waiting at most ``max_wait_ms`` after the first, and
-runs them as one batch on one thread. Bad input is a 4xx with a one-line ``{"error": ...}``: not an
+that takes up to ``max_batch`` waiting images, waiting after the first at most ``max_wait_ms`` (and no
+longer than recent batches took to run) while other requests are still being read and decoded (a lone
+request never waits), and runs them as one batch on one thread. Bad input is a 4xx with a one-line ``{"error": ...}``: not an
 image (400), too large (413, body over ``max_bytes``), a decompression bomb (413, more pixels than
 ``max_pixels``), a content type that is not an image (415).
 """
@@ -16,6 +17,7 @@ image (400), too large (413, body over ``max_bytes``), a decompression bomb (413
 import asyncio
 import base64
 import binascii
+import contextlib
 import copy
 import io
 import json
@@ -176,6 +178,9 @@ class Batcher:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metaformer-model")
         self.batches = 0
         self.images = 0
+        self.arriving = 0  # requests being read and decoded, not yet queued
+        self.call_s = self.max_wait  # running mean of a batch's model time (starts at the longest wait)
+        self._full: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -203,13 +208,28 @@ class Batcher:
             self._full.set()
         return await future
 
+    @contextlib.contextmanager
+    def incoming(self):
+        """Around a request's reading and decoding: while some are on their way, a batch waits for them (up
+        to ``max_wait_ms``); a lone request is never held back."""
+        self.arriving += 1
+        try:
+            yield
+        finally:
+            self.arriving -= 1
+            if self.arriving == 0 and self._full is not None:
+                self._full.set()  # nothing more is on its way: stop waiting
+
     async def _collect(self) -> list:
         batch = [await self.queue.get()]
-        if self.max_wait > 0 and self.queue.qsize() < self.max_batch - 1:
-            # one timed wait per batch, cut short by submit() once a full batch is waiting
+        # Waiting for more pays only when the model's call costs more than the wait: never longer than the
+        # last batches took to run (a 1 ms int8 call is not held 5 ms), and only while requests are on their way.
+        wait = min(self.max_wait, self.call_s)
+        if wait > 0 and self.arriving > 0 and self.queue.qsize() < self.max_batch - 1:
+            # one timed wait per batch, cut short once a full batch is waiting or nothing more is coming
             self._full.clear()
             try:
-                await asyncio.wait_for(self._full.wait(), self.max_wait)
+                await asyncio.wait_for(self._full.wait(), wait)
             except asyncio.TimeoutError:
                 pass
         while len(batch) < self.max_batch:
@@ -230,7 +250,9 @@ class Batcher:
             if not live:
                 continue
             try:
+                t0 = time.perf_counter()
                 probs = await loop.run_in_executor(self.executor, self._run, torch.stack([x for x, _ in live]))
+                self.call_s = 0.8 * self.call_s + 0.2 * (time.perf_counter() - t0)
             except Exception as e:  # a failed batch fails its requests, never the loop
                 for _, f in live:
                     if not f.done():
@@ -361,9 +383,10 @@ def create_app(servable: Servable, max_batch: int = 32, max_wait_ms: float = 5.0
     @app.post("/predict")
     async def predict(request: fastapi.Request, topk: int = fastapi.Query(5, ge=1), cam: bool = False):
         t0 = time.perf_counter()
-        data = await image_bytes(request)
-        pil = await run_in_threadpool(decode_image, data, limits.max_pixels)
-        x = await run_in_threadpool(servable.transform, pil)
+        with batcher.incoming():
+            data = await image_bytes(request)
+            pil = await run_in_threadpool(decode_image, data, limits.max_pixels)
+            x = await run_in_threadpool(servable.transform, pil)
         try:
             probs, batch = await batcher.submit(x)
         except QueueFull:
