@@ -23,6 +23,8 @@ COMMANDS = [
     "metaformer.cli.train",
     "metaformer.cli.evaluate",
     "metaformer.cli.export",
+    "metaformer.cli.quantize",
+    "metaformer.cli.serve",
     "metaformer.cli.ablate",
     "metaformer.cli.data",
     "metaformer.cli.convert",

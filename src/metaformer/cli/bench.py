@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import functools
 import itertools
+import os
 import sys
 import time
 
@@ -46,6 +47,9 @@ def add_parser(sub) -> None:
                    help="fp32, bf16, fp16 (comma-separated)")
     p.add_argument("--modes", type=_csv(_one_of(harness.INFER_MODES)), default=harness.DEFAULT_INFER,
                    help=f"inference modes, from {','.join(harness.INFER_MODES)}")
+    p.add_argument("--exported", metavar="FILE", help="also time this file from `metaformer export` or `metaformer "
+                   "quantize` (mode 'exported'), beside the other modes run on its architecture with random "
+                   "weights, at its input size")
     p.add_argument("--train", action="store_true", help="also benchmark training steps")
     p.add_argument("--train-only", action="store_true", help="only benchmark training steps")
     p.add_argument("--train-modes", type=_csv(_one_of(harness.TRAIN_MODES)), default=harness.DEFAULT_TRAIN,
@@ -101,11 +105,17 @@ def run(args) -> int:
 
     path = check(args)
     jobs = []  # (description, thunk), run one at a time, each printed as soon as it is done
+    model = None
+    if args.exported:
+        if args.train or args.train_only or args.device != "cpu":
+            raise UserError("--exported times a file on the CPU: drop --train/--train-only/--device")
+        model = harness.model_of_file(args.exported)
+        args.variant, args.img_size = [model.variant or "model"], [model.img_size[0]]
     if not args.train_only:
         for variant, batch, size, dtype in itertools.product(args.variant, args.batch_size, args.img_size, args.dtype):
             jobs.append((f"inference: {variant} batch {batch} {size}x{size} {dtype}", functools.partial(
                 harness.bench_inference, variant, args.modes, batch, size, dtype, args.device, repeats=args.repeats,
-                warmup=args.warmup)))
+                warmup=args.warmup, model=model, exported=args.exported)))
     if args.train or args.train_only:
         for variant, size in itertools.product(args.variant, args.img_size):
             jobs.append((f"training: {variant} batch {args.train_batch} {size}x{size} {args.train_dtype}",
@@ -116,7 +126,8 @@ def run(args) -> int:
     gpu = f"; {env['cuda']} (driver {env.get('driver')}, CUDA {env.get('cuda_runtime')})" if env["cuda"] else ""
     header = (f"{env['cpu']} ({env['isa']}; torch dispatch {env['onednn']}), {env['threads']} threads{gpu}; "
               f"torch {env['torch']}, timm {env['timm']}, "
-              f"triton {env['triton']}, onnxruntime {env['onnxruntime']}; malloc: {env['malloc']}\n\n")
+              f"triton {env['triton']}, onnxruntime {env['onnxruntime']}; malloc: {env['malloc']}; load average "
+              f"{env['loadavg']} at the start\n\n")
     lines = harness.markdown_table([]).splitlines()
     if not args.json:
         print(header + "\n".join(lines), flush=True)
@@ -135,6 +146,8 @@ def run(args) -> int:
             if bar.disable:  # no terminal: say how far along it is on stderr instead
                 log(f"[{k}/{len(jobs)}] {what} done; {elapsed:.0f}s so far, about "
                     f"{elapsed / k * (len(jobs) - k):.0f}s left")
+    if hasattr(os, "getloadavg"):
+        lines.append(f"\nload average at the end: {[round(v, 2) for v in os.getloadavg()]}")
     harness.save_json(results, path, sys.argv)
     if args.md:
         with open(args.md, "w") as f:

@@ -47,6 +47,8 @@ def add_parser(subparsers) -> None:
     _add_speed(e)
     e.add_argument("--tta", choices=["none", "flip"], default="none", help="flip: average each image's prediction "
                                                                            "with its mirror image's")
+    e.add_argument("--exported", metavar="FILE", help="evaluate this file from `metaformer export` or `metaformer "
+                   "quantize` (int8) in its own runtime instead of PyTorch (its stored classes and preprocessing)")
     e.add_argument("--strict-data", action="store_true", help="stop at the first unreadable image")
     e.add_argument("--positional", action="store_true", help="map the i-th class folder (sorted) to class i, as "
                    "torchvision's ImageFolder does, instead of matching folders to the model's classes by name "
@@ -77,11 +79,22 @@ def run_eval(args) -> int:
     from ..tasks.classification import eval_loader, evaluate
     from ..tasks.inference import eval_dataset, load_for_inference, prepare
 
-    rt = setup(args.device, args.amp)
-    loaded = load_for_inference(args.model, args.checkpoint, args.num_classes, rt.device, args.allow_nonfinite,
-                                args.ema)
+    if args.exported:
+        from . import UserError
+        from ..tools.export import load_exported
+
+        if args.ema or args.tta != "none" or args.amp not in ("auto", "none"):
+            raise UserError("--exported runs the file as written: --ema, --tta and --amp apply to PyTorch models")
+        rt = setup("cpu", "none")
+        loaded = load_exported(args.exported, args.model, args.checkpoint)
+        applied = [f"{loaded.model.format} file"] + (["int8"] if loaded.model.quantization else [])
+    else:
+        rt = setup(args.device, args.amp)
+        loaded = load_for_inference(args.model, args.checkpoint, args.num_classes, rt.device, args.allow_nonfinite,
+                                    args.ema)
     ds = eval_dataset(loaded, args.data, args.positional)
-    applied = prepare(loaded, rt.device, args.fused, args.channels_last)
+    if not args.exported:
+        applied = prepare(loaded, rt.device, args.fused, args.channels_last)
     unreadable = D.UnreadableLog(strict=args.strict_data)
     t0 = time.time()
     result = evaluate(loaded.model, eval_loader(ds, rt, args.batch_size, args.workers), rt.device, rt.amp_dtype,

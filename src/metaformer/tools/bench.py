@@ -40,7 +40,7 @@ from ..zoo import create_model
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CL = torch.channels_last
 
-INFER_MODES = ["eager", "eager_cl", "fused", "fused_graph", "fused_compile", "ort",
+INFER_MODES = ["eager", "eager_cl", "fused", "fused_graph", "fused_compile", "ort", "int8_ort", "int8_pt2e",
                "timm_eager", "timm_cl", "timm_compile", "timm_ort", "gemm_ceiling"]
 TRAIN_MODES = ["eager", "eager_cl", "fast", "fast_compile", "timm_eager", "timm_cl", "timm_compile"]
 # Fair by default: the strongest peer (timm compiled) is always beside ours.
@@ -212,19 +212,39 @@ def cuda_graph(fn: Callable, x: torch.Tensor) -> Callable:
 
 def _ort_session(model: nn.Module, x: torch.Tensor):
     """Export ``model`` to ONNX (TorchScript exporter, as timm's export) and open it in ONNX Runtime."""
-    ort = require("onnxruntime", "export", "the ONNX Runtime benchmark mode")
-
     path = os.path.join(tempfile.mkdtemp(prefix="metaformer-bench-"), "model.onnx")
     torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["logits"], opset_version=17,
                       dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    return ort_file(path)
+
+
+def ort_file(path: str | os.PathLike):
+    """An ONNX file (fp32 or int8) in ONNX Runtime, as every ORT mode here runs: all graph optimisations, one
+    intra-op thread per torch thread, workers not spinning."""
+    ort = require("onnxruntime", "export", "the ONNX Runtime benchmark modes")
+
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = torch.get_num_threads()
     # ORT's workers spin after each run by default, taking the cores from whichever mode the
     # interleaved loop times next (a GEMM timed right after it read 148 instead of 185 GFLOP/s).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    return lambda t: torch.from_numpy(sess.run(None, {"x": t.numpy()})[0])
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda t: torch.from_numpy(sess.run(None, {name: t.numpy()})[0])
+
+
+def _int8(backend: str, model: nn.Module, x: torch.Tensor):
+    """``model`` quantized to int8 by ``backend`` (``ort`` or ``pt2e``; see :mod:`metaformer.tools.quantize`),
+    calibrated on random images: int8 kernels take the same time whatever the ranges, and the diff column
+    shows what int8 costs on such inputs."""
+    from .quantize import compile_int8, pt2e_program, quantize_to_file
+
+    calib = torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(1))
+    if backend == "ort":
+        path = os.path.join(tempfile.mkdtemp(prefix="metaformer-bench-"), "int8.onnx")
+        return ort_file(quantize_to_file(model, calib, path, "ort"))
+    return compile_int8(pt2e_program(model, calib, 16).module())
 
 
 def _gemm_fn(dtype: torch.dtype, device) -> tuple[Callable, float]:
@@ -251,8 +271,10 @@ def _gemm_fn(dtype: torch.dtype, device) -> tuple[Callable, float]:
 
 
 # ----------------------------------------------------------------------------- inference
-def build_infer_mode(mode: str, model: nn.Module, dtype: torch.dtype, device, x: torch.Tensor):
-    """Returns (fn, diff reference) or raises to skip the mode."""
+def build_infer_mode(mode: str, model: nn.Module, dtype: torch.dtype, device, x: torch.Tensor,
+                     exported: str | None = None):
+    """Returns (fn, diff reference) or raises to skip the mode. ``exported``: the file the ``exported`` mode
+    times (from ``metaformer export`` or ``metaformer quantize``; its weights, not ``model``'s)."""
     from ..fast import fuse
 
     if mode == "eager":
@@ -273,6 +295,18 @@ def build_infer_mode(mode: str, model: nn.Module, dtype: torch.dtype, device, x:
         if device.type != "cpu" or dtype != torch.float32:
             raise RuntimeError("ONNX Runtime mode is CPU fp32 only here")
         return _ort_session(copy.deepcopy(model).eval(), x), "eager_fp32"
+    if mode in ("int8_ort", "int8_pt2e"):
+        if device.type != "cpu" or dtype != torch.float32:
+            raise RuntimeError("the int8 modes run on the CPU, quantized from the fp32 model")
+        return _int8(mode[5:], copy.deepcopy(model).eval(), x), "eager_fp32"
+    if mode == "exported":
+        if device.type != "cpu" or dtype != torch.float32 or exported is None:
+            raise RuntimeError("the exported file runs on the CPU, from fp32 inputs (bench --exported FILE)")
+        if str(exported).endswith(".onnx"):
+            return ort_file(exported), None
+        from .export import load_runtime
+
+        return load_runtime(exported), None
     if mode.startswith("timm_"):
         ref = timm_reference(model)
         if ref is None:
@@ -321,13 +355,15 @@ def interleaved_timing(fns: dict[str, Callable], x: torch.Tensor, device, repeat
 
 def bench_inference(variant: str, modes: list[str], batch: int, img_size: int, dtype: str = "fp32",
                     device: str = "cpu", repeats: int = 10, warmup: int = 3, model: nn.Module | None = None,
-                    log: Callable[[str], None] = print, **overrides) -> list[Result]:
+                    log: Callable[[str], None] = print, exported: str | None = None, **overrides) -> list[Result]:
     device = torch.device(device)
     tdtype = DTYPES[dtype]
     torch.manual_seed(0)
     if model is None:
         model = create_model(variant, img_size=img_size, **overrides)
         _randomize_affine(model)
+    elif exported is not None and "exported" not in modes:
+        modes = [*modes, "exported"]
     model.eval()
     x32 = torch.randn(batch, 3, img_size, img_size)
     x = x32.to(device=device, dtype=tdtype)
@@ -343,10 +379,13 @@ def bench_inference(variant: str, modes: list[str], batch: int, img_size: int, d
                 fn, gemm_gflop = _gemm_fn(tdtype, device)
                 fns[mode], gflop[mode] = fn, gemm_gflop
                 continue
-            fn, diff_ref = build_infer_mode(mode, model, tdtype, device, x)
+            built = time.perf_counter()
+            fn, diff_ref = build_infer_mode(mode, model, tdtype, device, x, exported)
             with torch.inference_mode():
                 fn(x)  # compile / export happens here, outside the timed loop
             fns[mode], refs[mode] = fn, diff_ref
+            if "compile" in mode or mode.startswith(("int8", "ort", "timm_ort")):
+                notes[mode] = f"built in {time.perf_counter() - built:.0f} s (export, quantization, compilation)"
             if mode == "fused":  # what ran: the blocks fused, and the conv path this CPU allows
                 from ..fast import fusion_report
 
@@ -373,15 +412,31 @@ def bench_inference(variant: str, modes: list[str], batch: int, img_size: int, d
                     r.images_per_s, r.images_per_s_min, r.images_per_s_max = (
                         batch / t for t in (med, max(ts), min(ts)))
                     out = fns[mode](x).float()
-                    r.diff_ref = refs[mode]
-                    r.max_abs_diff = (out - ref_out[refs[mode]]).abs().max().item()
-                    ref = ref_out[refs[mode]]
-                    r.extra["rel_diff"] = ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+                    if refs[mode] is not None:  # None: a file with its own weights (bench --exported)
+                        r.diff_ref = refs[mode]
+                        r.max_abs_diff = (out - ref_out[refs[mode]]).abs().max().item()
+                        ref = ref_out[refs[mode]]
+                        r.extra["rel_diff"] = ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
                     if device.type == "cuda":  # the allocator's peak is exact and cheap to read
                         r.peak_mem_mib = inference_peak_memory(fns[mode], x, device)
             r.gflop_per_image = per_image
             results.append(r)
     return results
+
+
+def model_of_file(path: str) -> nn.Module:
+    """The architecture an exported file was made from (stored in it by ``metaformer export`` / ``quantize``),
+    with random weights, for the other modes to run beside the file."""
+    from ..zoo import build_from_config
+    from .export import load_runtime
+
+    meta = load_runtime(path).metadata or {}
+    if not isinstance(meta.get("config"), dict):
+        raise ConfigError(f"{path} does not carry its model's architecture (written by another tool or an older "
+                          "metaformer): export or quantize it again")
+    model = build_from_config(meta["config"], meta.get("variant"))
+    _randomize_affine(model)
+    return model.eval()
 
 
 def _randomize_affine(model: nn.Module) -> None:
@@ -583,6 +638,8 @@ def environment() -> dict:
         "python": platform.python_version(), "torch": torch.__version__, "timm": version("timm"),
         "triton": version("triton"), "onnxruntime": version("onnxruntime"), "metaformer": version("metaformer"),
         "malloc": malloc_mode(),
+        # other processes' load (1, 5, 15 min): above the core count, every mode's time includes waiting for a core
+        "loadavg": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if torch.cuda.is_available():

@@ -35,8 +35,8 @@ def _display_image(pil: Image.Image, transform) -> np.ndarray:
 
 
 def grad_cam(model: nn.Module, pil: Image.Image, transform, target: int | None = None,
-             class_names: list[str] | None = None, name: str = "") -> CamResult:
-    """Grad-CAM for ``target`` (default: the predicted class) on the output of the last stage."""
+             class_names: list[str] | None = None, name: str = "", stage: int | None = None) -> CamResult:
+    """Grad-CAM for ``target`` (default: the predicted class) on the output of the last stage (or ``stage``)."""
     GradCAM = require("pytorch_grad_cam", "cam", "Grad-CAM").GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -52,7 +52,7 @@ def grad_cam(model: nn.Module, pil: Image.Image, transform, target: int | None =
         target = int(probs.argmax())
     if not 0 <= target < probs.numel():
         raise ConfigError(f"--target {target} is out of range for a {probs.numel()}-class model")
-    with GradCAM(model=model, target_layers=[model.stages[-1]]) as cam:
+    with GradCAM(model=model, target_layers=[model.stages[-1 if stage is None else stage]]) as cam:
         heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
     rgb = _display_image(pil, transform)
     overlay = show_cam_on_image(rgb, heat, use_rgb=True)

@@ -124,6 +124,14 @@ class Runtime:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
 
+    def eval(self) -> "Runtime":  # an exported file is inference-only already; evaluate() calls model.eval()
+        return self
+
+    @property
+    def quantization(self) -> dict | None:
+        """How the file was quantized and what it cost (``metaformer quantize``), or None."""
+        return (self.metadata or {}).get("quantization")
+
 
 def _parse_metadata(text: str | bytes | None, path: Path) -> dict | None:
     if not text:
@@ -157,7 +165,11 @@ def load_runtime(path: str | os.PathLike, fmt: str | None = None) -> Runtime:
 def _load_runtime(path: Path, fmt: str) -> Runtime:
     if fmt == "onnx":
         ort = require("onnxruntime", "export", "running an ONNX file")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        opts = ort.SessionOptions()
+        # idle workers spinning after each run take the cores from everything else in the process (the
+        # server's decoding, PyTorch's threads) for the little latency it saves between calls
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         inp = session.get_inputs()[0]
         np_dtype = np.float16 if "float16" in inp.type else np.float32
 
@@ -171,7 +183,14 @@ def _load_runtime(path: Path, fmt: str) -> Runtime:
     if fmt == "torchscript":
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     else:
-        module = torch.export.load(str(path), extra_files=extra).module()
+        program = torch.export.load(str(path), extra_files=extra)
+        module = program.module()
+        if _is_int8_program(program):
+            # an int8 program (metaformer quantize --backend pt2e) runs at int8 speed only once Inductor has
+            # lowered its quantize/dequantize pairs to oneDNN int8 kernels: compiled on the first call
+            from .quantize import compile_int8
+
+            return Runtime(compile_int8(module), _parse_metadata(extra[META_KEY], path), fmt)
     dtype = next((p.dtype for p in module.parameters()), None) if fmt == "torchscript" else None
     if dtype is None:
         dtype = next((t.dtype for t in module.state_dict().values() if t.is_floating_point()), torch.float32)
@@ -181,6 +200,11 @@ def _load_runtime(path: Path, fmt: str) -> Runtime:
             return module(x.to(dtype)).float()
 
     return Runtime(run_torch, _parse_metadata(extra[META_KEY], path), fmt)
+
+
+def _is_int8_program(program) -> bool:
+    return any(node.op == "call_function" and "quantized_decomposed" in str(node.target)
+               for node in program.graph.nodes)
 
 
 def sample_image(img_size: int, transform) -> torch.Tensor:
@@ -276,10 +300,15 @@ def export_metadata(loaded) -> dict:
 
     from ..weights.io import state_dict_sha256
 
-    return {"format": "metaformer", "variant": loaded.variant, "num_classes": len(loaded.class_names),
+    meta = {"format": "metaformer", "variant": loaded.variant, "num_classes": len(loaded.class_names),
             "class_names": loaded.class_names, "in_chans": loaded.model.in_chans,
             "preprocessing": loaded.preprocessing, "metaformer_version": __version__,
             "weights_sha256": state_dict_sha256(loaded.model.state_dict())}  # which weights: see load_exported
+    try:  # the architecture, so tools (bench) can rebuild the same network; absent for custom Python parts
+        meta["config"] = json.loads(json.dumps(getattr(loaded.model, "config", None)))
+    except (TypeError, ValueError):
+        pass
+    return meta
 
 
 def _described_by(model_name: str | None, checkpoint: str | None) -> dict:

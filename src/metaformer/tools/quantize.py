@@ -1,0 +1,307 @@
+"""Static int8 quantization, calibrated on the user's images, with its accuracy cost measured.
+
+Two maintained backends, both static (activation ranges fixed by calibration, not measured per call):
+
+* ``ort``: our verified ONNX export, then ONNX Runtime's ``quantize_static`` (QDQ format, int8
+  weights per output channel, uint8 activations, min-max ranges over the calibration images). The
+  file is an ordinary ``.onnx`` that runs wherever ONNX Runtime does and loads at once.
+* ``pt2e``: PyTorch 2 export quantization with torchao's ``X86InductorQuantizer``; the file is a
+  quantized ``torch.export`` program (``.pt2``) that Inductor lowers to oneDNN int8 kernels when it
+  is loaded (a compile of minutes on 2 cores, on every load).
+
+Which one is the default, and why, is measured in ``docs/deploy.md``. Every file carries the same
+metadata as ``metaformer export`` writes (classes, preprocessing) plus how it was quantized and the
+accuracy measured on the validation split: fp32 top-1, int8 top-1, their difference and the share
+of images on which both predict the same class.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import MetaFormerError, require
+from .export import META_KEY, ExportError, _write, load_runtime
+
+BACKENDS = {"ort": ".onnx", "pt2e": ".pt2"}
+DEFAULT_BACKEND = "ort"
+
+
+class QuantizeError(MetaFormerError):
+    """A model that cannot be quantized, or whose int8 file would cost more accuracy than allowed."""
+
+
+@dataclass
+class Accuracy:
+    fp32_top1: float  # %
+    int8_top1: float  # %
+    agreement: float  # % of images on which fp32 and int8 predict the same class
+    images: int
+
+    @property
+    def drop(self) -> float:
+        """Points of top-1 lost (negative: int8 scored higher)."""
+        return self.fp32_top1 - self.int8_top1
+
+
+@dataclass
+class QuantResult:
+    path: Path
+    backend: str
+    calib_images: int
+    accuracy: Accuracy
+    max_drop: float
+    written: bool
+    ops: dict = field(default_factory=dict)  # {"int8": {op: n}, "fp32": {op: n}}: what runs in which precision
+
+    @property
+    def refusal(self) -> str | None:
+        if self.written:
+            return None
+        return (f"int8 top-1 {self.accuracy.int8_top1:.2f}% is {self.accuracy.drop:.2f} points below fp32's "
+                f"{self.accuracy.fp32_top1:.2f}%, more than --max-drop {self.max_drop:g}: nothing was written to "
+                f"{self.path}; calibrate on more images (--calib-images), or pass --force to write it anyway")
+
+
+# ----------------------------------------------------------------------------- calibration data
+def calibration_batch(dataset, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` preprocessed images ``[n, C, H, W]`` from ``dataset`` (a seeded random choice from a map-style
+    dataset, the first ``n`` of a stream); unreadable samples are skipped."""
+    from ..data.images import Unreadable
+    from ..data.loaders import Padding
+
+    if n < 1:
+        raise QuantizeError("--calib-images must be at least 1")
+    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+        items = (dataset[i] for i in order)
+    else:
+        items = iter(dataset)
+    images = []
+    for item in items:
+        if isinstance(item, (Unreadable, Padding)):
+            continue
+        images.append(item[0])
+        if len(images) == n:
+            break
+    if not images:
+        raise QuantizeError("no readable calibration images in the training split of --data")
+    return torch.stack(images)
+
+
+# ----------------------------------------------------------------------------- backends
+def _onnx_quantize(model: nn.Module, calib: torch.Tensor, path: Path, metadata: dict, batch_size: int) -> None:
+    """Our ONNX export (dynamic batch), pre-processed (shape inference, graph optimisation) and quantized
+    statically by ONNX Runtime."""
+    require("onnx", "quant", "int8 quantization (backend ort)")
+    ortq = require("onnxruntime.quantization", "quant", "int8 quantization (backend ort)")
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(ortq.CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calib.split(batch_size))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"input": batch.numpy()}
+
+    with tempfile.TemporaryDirectory(prefix="metaformer-quant-") as tmp:
+        fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
+        _write(model, calib[:2], fp32, "onnx", dynamic_batch=True, dynamic_size=False)
+        quant_pre_process(str(fp32), str(pre))
+        # Conv and MatMul in int8 (oneDNN/MLAS VNNI kernels); norms, pooling, softmax and the elementwise
+        # ops stay fp32: quantizing those only adds requantization steps (measured in docs/deploy.md).
+        ortq.quantize_static(str(pre), str(path), Reader(), quant_format=ortq.QuantFormat.QDQ,
+                             activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
+                             per_channel=True, op_types_to_quantize=list(INT8_OPS),
+                             calibrate_method=ortq.CalibrationMethod.MinMax)
+    set_onnx_metadata(path, metadata)
+
+
+def set_onnx_metadata(path: Path, metadata: dict) -> None:
+    onnx = require("onnx", "quant", "writing ONNX metadata")
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(metadata)})
+    onnx.save(proto, str(path))
+
+
+def pt2e_program(model: nn.Module, calib: torch.Tensor, batch_size: int) -> torch.export.ExportedProgram:
+    """The model captured by ``torch.export`` (dynamic batch), annotated by torchao's X86 Inductor quantizer,
+    calibrated and converted: a program with quantize/dequantize around every conv and linear."""
+    require("torchao", "quant", "int8 quantization (backend pt2e)")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    quantizer = xiq.X86InductorQuantizer()
+    quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    example = calib[:2]
+    captured = torch.export.export(copy.deepcopy(model).eval(), (example,), dynamic_shapes=({0: batch},)).module()
+    prepared = prepare_pt2e(captured, quantizer)
+    with torch.no_grad():
+        for chunk in calib.split(batch_size):
+            prepared(chunk)
+    converted = convert_pt2e(prepared)
+    return torch.export.export(converted, (example,), dynamic_shapes=({0: batch},))
+
+
+def compile_int8(module: Callable) -> Callable:
+    """A PT2E int8 module lowered by Inductor to oneDNN int8 kernels. Freezing (weights as constants, so
+    they are pre-packed) is what the lowering patterns need; it is switched on for this compile only."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(module)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return compiled(x)
+
+    return run
+
+
+def _write_int8(model, calib, path: Path, backend: str, metadata: dict, batch_size: int):
+    if backend == "ort":
+        _onnx_quantize(model, calib, path, metadata, batch_size)
+        return None
+    program = pt2e_program(model, calib, batch_size)
+    torch.export.save(program, str(path), extra_files={META_KEY: json.dumps(metadata)})
+    return program
+
+
+def quantize_to_file(model: nn.Module, calib: torch.Tensor, path: str | os.PathLike, backend: str = DEFAULT_BACKEND,
+                     metadata: dict | None = None, batch_size: int = 32) -> Path:
+    """Write ``model`` in int8 to ``path`` (``.onnx`` for ``ort``, ``.pt2`` for ``pt2e``), calibrated on ``calib``
+    (preprocessed images); no accuracy check (see :func:`quantize` for the checked command)."""
+    if backend not in BACKENDS:
+        raise QuantizeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    path = _with_suffix(Path(path), backend)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_int8(model.eval(), calib, path, backend, metadata or {}, batch_size)
+    except MetaFormerError:
+        raise
+    except Exception as e:  # an exporter's or quantizer's internal error, in one line
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise QuantizeError(f"int8 quantization ({backend}) failed: {type(e).__name__}: {first}") from None
+    return path
+
+
+def _with_suffix(path: Path, backend: str) -> Path:
+    return path if path.suffix == BACKENDS[backend] else path.with_name(path.name + BACKENDS[backend])
+
+
+# ----------------------------------------------------------------------------- what runs in int8
+def onnx_ops(path: str | os.PathLike) -> dict:
+    """``{"int8": {op: n}, "fp32": {op: n}}``: convs and matrix products whose input and weight both come from a
+    DequantizeLinear (ONNX Runtime runs those as int8 kernels), and every other compute node (fp32)."""
+    onnx = require("onnx", "quant", "reading an ONNX graph")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    int8, fp32 = Counter(), Counter()
+    for n in graph.node:
+        if n.op_type in _STRUCTURAL:
+            continue
+        quantized = n.op_type in INT8_OPS and all(i in dequantized for i in n.input[:2])
+        (int8 if quantized else fp32)[n.op_type] += 1
+    return {"int8": dict(int8), "fp32": dict(fp32)}
+
+
+INT8_OPS = ("Conv", "MatMul", "Gemm")
+_STRUCTURAL = ("QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat",
+               "Reshape", "Flatten", "Transpose", "Identity", "Cast")
+
+
+def program_ops(program: torch.export.ExportedProgram) -> dict:
+    """The same count for a PT2E program: convs and linears fed by a dequantize run in int8."""
+    int8, fp32 = Counter(), Counter()
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if "quantize" in name or name in ("getitem", "view", "reshape", "permute", "flatten"):
+            continue
+        fed = any(getattr(a, "op", None) == "call_function" and "dequantize" in str(a.target) for a in node.args)
+        (int8 if fed and name in ("conv2d", "linear", "matmul", "bmm", "addmm", "mm") else fp32)[name] += 1
+    return {"int8": dict(int8), "fp32": dict(fp32)}
+
+
+def describe_ops(ops: dict) -> str:
+    def show(c):
+        return ", ".join(f"{k} x{v}" for k, v in sorted(c.items(), key=lambda kv: -kv[1])) or "none"
+
+    return f"int8: {show(ops.get('int8', {}))}; kept in fp32: {show(ops.get('fp32', {}))}"
+
+
+# ----------------------------------------------------------------------------- accuracy
+@torch.no_grad()
+def compare(reference: Callable, candidate: Callable, loader, progress: bool = False) -> Accuracy:
+    """Top-1 of both on ``loader``'s ``(images, targets, unreadable)`` batches, and how often they agree."""
+    from ..engine.loop import progress_bar
+
+    ref_hits = cand_hits = same = n = 0
+    for x, y, _bad in progress_bar(loader, main=progress, desc="fp32 vs int8"):
+        if not len(x):
+            continue
+        a, b = reference(x).argmax(1), candidate(x).argmax(1)
+        ref_hits += int((a == y).sum())
+        cand_hits += int((b == y).sum())
+        same += int((a == b).sum())
+        n += len(y)
+    if n == 0:
+        raise QuantizeError("the validation split has no readable images to measure the int8 model on")
+    return Accuracy(100 * ref_hits / n, 100 * cand_hits / n, 100 * same / n, n)
+
+
+def quantize(loaded, calib_dataset, val_dataset, output: str | os.PathLike, backend: str = DEFAULT_BACKEND,
+             calib_images: int = 256, max_drop: float = 1.0, force: bool = False, batch_size: int = 32,
+             workers: int = 0, progress: bool = False, log: Callable[[str], None] = lambda s: None) -> QuantResult:
+    """Calibrate ``loaded.model`` (a :class:`metaformer.tasks.inference.Loaded`) on ``calib_images`` images of
+    ``calib_dataset``, write it in int8, run the file on ``val_dataset`` beside the fp32 model, and keep the
+    file only if top-1 dropped by at most ``max_drop`` points (or ``force``). The file carries the result."""
+    from ..data.loaders import make_loader
+    from .export import export_metadata
+
+    if backend not in BACKENDS:
+        raise QuantizeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    model = loaded.model.eval()
+    path = _with_suffix(Path(output), backend)
+    calib = calibration_batch(calib_dataset, calib_images)
+    log(f"calibrating on {len(calib)} images, backend {backend}")
+    metadata = export_metadata(loaded)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=BACKENDS[backend], dir=path.parent)
+    os.close(fd)
+    try:
+        quantize_to_file(model, calib, tmp, backend, metadata, batch_size)
+        run = load_runtime(tmp)
+        loader = make_loader(val_dataset, batch_size, None, workers)
+        log("measuring fp32 and int8 on the validation split")
+        accuracy = compare(model, run, loader, progress)
+        ops = onnx_ops(tmp) if backend == "ort" else program_ops(torch.export.load(tmp))
+        ok = force or accuracy.drop <= max_drop
+        result = QuantResult(path, backend, len(calib), accuracy, max_drop, ok, ops)
+        if ok:
+            metadata["quantization"] = {"backend": backend, "calib_images": len(calib), "max_drop": max_drop,
+                                        **asdict(accuracy), "drop": accuracy.drop}
+            if backend == "ort":
+                set_onnx_metadata(Path(tmp), metadata)
+            else:  # the metadata is an extra file of the archive: save the program again with it
+                program = torch.export.load(tmp)
+                torch.export.save(program, tmp, extra_files={META_KEY: json.dumps(metadata)})
+            os.replace(tmp, path)
+        return result
+    except ExportError as e:
+        raise QuantizeError(str(e)) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -1,0 +1,123 @@
+"""Static int8: every family quantizes (ONNX Runtime), PT2E's program, the accuracy report of `metaformer quantize`
+checked against `eval` of both models, the --max-drop refusal, and eval/predict/bench running the int8 file."""
+import json
+
+import pytest
+import torch
+
+import metaformer
+from metaformer.cli import main
+
+pytest.importorskip("onnxruntime")
+from metaformer.tools.export import load_runtime  # noqa: E402
+from metaformer.tools.quantize import onnx_ops, quantize_to_file  # noqa: E402
+
+TINY = dict(depths=[1, 1, 1, 1], dims=[32, 32, 64, 64], img_size=64, num_classes=10)
+
+
+def tiny(name, **kw):
+    torch.manual_seed(0)
+    return metaformer.create_model(name, **{**TINY, **kw}).eval()
+
+
+def images(n, size=64, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["poolformer_s12", "poolformerv2_s12", "identityformer_s12", "randformer_s12",
+                                  "convformer_s18", "caformer_s18", "metaformer_ppaa_s12"])
+def test_every_family_quantizes_with_its_convs_and_matmuls_in_int8(tmp_path, name):
+    model = tiny(name)
+    path = quantize_to_file(model, images(8), tmp_path / "m.onnx")
+    ops = onnx_ops(path)
+    int8_convs = ops["int8"].get("Conv", 0)
+    assert int8_convs >= 4 + 3, ops  # at least the stem, the downsamplings and the blocks' pointwise layers
+    assert ops["int8"].get("Gemm", 0) + ops["int8"].get("MatMul", 0) >= 1  # the classifier
+    assert not any(op in ops["int8"] for op in ("InstanceNormalization", "LayerNormalization", "Softmax"))
+    x = images(4, seed=2)
+    with torch.no_grad():
+        ref = model(x)
+    got = load_runtime(path)(x)
+    assert (got - ref).norm() / ref.norm() < 0.15  # int8, not a different function
+    assert (got - ref).abs().max() > 0  # and really quantized
+
+
+def test_pt2e_program_quantizes_convs_and_tracks_the_fp32_model():
+    pytest.importorskip("torchao")
+    from metaformer.tools.quantize import program_ops, pt2e_program
+
+    model = tiny("poolformer_s12")
+    program = pt2e_program(model, images(8), 4)
+    ops = program_ops(program)
+    assert ops["int8"].get("conv2d", 0) >= 7 and ops["int8"].get("linear", 0) == 1, ops
+    x = images(3, seed=2)
+    with torch.no_grad():  # the program before Inductor lowers it: quantize/dequantize in fp32, same numbers
+        got, ref = program.module()(x), model(x)
+    assert 0 < (got - ref).abs().max() and (got - ref).norm() / ref.norm() < 0.15
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory):
+    """A small model trained for a few steps on the built-in digits, so the top-1 figures mean something."""
+    from metaformer.data import Digits
+    from metaformer.zoo import eval_transform
+    from metaformer.tasks.inference import preprocessing_of
+
+    torch.manual_seed(0)
+    model = metaformer.create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[16, 32, 48, 64], img_size=32,
+                                    num_classes=10)
+    transform = eval_transform(**preprocessing_of(model))
+    ds = Digits("train", 32, transform)
+    x = torch.stack([ds[i][0] for i in range(512)])
+    y = torch.tensor(ds.targets[:512])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(3):
+        for i in range(0, 512, 64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
+            opt.step()
+    path = tmp_path_factory.mktemp("quant") / "digits.safetensors"
+    metaformer.save_weights(model.eval(), path, class_names=[str(i) for i in range(10)])
+    return path
+
+
+def test_quantize_reports_what_eval_measures_and_eval_predict_bench_run_the_file(digits_ckpt, tmp_path, capsys):
+    out = tmp_path / "digits_int8.onnx"
+    assert main(["quantize", str(digits_ckpt), "--calib-images", "64", "--max-drop", "100", "-o", str(out),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["written"] and out.is_file() and report["val_images"] == 360 and report["calib_images"] == 64
+    assert abs(report["drop"] - (report["fp32_top1"] - report["int8_top1"])) < 1e-9
+    assert 30 < report["fp32_top1"] and 0 < report["agreement"] <= 100
+    # the same figures from eval: the checkpoint in PyTorch, the written file in ONNX Runtime
+    assert main(["eval", "--checkpoint", str(digits_ckpt), "--no-fused", "--json", "--workers", "0"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["top1"] - report["fp32_top1"]) < 1e-6
+    assert main(["eval", "--exported", str(out), "--json", "--workers", "0"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert abs(evaluated["top1"] - report["int8_top1"]) < 1e-6 and "int8" in evaluated["speed"]
+    meta = load_runtime(out).quantization  # the file carries its own measured cost
+    assert meta["backend"] == "ort" and abs(meta["int8_top1"] - report["int8_top1"]) < 1e-9
+    # predict and bench run it
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(tmp_path / "x.png")
+    assert main(["predict", "--exported", str(out), str(tmp_path / "x.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["predictions"][0][0] in [str(i) for i in range(10)]
+    assert main(["bench", "--exported", str(out), "--modes", "eager,int8_ort", "--batch-size", "2", "--repeats",
+                 "2", "--warmup", "1", "--json", "-o", str(tmp_path / "b.json")]) == 0
+    rows = {r["mode"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert set(rows) == {"eager", "int8_ort", "exported"} and rows["exported"]["images_per_s"] > 0
+    assert rows["int8_ort"]["images_per_s"] > 0 and rows["int8_ort"]["max_abs_diff"] > 0
+
+
+def test_quantize_refuses_a_drop_over_max_drop_unless_forced(digits_ckpt, tmp_path, capsys):
+    out = tmp_path / "refused.onnx"
+    # a negative budget: even an int8 model as good as fp32 exceeds it
+    assert main(["quantize", str(digits_ckpt), "--calib-images", "32", "--max-drop", "-50", "-o", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert not out.exists() and not list(tmp_path.glob(".refused*"))
+    assert "refused" in captured.out and "fp32 top-1" in captured.out and "agreement" in captured.out
+    assert "--max-drop -50" in captured.err and "--force" in captured.err
+    assert main(["quantize", str(digits_ckpt), "--calib-images", "32", "--max-drop", "-50", "--force", "-o",
+                 str(out)]) == 0
+    assert out.is_file() and "wrote" in capsys.readouterr().out
