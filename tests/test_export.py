@@ -26,7 +26,7 @@ def model64(name, **kw):
 def test_export_round_trip_parity(tmp_path, fmt, name, fused):
     model = model64(name)
     info = metaformer.get_model_info(name)
-    image = sample_image(64, info.transforms(64))
+    image = sample_image(info.transforms(64))
     # the portable fused backend is what `metaformer export --fused` writes
     exported = metaformer.fuse(model, backend="aten") if fused else model
     result = export(exported, tmp_path / "m", fmt, image=image, dynamic_batch=True)

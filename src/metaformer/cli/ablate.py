@@ -62,6 +62,8 @@ def run(args) -> int:
     import torch
 
     from ..atomic import check_writable
+    from ..errors import need
+    from ..tasks.classification import check_extras
     from ..tools.ablate import BUDGETS, command_line, run_config, run_grid, summarise, write_report
     from ..zoo import ABLATIONS
     from ..engine.stop import Interrupted
@@ -94,7 +96,9 @@ def run(args) -> int:
         devices = None
     output = Path(args.output)
     check_writable(output, f"--output {output}", folder=True)  # before the first row trains
-    run_config(flags, rows[0], 0, output, args.config)  # a value out of range fails now, not in the first row
+    first = run_config(flags, rows[0], 0, output, args.config)  # a value out of range fails now, not in a row
+    check_extras(first)  # and a package the rows or the report need
+    need("scipy", "train", "the rank correlation of the ablation report")
     grid = {"command": command_line(), "budget": args.budget, "rows": rows, "seeds": args.seeds, "flags": flags,
             "config": args.config}
     check_same_grid(output, grid)
@@ -122,8 +126,7 @@ def add_parser(sub) -> None:
     from ..tools.ablate import BUDGETS
     from ..zoo import ABLATIONS
 
-    p = sub.add_parser("ablate", help="rerun the paper's ablations (Table 5) as a resumable grid",
-                       description="Train each ablation row with the same recipe, seed and data through the same "
+    p = sub.add_parser("ablate", description="Train each ablation row with the same recipe, seed and data through the same "
                                    "code as `metaformer train`, then write a table (markdown, CSV), a bar chart and "
                                    "the rank correlation with the paper. Re-running with the same --output skips "
                                    "finished rows and resumes the unfinished one.")

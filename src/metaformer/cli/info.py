@@ -93,8 +93,7 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("info", help="parameters and MACs of every variant (counted like the papers)",
-                       description="Exact parameter counts and MACs (convolutions, linears, matrix products and "
+    p = sub.add_parser("info", description="Exact parameter counts and MACs (convolutions, linears, matrix products and "
                                    "norms, as fvcore counted them for the papers), beside the papers' figures. "
                                    "MODEL may be a pattern, e.g. 'caformer_*'.")
     p.add_argument("models", nargs="*", metavar="MODEL", help="models or patterns to show (default: all)")

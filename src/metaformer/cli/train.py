@@ -34,8 +34,7 @@ def add_parser(subparsers) -> None:
     from ..tasks.train_config import DEMO, RANGES, TrainConfig
 
     p = subparsers.add_parser(
-        "train", help="train on an ImageNet-layout folder or the built-in digits",
-        description="Train a MetaFormer with the paper's recipe (AdamW, warm-up + cosine, Mixup/CutMix, RandAugment, "
+        "train", description="Train a MetaFormer with the paper's recipe (AdamW, warm-up + cosine, Mixup/CutMix, RandAugment, "
                     "random erasing, label smoothing). Without --data: the built-in digits with scaled-down "
                     "defaults (" + ", ".join(f"{k}={v}" for k, v in DEMO.items()) + "). "
                     "Distributed: torchrun --nproc_per_node=N -m metaformer train ... Recipes: docs/training.md.")

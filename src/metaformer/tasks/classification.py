@@ -36,10 +36,10 @@ from .. import data as D
 from ..engine import checkpoint as ckpt_io
 from ..engine.loop import (check_finite, check_weights_finite, freeze, optimizer_step, progress_bar, report_unreadable,
                            wrap_ddp)
-from ..engine.metrics import MetricsLog
+from ..engine.metrics import MetricsLog, check_loggers
 from ..engine.runtime import Runtime, epoch_seed, on_main, rng_state, seed_everything, set_rng_state, setup
 from ..engine.stop import GracefulStop, Interrupted
-from ..errors import ConfigError, require
+from ..errors import ConfigError, need, require
 from ..fast.training import enable_fast_training, fast_training_report
 from ..weights.io import state_dict_sha256
 from ..zoo import create_model, eval_transform, get_model_info, get_weights, list_models, split_name
@@ -471,7 +471,7 @@ def save_checkpoint(cfg, rt, raw, recipe, state: RunState, class_names, is_best:
 def train(cfg: TrainConfig) -> dict:
     """Run training; returns the summary (best top-1, wall time, images/s, paths)."""
     check_config(cfg)  # resolve_config did for the command line; a TrainConfig built in Python is checked here
-    require("matplotlib", "train", "plotting the training curves")  # now, not after the last epoch
+    check_extras(cfg)
     rt = setup(cfg.device, cfg.amp)
     out = Path(cfg.output)
     on_main(lambda: ckpt_io.check_output(out, cfg.resume, cfg.overwrite), rt.main)  # before any work
@@ -490,6 +490,15 @@ def train(cfg: TrainConfig) -> dict:
         summary = run_epochs(cfg, rt, data, raw, model, recipe, state, unreadable)
     rt.close()
     return summary
+
+
+def check_extras(cfg: TrainConfig) -> None:
+    """What the run will import is installed: checked now, not when the first epoch ends (a data source's own
+    package is checked as it is opened)."""
+    if D.is_builtin(cfg.data):
+        need("sklearn", "train", "the built-in digits")
+    check_loggers("train", cfg.wandb)
+    need("matplotlib", "train", "plotting the training curves")
 
 
 def run_epochs(cfg: TrainConfig, rt: Runtime, data: Data, raw: nn.Module, model: nn.Module, recipe: Recipe,

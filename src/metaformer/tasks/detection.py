@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from ..engine.loop import format_row, progress_bar
 from ..engine.runtime import Runtime, setup
 from ..engine.stop import GracefulStop
-from ..errors import ConfigError, require
+from ..errors import ConfigError, need, require
 from .dense.data import CocoDetection, detection_collate
 from .dense.detection import build_detector
 from .dense.run import DenseRun
@@ -85,6 +85,8 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
     if cfg.max_size < cfg.min_size:
         raise ConfigError(f"--max-size {cfg.max_size} is below --min-size {cfg.min_size}: the longer side limit must "
                           "be at least the shorter side's size")
+    if cfg.val_ann or cfg.arch == "mask_rcnn":
+        need("pycocotools", "dense", "COCO evaluation" if cfg.val_ann else "decoding COCO masks")
     rt = setup(cfg.device, cfg.amp)
     ckpt = DenseRun.open("detect", cfg, rt)
     arch = ckpt["arch"] if ckpt else cfg.arch

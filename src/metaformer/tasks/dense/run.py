@@ -26,7 +26,7 @@ from ... import data as D
 from ...engine import checkpoint as ckpt_io
 from ...engine.loop import (check_finite, check_weights_finite, optimizer_step, report_unreadable, stop_requested,
                             wrap_ddp)
-from ...engine.metrics import MetricsLog
+from ...engine.metrics import MetricsLog, check_loggers
 from ...engine.runtime import Runtime, epoch_seed, on_main, rng_state, seed_everything, set_rng_state
 from ...engine.stop import GracefulStop, Interrupted
 
@@ -70,7 +70,8 @@ class DenseRun:
         try:
             on_main(lambda: ckpt_io.prepare_output(self.output, cfg.resume, cfg.overwrite, self.lock), rt.main)
             self.metrics = MetricsLog(self.output, rt.main, self.history, step_key, wandb=cfg.wandb,
-                                      config=dataclasses.asdict(cfg), purge_step=self.iteration or None)
+                                      config=dataclasses.asdict(cfg), purge_step=self.iteration or None,
+                                      extra="dense")
         except BaseException:
             self.lock.release()
             raise
@@ -79,7 +80,8 @@ class DenseRun:
 
     @staticmethod
     def open(task: str, cfg: Any, rt: Runtime) -> dict | None:
-        """Check ``cfg.output`` before any work; the checkpoint to resume from, if any."""
+        """Check ``cfg.output`` and the loggers' packages before any work; the checkpoint to resume from, if any."""
+        check_loggers("dense", cfg.wandb)
         output = Path(cfg.output)
         on_main(lambda: ckpt_io.check_output(output, cfg.resume, cfg.overwrite), rt.main)
         path = ckpt_io.resume_path(cfg.resume, output)
