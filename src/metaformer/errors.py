@@ -19,6 +19,11 @@ import importlib.util
 class MetaFormerError(ValueError):
     """A problem with the input, described in one line that names it and says what to do."""
 
+    def cli_message(self, args) -> str:
+        """The line the command line prints (``args``: the parsed command line); an error whose advice differs
+        on the command line (a flag instead of a Python argument) says it the command line's way."""
+        return str(self)
+
 
 class ConfigError(MetaFormerError):
     """A model or training option that cannot work (wrong type, out of range, contradicts another)."""

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(args.func(args) or 0)
         except UserError as e:
-            print(f"metaformer {args.command}: error: {e}", file=sys.stderr)
+            print(f"metaformer {args.command}: error: {e.cli_message(args)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -62,6 +62,7 @@ def run(args) -> int:
     import torch
 
     from ..atomic import check_writable
+    from ..engine.checkpoint import RunFolder
     from ..errors import need
     from ..tasks.classification import check_extras
     from ..tools.ablate import BUDGETS, command_line, run_config, run_grid, summarise, write_report
@@ -102,12 +103,22 @@ def run(args) -> int:
     grid = {"command": command_line(), "budget": args.budget, "rows": rows, "seeds": args.seeds, "flags": flags,
             "config": args.config}
     check_same_grid(output, grid)
-    output.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(output)  # the grid's folder counts once a row has started training
+    folder.create()
+    folder.opened(continuing=False)
     (output / "grid.json").write_text(json.dumps(grid, indent=2))
     t0 = time.time()
     try:
         results = run_grid(rows, args.seeds, flags, output, args.config, devices)
-    except (KeyboardInterrupt, Interrupted):
+    except BaseException as e:
+        folder.started = (output / "rows").exists()  # a row that never trained removed its own folder
+        if not folder.started:
+            folder.undo()
+        if not isinstance(e, (KeyboardInterrupt, Interrupted)):
+            raise
+        if not folder.started:
+            print("metaformer ablate: interrupted before the first row started; nothing was kept", file=sys.stderr)
+            return 130
         print(f"metaformer ablate: interrupted; finished rows are kept and the running one saved its progress. "
               f"Continue with the same command:\n  {command_line()}", file=sys.stderr)
         return 130

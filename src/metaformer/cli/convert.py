@@ -38,4 +38,4 @@ def add_parser(sub) -> None:
                                    "poolformerv2_s12)")
     p.add_argument("--img-size", type=IMG_SIZE, help="the input size of a model with size-bound parts")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, weights_flag="SRC")  # where a download that failed can be given as a file

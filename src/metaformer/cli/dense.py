@@ -90,6 +90,7 @@ def _add_common_train(p, task: str) -> None:
     add_device(p)
     p.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     add_json(p, "print the final metrics row as JSON")
+    p.set_defaults(weights_flag="--pretrained")  # where a download that failed can be given as a file
 
 
 def _common_train_options(args) -> dict:

@@ -49,7 +49,7 @@ def add_parser(subparsers) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=text,
                        **_flag_type(str(f.type), RANGES.get(f.name)))
     add_json(p, "print the run's summary as JSON at the end")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, weights_flag="--pretrained")  # where a download that failed can be given as a file
 
 
 def run(args) -> int:

@@ -477,17 +477,23 @@ def train(cfg: TrainConfig) -> dict:
     on_main(lambda: ckpt_io.check_output(out, cfg.resume, cfg.overwrite), rt.main)  # before any work
     data = build_data(cfg, rt)
     unreadable = D.UnreadableLog(strict=cfg.strict_data)
-    with ckpt_io.RunLock(out, rt.log) as lock:  # one run writes into a folder at a time
-        on_main(lambda: ckpt_io.prepare_output(out, cfg.resume, cfg.overwrite, lock), rt.main)
-        raw, model = build_model(cfg, rt, data.class_names)
-        recipe = build_recipe(cfg, rt, raw, len(data.class_names), data.steps_per_epoch)
-        state, changed = resume(cfg, rt, raw, recipe, data)
-        if state.epoch >= cfg.epochs:
-            raise ConfigError(f"{out / 'last.pth'} already finished {state.epoch} of {cfg.epochs} epochs; raise "
-                              "--epochs to continue")
-        if rt.main:
-            write_config(cfg, rt, recipe, out, changed)
-        summary = run_epochs(cfg, rt, data, raw, model, recipe, state, unreadable)
+    folder, state = ckpt_io.RunFolder(out), None
+    try:
+        with ckpt_io.RunLock(out, rt.log) as lock:  # one run writes into a folder at a time
+            on_main(lambda: ckpt_io.prepare_output(out, cfg.resume, cfg.overwrite, lock, folder), rt.main)
+            raw, model = build_model(cfg, rt, data.class_names)
+            recipe = build_recipe(cfg, rt, raw, len(data.class_names), data.steps_per_epoch)
+            state, changed = resume(cfg, rt, raw, recipe, data)
+            if state.epoch >= cfg.epochs:
+                raise ConfigError(f"{out / 'last.pth'} already finished {state.epoch} of {cfg.epochs} epochs; raise "
+                                  "--epochs to continue")
+            if rt.main:
+                write_config(cfg, rt, recipe, out, changed)
+            summary = run_epochs(cfg, rt, data, raw, model, recipe, state, unreadable)
+    except BaseException:
+        if rt.main and not (state is not None and state.step):  # training never started: no run to keep
+            folder.undo()
+        raise
     rt.close()
     return summary
 

@@ -127,8 +127,10 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
                 if validate is not None:
                     run.evaluate_into(row, validate)
                 rt.log(f"epoch {run.epoch}/{cfg.epochs}  " + format_row(row, LOGGED))
-        finally:
-            history = run.close()
+        except BaseException:
+            run.close(failed=True)  # before its first step, the run leaves no folder behind
+            raise
+        history = run.close()
     rt.close()
     return history
 
