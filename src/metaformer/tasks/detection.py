@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from timm.utils import unwrap_model
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
+from .. import data as D
 from ..engine.loop import format_row, progress_bar
 from ..engine.runtime import Runtime, setup
 from ..engine.stop import GracefulStop
@@ -182,8 +183,8 @@ def evaluate_detection(model: torch.nn.Module, ds: CocoDetection, rt: Runtime | 
     from pycocotools.cocoeval import COCOeval
 
     rt = rt or setup()
-    loader = DataLoader(Subset(ds, range(rt.rank, len(ds), rt.world)), batch_size=1, num_workers=workers,
-                        collate_fn=detection_collate)
+    loader = D.make_loader(Subset(ds, range(rt.rank, len(ds), rt.world)), 1, None, workers,
+                           collate_fn=detection_collate)
     results, unreadable = [], []
     for images, targets, bad in progress_bar(loader, main=progress and rt.main, desc="eval"):
         unreadable += bad
