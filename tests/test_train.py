@@ -118,6 +118,23 @@ def test_torchrun_two_ranks_disjoint_samples_identical_weights(tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["global_batch"] == 256
 
 
+def test_an_error_under_torchrun_is_one_line_from_rank_0_and_every_rank_exits_cleanly(reference):
+    """Before: both ranks printed the refusal, rank 0 then aborted ("terminate called without an active exception",
+    SIGABRT) and torchrun's report said only "Signal 6". Now rank 0 prints the line once, every rank leaves the process
+    group and exits 2, and torchrun's own failure report (its traceback is torchrun's) gives the line as the cause."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "metaformer", "train", "--epochs", "4", "--output", str(reference), *TINY]
+    before = {p.name: p.stat().st_mtime for p in reference.iterdir()}
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    line = f"metaformer train: error: --output {reference} already holds a run"
+    assert sum(x.startswith(line) for x in p.stderr.splitlines()) == 1, p.stderr
+    assert "terminate called" not in p.stderr and "SIGABRT" not in p.stderr and "Signal" not in p.stderr, p.stderr
+    assert p.stderr.count("exitcode  : 2") == 2, p.stderr  # both ranks, neither killed by a signal
+    assert p.stderr.count(f"traceback : {line}") == 2, p.stderr  # torchrun's report names the cause
+    assert {p.name: p.stat().st_mtime for p in reference.iterdir()} == before
+
+
 def test_nan_loss_stops_with_step_and_checkpoint(tmp_path, capsys):
     rc = main(["train", "--epochs", "2", "--output", str(tmp_path), *TINY, "--lr", "1e30", "--warmup-epochs", "0"])
     err = capsys.readouterr().err

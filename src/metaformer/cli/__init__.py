@@ -8,6 +8,7 @@ no verb module, nor torch or timm, and the library stays importable without the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -93,6 +94,28 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {message}", file=file if file is not None else sys.stderr)
 
 
+def report_error(line: str) -> None:
+    """Print the one-line error, once. Under torchrun every rank usually meets the same error (the same options,
+    data and output): rank 0 prints it, every rank hands it to torchrun's error file (so torchrun's failure report
+    shows it as the root cause, a rank's own error included), and the process group is left before the process
+    exits (else gloo aborts the process at exit: "terminate called without an active exception")."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(line, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:  # torchrun's format, with the line where it shows a worker's traceback
+        import json
+        import time
+
+        info = {"py_callstack": line, "timestamp": str(int(time.time()))}
+        with contextlib.suppress(OSError):
+            with open(error_file, "w") as f:
+                json.dump({"message": {"message": line, "extraInfo": info}}, f)
+    dist = sys.modules.get("torch.distributed")  # imported only if the command started a process group
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command line (``argv``, default ``sys.argv[1:]``) and return its exit code. The process is left
     as it was found: warnings are shown as one line only while the command runs."""
@@ -107,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(args.func(args) or 0)
         except UserError as e:
-            print(f"metaformer {args.command}: error: {e.cli_message(args)}", file=sys.stderr)
+            report_error(f"metaformer {args.command}: error: {e.cli_message(args)}")
             return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
