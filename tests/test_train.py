@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import torch
 import yaml
 
 from metaformer.cli import main
-from metaformer.tasks.train_config import DEMO, TrainConfig, resolve_config
+from metaformer.tasks.train_config import DEMO, TrainConfig, default_workers, resolve_config
 
 # The built-in digits with a tiny network: ~1-3 s per epoch on one core.
 TINY = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--batch-size", "128", "--workers", "0",
@@ -222,3 +223,39 @@ def test_fp16_autocast_with_grad_scaler_on_the_cpu(tmp_path):
     ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
     assert ckpt["scaler"]["scale"] > 0 and ckpt["scaler"]["_growth_tracker"] >= 1
     assert ckpt["history"][-1]["val_top1"] > 20
+
+
+def test_the_first_line_names_the_recipe_and_a_small_folder_gets_a_hint(tmp_path, capsys, monkeypatch):
+    """Before: `train --data ROOT` on a small folder silently ran the ImageNet recipe (300 epochs, 224 px, 8 workers,
+    which warned on 2 cores)."""
+    from digits import write_digits
+
+    from metaformer.engine.checkpoint import RunLock
+
+    root = write_digits(tmp_path / "digits", classes=("0", "1"))
+    n = len(list((root / "train").rglob("*.png")))
+    assert main(["train", "--epochs", "1", "--output", str(tmp_path / "demo"), *TINY]) == 0
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    # not "model: poolformer_s12" alone for a network at a fraction of its size (item 13)
+    assert "| model: poolformer_s12 with depths [1, 1, 1, 1], dims [8, 16, 24, 32], 0." in second, second
+    assert first.startswith("recipe: the built-in digits' demo recipe, poolformer_s12, 1 epochs at 32px"), first
+    assert "changed: depths [1, 1, 1, 1], dims [8, 16, 24, 32]" in first and "epochs 1" in first, first
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / RunLock.NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": None}))
+    assert main(["train", "--data", str(root), "--output", str(out)]) == 2  # stops at the lock, after the hint
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("recipe: the papers' ImageNet recipe, poolformer_s12, 300 epochs at 224px, batch 128 "
+                               f"per process, base lr 0.001, {default_workers()} worker(s); unchanged"), lines
+    assert lines[1].startswith(f"hint: {n} training images, and the ImageNet recipe's 300 epochs at 224px") and \
+        "--pretrained poolformer_s12 --epochs 30" in lines[1], lines
+
+
+def test_workers_default_to_what_the_machine_has(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
+    assert default_workers() == 2 and TrainConfig().workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert default_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's ranks on this machine share its CPUs
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
+    assert default_workers() == 3
