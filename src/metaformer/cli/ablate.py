@@ -134,7 +134,7 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..tools.ablate import BUDGETS
+    from ..tools.ablate import BUDGETS, QUICK_MINUTES
     from ..zoo import ABLATIONS
 
     p = sub.add_parser("ablate", description="Train each ablation row with the same recipe, seed and data through the same "
@@ -144,7 +144,8 @@ def add_parser(sub) -> None:
     p.add_argument("--rows", help=f"comma-separated subset of: {', '.join(ABLATIONS)} (default: all)")
     p.add_argument("--seeds", type=whole(1, 100), default=1, help="runs per row (report mean ± std)")
     p.add_argument("--budget", choices=list(BUDGETS), default="quick",
-                   help="quick: scaled-down S12 on the built-in digits, ~20 min for the whole grid on 2 CPU cores; "
+                   help=f"quick: scaled-down S12 on the built-in digits, about {QUICK_MINUTES} minutes for the whole "
+                        "grid on 2 CPU cores; "
                         "paper: the paper's ImageNet recipe (needs --data)")
     p.add_argument("--data", help="any `metaformer train --data` source (default: the built-in digits)")
     p.add_argument("--config", help="YAML of `metaformer train` options applied to every row")

@@ -116,8 +116,23 @@ def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynami
             # from 64: at 1x1 in the last stage torch.export specialises the final norm and pooling
             dims[2] = torch.export.Dim("height", min=64, max=4096)
             dims[3] = torch.export.Dim("width", min=64, max=4096)
+        # torch.export's writer takes a channels_last weight (the fused model's convs keep theirs so) for a slice of
+        # its storage and warns "No complete tensor found"; contiguous copies are written without the warning.
+        model = _contiguous_weights(model)
         ep = torch.export.export(model, (example,), dynamic_shapes=({**dims} if dims else None,) if dims else None)
         torch.export.save(ep, str(path), extra_files=extra)
+
+
+def _contiguous_weights(model: nn.Module) -> nn.Module:
+    """``model``, or a copy of it whose parameters and buffers are contiguous (the same values)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.is_contiguous() for t in tensors):
+        return model
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.contiguous()
+    return model
 
 
 class Runtime:
