@@ -89,3 +89,16 @@ def test_at_another_size_the_paper_columns_hold_that_size_figures_or_nothing(cap
     assert (rows["poolformer_s12"]["paper_gmacs"], rows["poolformer_s12"]["paper_top1"]) == (None, None)
     assert main(["info", "caformer_s18"]) == 0
     assert "| caformer_s18 | 26,341,656 | 4.107 | 4.107 | 26M | 4.1 | 83.6 |" in capsys.readouterr().out
+
+
+def test_info_shows_a_tags_cached_copy_and_its_recorded_sha256(tmp_path, monkeypatch, capsys):
+    import json
+
+    from metaformer.cli import main
+
+    monkeypatch.setenv("METAFORMER_CACHE", str(tmp_path))
+    (tmp_path / "poolformer_s12.pth.tar").write_bytes(b"weights")
+    (tmp_path / "poolformer_s12.pth.tar.sha256.json").write_text(json.dumps({"sha256": "ab" * 32}))
+    assert main(["info", "poolformer_s12"]) == 0
+    out = capsys.readouterr().out
+    assert f"cached: {tmp_path / 'poolformer_s12.pth.tar'}, sha256 {'ab' * 32} (recorded at download)" in out

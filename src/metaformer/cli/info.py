@@ -65,6 +65,23 @@ def format_table(rows: list[dict], img_size: int) -> str:
     return "\n".join(lines)
 
 
+def cached_copy(url: str) -> str | None:
+    """Where a download of ``url`` is kept, and the SHA-256 recorded when it arrived (checked at every use)."""
+    import os
+    import urllib.parse
+
+    from ..weights.io import cache_dir
+
+    path = cache_dir() / os.path.basename(urllib.parse.urlparse(url).path)
+    if not path.is_file():
+        return None
+    try:
+        digest = json.loads(path.with_name(path.name + ".sha256.json").read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        digest = None
+    return f"{path}" + (f", sha256 {digest} (recorded at download)" if digest else "")
+
+
 def details(name: str) -> str:
     from ..zoo import get_model_info
 
@@ -75,6 +92,9 @@ def details(name: str) -> str:
         lines.append(f"  {name}.{w.tag}: {w.dataset}, {w.img_size}px, {top1}, eval resize "
                      f"{w.eval_resize()} "
                      f"({w.interpolation}, crop_pct {w.crop_pct}); {w.url or w.hf_hub_id}")
+        cached = cached_copy(w.url) if w.url else None
+        if cached:
+            lines.append(f"    cached: {cached}")
     if not info.weights:
         lines.append("  weights: none published (pass a path with pretrained=PATH)")
     lines.append(f"  eval transform: {info.transforms()}".replace("\n", "\n  "))
