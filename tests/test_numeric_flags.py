@@ -73,6 +73,7 @@ def base(verb: str, i: dict, out: Path) -> list[str]:
                   "0", "--no-memory", "--output", o + ".json"],
         "ablate": ["ablate", "--rows", "baseline", "--set", "epochs=1", "--output", o],
         "data pack": ["data", "pack", str(i["data"]), o],
+        "data export-digits": ["data", "export-digits", o],
         "convert": ["convert", str(i["ckpt"]), o + ".safetensors", "--to", "ours"],
         "detect make-toy-data": ["detect", "make-toy-data", o, "--num-train", "1", "--num-val", "1", "--size", "32"],
         "segment make-toy-data": ["segment", "make-toy-data", o, "--num-train", "1", "--num-val", "1", "--size", "32"],
