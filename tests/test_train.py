@@ -261,3 +261,13 @@ def test_workers_default_to_what_the_machine_has(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's ranks on this machine share its CPUs
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
     assert default_workers() == 3
+
+
+def test_the_demo_recipe_on_other_data_is_named_as_such():
+    from metaformer.tasks.train_config import describe_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = resolve_config({"data": "runs/digits-folder", "output": "runs/folder"}, str(root / "configs/digits_demo.yaml"))
+    assert describe_recipe(cfg).startswith("recipe: the built-in digits' demo recipe, poolformer_s12, 10 epochs at 32px")
+    assert describe_recipe(cfg).endswith("; unchanged")
+    assert describe_recipe(resolve_config({"data": "x", "epochs": 30})).endswith("changed: epochs 30")

@@ -112,10 +112,14 @@ SMALL_DATA = 50_000  # training images below which the ImageNet recipe's default
 def describe_recipe(cfg: "TrainConfig") -> str:
     """One line: which recipe the run follows (the papers' ImageNet recipe, or the digits demo's) and what was
     changed from it."""
-    builtin = D.is_builtin(cfg.data)
-    base = TrainConfig(**DEMO) if builtin else TrainConfig()
-    changed = [f"{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(TrainConfig)
-               if f.name not in _NOT_RECIPE and getattr(cfg, f.name) != getattr(base, f.name)]
+    def changes(base: TrainConfig) -> list[str]:
+        return [f"{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(TrainConfig)
+                if f.name not in _NOT_RECIPE and getattr(cfg, f.name) != getattr(base, f.name)]
+
+    # the recipe the run is closest to: the demo's on other data too (--config configs/digits_demo.yaml)
+    demo, paper = changes(TrainConfig(**DEMO)), changes(TrainConfig())
+    builtin = D.is_builtin(cfg.data) or len(demo) < len(paper)
+    changed = demo if builtin else paper
     name = "the built-in digits' demo recipe" if builtin else "the papers' ImageNet recipe"
     return (f"recipe: {name}, {cfg.model}, {cfg.epochs} epochs at {cfg.img_size}px, batch {cfg.batch_size}"
             f"{f' x {cfg.accum_steps}' if cfg.accum_steps > 1 else ''} per process, base lr {cfg.base_lr:g}, "
