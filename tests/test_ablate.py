@@ -114,3 +114,16 @@ def test_summary_mean_std_and_spearman():
     assert table[2]["top1_mean"] is None and table[2]["diverged"] == 1
     rho, n = spearman(table)  # paper order 77.2 > 74.3 > 0.1 and measured 91 > 80 > diverged
     assert n == 3 and rho == pytest.approx(1.0)
+
+
+def test_help_and_readme_give_the_quick_grid_one_time(capsys):
+    """Before: `ablate --help` said ~20 min, the README ~13."""
+    from pathlib import Path
+
+    from metaformer.tools.ablate import QUICK_MINUTES
+
+    with pytest.raises(SystemExit):
+        main(["ablate", "--help"])
+    assert f"about {QUICK_MINUTES} minutes for the whole grid" in " ".join(capsys.readouterr().out.split())
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert f"24-row grid in about {QUICK_MINUTES} minutes on 2 CPU cores" in readme

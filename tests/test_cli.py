@@ -93,3 +93,13 @@ def test_bench_prints_each_configuration_as_it_finishes(tmp_path, capsys):
     assert re.search(r"\[1/2\] inference: poolformer_s12 batch 1 32x32 fp32 done; \d+s so far, about \d+s left",
                      captured.err)
     assert len(json.loads(out.read_text())["results"]) == 4
+
+
+def test_bench_results_go_to_the_run_folder_and_it_says_where(tmp_path, monkeypatch, capsys):
+    """Before: bench wrote benchmarks/results/ under whatever folder it ran in, silently."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--batch-size", "1", "--img-size", "32", "--modes", "eager", "--repeats", "1",
+                 "--warmup", "0"]) == 0
+    written = list((tmp_path / "runs" / "bench").glob("bench-*.json"))
+    assert len(written) == 1 and not (tmp_path / "benchmarks").exists()
+    assert f"wrote {written[0].relative_to(tmp_path)}" in capsys.readouterr().err

@@ -330,3 +330,50 @@ def test_segmentation_scores_match_a_hand_count():
     assert res["IoU_per_class"] == [round(1 / 3, 4), 0.75, 0.5, None]  # tp / (label + prediction - tp)
     assert res["mIoU"] == pytest.approx((1 / 3 + 3 / 4 + 1 / 2) / 3)
     assert res["mAcc"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+
+
+SIGTERM_IN_A_WORKER = """
+import os, signal, sys
+from pathlib import Path
+from metaformer.cli import main
+from metaformer.tasks.dense.data import CocoDetection
+
+marker, read = Path(sys.argv[1]), CocoDetection.__getitem__
+
+def getitem(self, idx):  # the first validation image read: SIGTERM to the whole process group, from a worker
+    if not self.train and not marker.exists():
+        marker.write_text(str(os.getpid()))
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+    return read(self, idx)
+
+CocoDetection.__getitem__ = getitem
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_to_the_process_group_during_an_evaluation_is_a_graceful_stop(tmp_path):
+    """A scheduler's SIGTERM reaches every process of the group, DataLoader workers included. Before: "saving a
+    checkpoint..." then `RuntimeError: DataLoader worker ... killed by signal` (the workers died first). Now the
+    workers leave it to the main process: the evaluation finishes, the run saves, says how to continue, exits 130,
+    and the resumed run completes."""
+    import subprocess
+    import sys
+
+    toy = make_toy_data(tmp_path / "toy", num_train=2, num_val=2, size=64)
+    script, marker = tmp_path / "run.py", tmp_path / "signalled"
+    script.write_text(SIGTERM_IN_A_WORKER)
+    argv = [sys.executable, str(script), str(marker), "detect", "train", "--train-images",
+            str(toy / "images/training"), "--train-ann", str(toy / "instances_training.json"), "--val-images",
+            str(toy / "images/validation"), "--val-ann", str(toy / "instances_validation.json"), *TINY_CLI,
+            "--fpn-channels", "16", "--min-size", "64", "--max-size", "64", "--batch-size", "2", "--workers", "1",
+            "--warmup-iters", "0", "--epochs", "2", "--output", str(tmp_path / "det")]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _, err = p.communicate(timeout=300)
+    assert int(marker.read_text()) != p.pid  # a worker sent it, while the main process evaluated
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    assert "stopped by SIGTERM" in err and "--resume auto" in err, err
+    p = subprocess.run([*argv, "--resume", "auto"], capture_output=True, text=True, start_new_session=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert load_checkpoint(tmp_path / "det" / "last.pth", "detect")["epoch"] == 2

@@ -73,3 +73,32 @@ def test_info_of_one_model_lists_every_weight_tag_and_says_what_a_21k_head_is(ca
     assert tags == [f"convformer_s18.{t}" for t in ("sail_in1k", "sail_in1k_384", "sail_in22k_ft_in1k",
                                                     "sail_in22k_ft_in1k_384", "sail_in22k")]
     assert "sail_in22k: imagenet-22k, 224px, 21841 classes, no ImageNet-1k top-1" in out and "top-1 None" not in out
+
+
+def test_at_another_size_the_paper_columns_hold_that_size_figures_or_nothing(capsys):
+    """Before: `info 'caformer_*' --img-size 384` showed the 224 paper GMACs and top-1 beside MACs counted at 384."""
+    import json
+
+    from metaformer.cli import main
+
+    assert main(["info", "caformer_s18", "poolformer_s12", "--img-size", "384", "--json"]) == 0
+    rows = {r["model"]: r for r in json.loads(capsys.readouterr().out)}
+    s18 = rows["caformer_s18"]
+    assert (s18["paper_gmacs"], s18["paper_top1"], s18["paper_source"]) == (13.4, 85.0, "caformer_s18.sail_in1k_384")
+    assert abs(s18["gmacs"] - 13.4) < 0.05  # the counted MACs at 384 agree with the authors' 384 figure
+    assert (rows["poolformer_s12"]["paper_gmacs"], rows["poolformer_s12"]["paper_top1"]) == (None, None)
+    assert main(["info", "caformer_s18"]) == 0
+    assert "| caformer_s18 | 26,341,656 | 4.107 | 4.107 | 26M | 4.1 | 83.6 |" in capsys.readouterr().out
+
+
+def test_info_shows_a_tags_cached_copy_and_its_recorded_sha256(tmp_path, monkeypatch, capsys):
+    import json
+
+    from metaformer.cli import main
+
+    monkeypatch.setenv("METAFORMER_CACHE", str(tmp_path))
+    (tmp_path / "poolformer_s12.pth.tar").write_bytes(b"weights")
+    (tmp_path / "poolformer_s12.pth.tar.sha256.json").write_text(json.dumps({"sha256": "ab" * 32}))
+    assert main(["info", "poolformer_s12"]) == 0
+    out = capsys.readouterr().out
+    assert f"cached: {tmp_path / 'poolformer_s12.pth.tar'}, sha256 {'ab' * 32} (recorded at download)" in out

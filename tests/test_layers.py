@@ -114,14 +114,20 @@ def test_no_import_cycles():
 
 
 def test_import_metaformer_leaves_the_training_stack_alone():
-    """`import metaformer` registers the models in timm, and loads no training, detection or plotting code."""
+    """`import metaformer` after timm registers the models in timm, and loads no training, detection or plotting
+    code; alone it imports neither torch nor timm (names load on first use), and a first use registers them."""
     import subprocess
     import sys
 
-    code = ("import sys, metaformer, timm; heavy = [m for m in ('tensorboard', 'matplotlib', 'pycocotools', "
-            "'sklearn', 'onnx', 'onnxruntime', 'pytorch_grad_cam', 'metaformer.tasks', 'metaformer.tools.bench', "
-            "'metaformer.cli', 'scipy') if m in sys.modules]; print(heavy); "
+    heavy = ("'tensorboard', 'matplotlib', 'pycocotools', 'sklearn', 'onnx', 'onnxruntime', 'pytorch_grad_cam', "
+             "'metaformer.tasks', 'metaformer.tools.bench', 'metaformer.cli', 'scipy'")
+    code = (f"import sys, timm, metaformer; heavy = [m for m in ({heavy}) if m in sys.modules]; print(heavy); "
             "assert 'metaformer_poolformer_s12' in timm.list_models('metaformer_*')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+    code = ("import sys, metaformer; print([m for m in ('torch', 'timm') if m in sys.modules]); "
+            "metaformer.list_models(); import timm; print(len(timm.list_models('metaformer_*')) > 40)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout

@@ -73,6 +73,10 @@ def base(verb: str, i: dict, out: Path) -> list[str]:
                   "0", "--no-memory", "--output", o + ".json"],
         "ablate": ["ablate", "--rows", "baseline", "--set", "epochs=1", "--output", o],
         "data pack": ["data", "pack", str(i["data"]), o],
+        "data export-digits": ["data", "export-digits", o],
+        "quantize": ["quantize", str(i["ckpt"]), "--data", str(i["data"]), "--calib-images", "4", "--force",
+                     "--output", o + ".onnx"],
+        "serve": ["serve", str(i["ckpt"]), "--no-cam"],  # up to where uvicorn would start (the no_server fixture)
         "convert": ["convert", str(i["ckpt"]), o + ".safetensors", "--to", "ours"],
         "detect make-toy-data": ["detect", "make-toy-data", o, "--num-train", "1", "--num-val", "1", "--size", "32"],
         "segment make-toy-data": ["segment", "make-toy-data", o, "--num-train", "1", "--num-val", "1", "--size", "32"],
@@ -110,7 +114,8 @@ CASES = [(verb, a.option_strings[0], value) for verb, flags in sorted(NUMERIC.it
 
 
 @pytest.mark.parametrize("verb,flag,value", CASES, ids=[f"{v}{f}={x}" for v, f, x in CASES])
-def test_a_numeric_flag_gives_a_one_line_error_or_a_working_run(verb, flag, value, inputs, tmp_path, capsys):
+def test_a_numeric_flag_gives_a_one_line_error_or_a_working_run(verb, flag, value, inputs, tmp_path, capsys,
+                                                                 no_server):
     action = next(a for a in NUMERIC[verb] if flag in a.option_strings)
     times = action.nargs if isinstance(action.nargs, int) else 1
     argv = base(verb, inputs, tmp_path) + [flag, *[value] * times]

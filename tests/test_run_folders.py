@@ -249,3 +249,48 @@ def test_an_unwritable_output_is_refused_before_the_work(data, finished, verb, c
     assert "Traceback" not in captured.err and "inference:" not in captured.err + captured.out
     line = [x for x in captured.err.splitlines() if x.startswith(f"metaformer {verb.split()[0]}: error:")]
     assert len(line) == 1 and "cannot write to" in line[0] and "/sys/mf" in line[0] and "read-only" in line[0]
+
+
+# ----------------------------------------------------------------------------- 7. a failed start leaves nothing
+
+def test_a_run_that_fails_before_training_leaves_no_folder_and_the_retry_runs(data, tmp_path, capsys):
+    """A folder counts as a run only once training has started: a failure before the first step removes what the
+    run created (before: config.yaml and the logs stayed, and the same command then said "already holds a run")."""
+    wrong = tmp_path / "wrong.safetensors"
+    import metaformer
+
+    metaformer.save_weights(metaformer.create_model("poolformer_s24"), wrong)
+    out = tmp_path / "runs" / "new"  # neither folder exists yet
+    assert train(data, out, "--epochs", "1", "--pretrained", str(wrong)) == 2
+    assert "poolformer_s24" in error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("kept")  # a folder the user made: only what the run wrote goes
+    assert train(data, mine, "--epochs", "1", "--pretrained", str(wrong)) == 2
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert train(data, out, "--epochs", "1") == 0  # the same command, fixed, is not refused
+    assert (out / "last.pth").is_file()
+
+
+def test_a_detection_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path, capsys):
+    toy = make_toy_data(tmp_path / "toy", num_train=2, num_val=1, size=64)
+    for image in (toy / "images/training").iterdir():
+        image.write_bytes(b"not an image")  # found unreadable while the first pass runs
+    out = tmp_path / "det"
+    assert main(["detect", "train", "--train-images", str(toy / "images/training"), "--train-ann",
+                 str(toy / "instances_training.json"), *DENSE, "--epochs", "1", "--output", str(out)]) == 2
+    assert "unreadable" in error_line(capsys, "detect")
+    assert not out.exists()
+
+
+def test_a_grid_whose_first_row_fails_before_training_leaves_no_grid(tmp_path, capsys):
+    """Before: grid.json stayed, and the corrected command was refused as "a grid run with other settings"."""
+    out = tmp_path / "grid"
+    tiny = ["--rows", "baseline", "--output", str(out), "--set", "depths=[1,1,1,1]", "--set", "dims=[8,8,8,8]",
+            "--set", "epochs=1"]
+    assert main(["ablate", *tiny, "--set", f"pretrained={tmp_path / 'missing.pth'}"]) == 2
+    assert "missing.pth" in error_line(capsys, "ablate")
+    assert not out.exists()
+    assert main(["ablate", *tiny]) == 0
+    assert (out / "report.md").is_file()

@@ -38,6 +38,28 @@ def test_the_runner_gives_timm_scripts_our_models(tmp_path, capsys):
     assert "pytorch-image-models" in capsys.readouterr().err
 
 
+def test_timm_scripts_are_found_in_the_clone_or_the_message_says_how_to_get_them(tmp_path, monkeypatch, capsys):
+    """timm's train.py is not in its pip package: the message gives the clone of the installed version, and a bare
+    name is then found in ./pytorch-image-models. In a fresh process (nothing imported timm before), the script
+    builds our models."""
+    import subprocess
+    from importlib.metadata import version
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["timm", "validate.py"]) == 2
+    err = capsys.readouterr().err
+    assert (f"git clone --depth 1 --branch v{version('timm')} https://github.com/huggingface/pytorch-image-models"
+            in err and "finds them in ./pytorch-image-models" in err and len(err.splitlines()) == 1), err
+    (tmp_path / "pytorch-image-models").mkdir()
+    (tmp_path / "pytorch-image-models" / "validate.py").write_text(
+        "import sys, timm\nprint(timm.create_model('metaformer_poolformer_s12', depths=[1, 1, 1, 1]).variant, "
+        "sys.argv[1:])\n")
+    out = subprocess.run([sys.executable, "-m", "metaformer", "timm", "validate.py", "--model", "x"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "poolformer_s12 ['--model', 'x']"
+
+
 def test_timm_train_and_validate_pipeline_on_the_digits(digits_folder, tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("metaformer_poolformer_s12", pretrained=False, num_classes=10, **ARCH)

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import torch
 import yaml
 
 from metaformer.cli import main
-from metaformer.tasks.train_config import DEMO, TrainConfig, resolve_config
+from metaformer.tasks.train_config import DEMO, TrainConfig, default_workers, resolve_config
 
 # The built-in digits with a tiny network: ~1-3 s per epoch on one core.
 TINY = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--batch-size", "128", "--workers", "0",
@@ -118,6 +119,25 @@ def test_torchrun_two_ranks_disjoint_samples_identical_weights(tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["global_batch"] == 256
 
 
+def test_an_error_under_torchrun_is_one_line_from_rank_0_and_every_rank_exits_cleanly(reference):
+    """Before: both ranks printed the refusal, rank 0 then could abort ("terminate called without an active
+    exception", SIGABRT; torchrun's report said only "Signal 6"). Now rank 0 prints the line once, every rank leaves
+    the process group and exits 2, and torchrun's own failure report (its traceback is torchrun's) gives the line as
+    the cause."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "metaformer", "train", "--epochs", "4", "--output", str(reference), *TINY]
+    before = {p.name: p.stat().st_mtime for p in reference.iterdir()}
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    line = f"metaformer train: error: --output {reference} already holds a run"
+    assert sum(x.startswith(line) for x in p.stderr.splitlines()) == 1, p.stderr
+    assert "terminate called" not in p.stderr and "SIGABRT" not in p.stderr, p.stderr
+    # the first rank out exits 2 and torchrun's report names it as the cause (torchrun may stop a slower rank itself)
+    cause = p.stderr[p.stderr.index("Root Cause (first observed failure):"):]
+    assert "exitcode  : 2 " in cause and f"traceback : {line}" in cause, p.stderr
+    assert {p.name: p.stat().st_mtime for p in reference.iterdir()} == before
+
+
 def test_nan_loss_stops_with_step_and_checkpoint(tmp_path, capsys):
     rc = main(["train", "--epochs", "2", "--output", str(tmp_path), *TINY, "--lr", "1e30", "--warmup-epochs", "0"])
     err = capsys.readouterr().err
@@ -205,3 +225,49 @@ def test_fp16_autocast_with_grad_scaler_on_the_cpu(tmp_path):
     ckpt = torch.load(tmp_path / "last.pth", weights_only=True)
     assert ckpt["scaler"]["scale"] > 0 and ckpt["scaler"]["_growth_tracker"] >= 1
     assert ckpt["history"][-1]["val_top1"] > 20
+
+
+def test_the_first_line_names_the_recipe_and_a_small_folder_gets_a_hint(tmp_path, capsys, monkeypatch):
+    """Before: `train --data ROOT` on a small folder silently ran the ImageNet recipe (300 epochs, 224 px, 8 workers,
+    which warned on 2 cores)."""
+    from digits import write_digits
+
+    from metaformer.engine.checkpoint import RunLock
+
+    root = write_digits(tmp_path / "digits", classes=("0", "1"))
+    n = len(list((root / "train").rglob("*.png")))
+    assert main(["train", "--epochs", "1", "--output", str(tmp_path / "demo"), *TINY]) == 0
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    # not "model: poolformer_s12" alone for a network at a fraction of its size (item 13)
+    assert "| model: poolformer_s12 with depths [1, 1, 1, 1], dims [8, 16, 24, 32], 0." in second, second
+    assert first.startswith("recipe: the built-in digits' demo recipe, poolformer_s12, 1 epochs at 32px"), first
+    assert "changed: depths [1, 1, 1, 1], dims [8, 16, 24, 32]" in first and "epochs 1" in first, first
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / RunLock.NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": None}))
+    assert main(["train", "--data", str(root), "--output", str(out)]) == 2  # stops at the lock, after the hint
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("recipe: the papers' ImageNet recipe, poolformer_s12, 300 epochs at 224px, batch 128 "
+                               f"per process, base lr 0.001, {default_workers()} worker(s); unchanged"), lines
+    assert lines[1].startswith(f"hint: {n} training images, and the ImageNet recipe's 300 epochs at 224px") and \
+        "--pretrained poolformer_s12 --epochs 30" in lines[1], lines
+
+
+def test_workers_default_to_what_the_machine_has(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
+    assert default_workers() == 2 and TrainConfig().workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert default_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's ranks on this machine share its CPUs
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
+    assert default_workers() == 3
+
+
+def test_the_demo_recipe_on_other_data_is_named_as_such():
+    from metaformer.tasks.train_config import describe_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = resolve_config({"data": "runs/digits-folder", "output": "runs/folder"}, str(root / "configs/digits_demo.yaml"))
+    assert describe_recipe(cfg).startswith("recipe: the built-in digits' demo recipe, poolformer_s12, 10 epochs at 32px")
+    assert describe_recipe(cfg).endswith("; unchanged")
+    assert describe_recipe(resolve_config({"data": "x", "epochs": 30})).endswith("changed: epochs 30")

@@ -18,6 +18,7 @@ from torch import nn
 
 import metaformer
 from metaformer import WeightsError, load_model, load_weights, save_weights
+from metaformer.cli import main
 from metaformer.weights import read_metadata
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -428,13 +429,64 @@ def test_url_is_downloaded_once_into_the_cache(s12, tmp_path, monkeypatch):
     assert load_weights(fresh(), url).ok
 
 
-def test_offline_download_says_to_pass_a_path(tmp_path, monkeypatch):
-    monkeypatch.setenv("METAFORMER_CACHE", str(tmp_path))
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """poolformer_s12's release file at an address that refuses connections (as offline: at once), and an empty
+    cache folder that does not exist yet."""
+    import dataclasses
+
+    from metaformer.zoo.registry import _REGISTRY
+
+    cache = tmp_path / "cache" / "metaformer"
+    monkeypatch.setenv("METAFORMER_CACHE", str(cache))
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(WeightsError, match="pass its local path"):
-        load_weights(fresh(), "http://127.0.0.1:9/poolformer_s12.pth.tar")
-    assert not (tmp_path / "poolformer_s12.pth.tar").exists()
+    info = _REGISTRY["poolformer_s12"]
+    weights = dataclasses.replace(info.weights[0], url="http://127.0.0.1:9/poolformer_s12.pth.tar")
+    monkeypatch.setitem(_REGISTRY, "poolformer_s12", dataclasses.replace(info, weights=(weights,)))
+    return cache
+
+
+def test_offline_download_says_where_to_put_the_file_on_every_path(offline, tmp_path, capsys):
+    """Offline, timm's and metaformer's pretrained=True and the command line each fail at once with one line naming
+    the cache file to copy in and their own way to pass a file; no empty cache folder is left. (Before: timm fetched
+    its Hub copy with ten retry lines for ~45 s, and the command line's hint was Python's.) The file copied into the
+    cache is what both paths then load, with no network."""
+    import time
+
+    import timm
+
+    paths = {
+        "timm": (lambda: timm.create_model("metaformer_poolformer_s12.sail_in1k", pretrained=True),
+                 "pass its path: pretrained_cfg_overlay=dict(file='/path/to/poolformer_s12.pth.tar')"),
+        "metaformer": (lambda: metaformer.create_model("poolformer_s12", pretrained=True),
+                       "pass its path: pretrained='/path/to/poolformer_s12.pth.tar'"),
+    }
+    for name, (load, how) in paths.items():
+        t0 = time.time()
+        with pytest.raises(WeightsError) as e:
+            load()
+        assert time.time() - t0 < 10, name
+        text = str(e.value)
+        assert "\n" not in text and how in text, (name, text)
+        assert f"copy it to {offline / 'poolformer_s12.pth.tar'}" in text, (name, text)
+        assert not offline.exists() and not offline.parent.exists(), name
+    assert main(["eval", "poolformer_s12", "--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "pass its path: --checkpoint /path/to/poolformer_s12.pth.tar" in err, err
+    assert main(["train", "--pretrained", "poolformer_s12", "--output", str(tmp_path / "run"), "--epochs", "1",
+                 "--img-size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "pass its path: --pretrained /path/to/poolformer_s12.pth.tar" in err, err
+    assert not (tmp_path / "run").exists()  # the run never started: no folder left (item 3)
+
+    s12 = metaformer.create_model("poolformer_s12")
+    offline.mkdir(parents=True)
+    torch.save(to_authors(s12), offline / "poolformer_s12.pth.tar")  # copied in by hand
+    via_timm = timm.create_model("metaformer_poolformer_s12.sail_in1k", pretrained=True)
+    via_metaformer = metaformer.create_model("poolformer_s12", pretrained=True)
+    for model in (via_timm, via_metaformer):
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), s12.state_dict().values()))
 
 
 def test_variant_without_published_weights():

@@ -87,3 +87,28 @@ def test_a_directly_built_model_owns_its_config_and_rebuilds_exactly(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(again.eval()(x), model.eval()(x), rtol=0, atol=0)
     assert again.config == json.loads(json.dumps(model.config))
+
+
+def test_every_tag_downloads_the_file_docs_install_md_names():
+    """docs/install.md says which file each tag downloads from where; every tag's URL is the one it names."""
+    import fnmatch
+    import itertools
+    import re
+    from pathlib import Path
+
+    import metaformer
+
+    def expand(pattern: str) -> list[str]:  # "{a,b}_x" -> ["a_x", "b_x"]
+        parts = re.split(r"\{([^{}]*,[^{}]*)\}", pattern)
+        options = [[p] if i % 2 == 0 else p.split(",") for i, p in enumerate(parts)]
+        return ["".join(c) for c in itertools.product(*options)]
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "install.md").read_text()
+    rows = re.findall(r"^\| `([^`]+)` \| `(https://[^`]+)` \|$", text, flags=re.M)
+    assert len(rows) == 7
+    for tag in metaformer.list_pretrained():
+        variant, _ = tag.split(".")
+        matches = [url for pattern, url in rows if any(fnmatch.fnmatchcase(tag, p) for p in expand(pattern))]
+        assert len(matches) == 1, (tag, matches)
+        family = metaformer.get_model_info(variant).family
+        assert matches[0].format(name=variant, family=family) == metaformer.get_weights(tag).url, tag

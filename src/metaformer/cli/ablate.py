@@ -62,6 +62,9 @@ def run(args) -> int:
     import torch
 
     from ..atomic import check_writable
+    from ..engine.checkpoint import RunFolder
+    from ..errors import need
+    from ..tasks.classification import check_extras
     from ..tools.ablate import BUDGETS, command_line, run_config, run_grid, summarise, write_report
     from ..zoo import ABLATIONS
     from ..engine.stop import Interrupted
@@ -94,16 +97,28 @@ def run(args) -> int:
         devices = None
     output = Path(args.output)
     check_writable(output, f"--output {output}", folder=True)  # before the first row trains
-    run_config(flags, rows[0], 0, output, args.config)  # a value out of range fails now, not in the first row
+    first = run_config(flags, rows[0], 0, output, args.config)  # a value out of range fails now, not in a row
+    check_extras(first)  # and a package the rows or the report need
+    need("scipy", "train", "the rank correlation of the ablation report")
     grid = {"command": command_line(), "budget": args.budget, "rows": rows, "seeds": args.seeds, "flags": flags,
             "config": args.config}
     check_same_grid(output, grid)
-    output.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(output)  # the grid's folder counts once a row has started training
+    folder.create()
+    folder.opened(continuing=False)
     (output / "grid.json").write_text(json.dumps(grid, indent=2))
     t0 = time.time()
     try:
         results = run_grid(rows, args.seeds, flags, output, args.config, devices)
-    except (KeyboardInterrupt, Interrupted):
+    except BaseException as e:
+        folder.started = (output / "rows").exists()  # a row that never trained removed its own folder
+        if not folder.started:
+            folder.undo()
+        if not isinstance(e, (KeyboardInterrupt, Interrupted)):
+            raise
+        if not folder.started:
+            print("metaformer ablate: interrupted before the first row started; nothing was kept", file=sys.stderr)
+            return 130
         print(f"metaformer ablate: interrupted; finished rows are kept and the running one saved its progress. "
               f"Continue with the same command:\n  {command_line()}", file=sys.stderr)
         return 130
@@ -119,18 +134,18 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..tools.ablate import BUDGETS
+    from ..tools.ablate import BUDGETS, QUICK_MINUTES
     from ..zoo import ABLATIONS
 
-    p = sub.add_parser("ablate", help="rerun the paper's ablations (Table 5) as a resumable grid",
-                       description="Train each ablation row with the same recipe, seed and data through the same "
+    p = sub.add_parser("ablate", description="Train each ablation row with the same recipe, seed and data through the same "
                                    "code as `metaformer train`, then write a table (markdown, CSV), a bar chart and "
                                    "the rank correlation with the paper. Re-running with the same --output skips "
                                    "finished rows and resumes the unfinished one.")
     p.add_argument("--rows", help=f"comma-separated subset of: {', '.join(ABLATIONS)} (default: all)")
     p.add_argument("--seeds", type=whole(1, 100), default=1, help="runs per row (report mean ± std)")
     p.add_argument("--budget", choices=list(BUDGETS), default="quick",
-                   help="quick: scaled-down S12 on the built-in digits, ~20 min for the whole grid on 2 CPU cores; "
+                   help=f"quick: scaled-down S12 on the built-in digits, about {QUICK_MINUTES} minutes for the whole "
+                        "grid on 2 CPU cores; "
                         "paper: the paper's ImageNet recipe (needs --data)")
     p.add_argument("--data", help="any `metaformer train --data` source (default: the built-in digits)")
     p.add_argument("--config", help="YAML of `metaformer train` options applied to every row")

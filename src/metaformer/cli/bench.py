@@ -33,8 +33,7 @@ def _one_of(choices):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark inference and training against timm / ONNX Runtime",
-                       description="Times every mode of each configuration in one process, interleaved, after "
+    p = sub.add_parser("bench", description="Times every mode of each configuration in one process, interleaved, after "
                                    "warm-up, and prints each configuration's rows of the markdown table as it "
                                    "finishes (median, min-max, latency, max logit difference vs the plain model, "
                                    "peak training memory), with the time left; writes all results as JSON.")
@@ -62,7 +61,7 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=whole(0, 1000), default=3, help="untimed rounds per mode first")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--output", "-o", help="where to write the results as JSON (default: "
-                   "benchmarks/results/bench-DATE-TIME.json)")
+                   "runs/bench/bench-DATE-TIME.json under the current folder; the path is printed)")
     p.add_argument("--md", help="also write the markdown table here")
     add_json(p, "print the results as JSON (stdout) instead of the table")
     p.set_defaults(func=run)
@@ -74,6 +73,7 @@ def check(args) -> str:
     import torch
 
     from ..atomic import check_writable
+    from ..errors import need
     from ..zoo import get_model_info
 
     for flag, values in (("--variant", args.variant), ("--batch-size", args.batch_size),
@@ -93,7 +93,11 @@ def check(args) -> str:
         raise UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} GPU(s)")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device {args.device!r}: the benchmark runs on cpu or cuda")
-    path = args.output or f"benchmarks/results/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    ort = sorted(set(args.modes) & {"ort", "timm_ort"})
+    if ort and not args.train_only:  # asked for by name: refused now, not reported as skipped after the run
+        for module in ("onnx", "onnxruntime"):  # an ONNX export, run in ONNX Runtime
+            need(module, "export", f"--modes {','.join(ort)}")
+    path = args.output or f"runs/bench/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     check_writable(path, f"--output {path}")
     if args.md:
         check_writable(args.md, f"--md {args.md}")

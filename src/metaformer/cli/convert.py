@@ -13,19 +13,20 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"path": str(result.path), "layout": result.layout, "variant": result.variant,
                           "source_layout": result.source_layout, "max_relative_diff": result.max_diff,
-                          "checked_in": result.checked_in}))
+                          "checked_in": result.checked_in, "skipped": result.skipped}))
     else:
         print(f"wrote {result.path} ({result.layout} layout, from {result.source_layout}; model "
               f"{result.variant or 'custom'}); checked in {' and '.join(result.checked_in)}: max relative logit "
               f"difference {result.max_diff:.2g}")
+        for note in result.skipped:
+            print(f"  note: {note}")
     return 0
 
 
 def add_parser(sub) -> None:
     from ..tools.convert import TARGETS
 
-    p = sub.add_parser("convert", help="write a checkpoint in another layout (ours, the authors', timm's, Hugging Face's)",
-                       description="Load SRC (any layout metaformer reads) strictly into the model it describes, "
+    p = sub.add_parser("convert", description="Load SRC (any layout metaformer reads) strictly into the model it describes, "
                                    "write it as DST in the layout asked for, run the written file and keep it only "
                                    "if its logits equal the source's. --to hf writes a folder that "
                                    "transformers.PoolFormerForImageClassification.from_pretrained loads "
@@ -37,4 +38,4 @@ def add_parser(sub) -> None:
                                    "poolformerv2_s12)")
     p.add_argument("--img-size", type=IMG_SIZE, help="the input size of a model with size-bound parts")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, weights_flag="SRC")  # where a download that failed can be given as a file

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from ..ranges import SEED, whole
+from ..ranges import IMG_SIZE, SEED, whole
 
 
 def run_pack(args) -> int:
@@ -39,9 +39,18 @@ def run_check(args) -> int:
     return 0
 
 
+def run_export_digits(args) -> int:
+    from ..data.digits import export_digits
+
+    counts = export_digits(args.dir, args.img_size)
+    print(f"wrote the built-in digits to {args.dir}: train {counts['train']} and val {counts['val']} images, "
+          f"{args.img_size}x{args.img_size} PNGs in one folder per digit")
+    print(f"train on them with --data {args.dir}; as tar shards: metaformer data pack {args.dir} OUT")
+    return 0
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("data", help="write tar shards from an ImageFolder root; check a --data source",
-                       description="Data sources for --data: an ImageFolder root, tar shards, or a Hugging Face "
+    p = sub.add_parser("data", description="Data sources for --data: an ImageFolder root, tar shards, or a Hugging Face "
                                    "datasets folder (see docs/data.md).")
     verbs = p.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
@@ -59,6 +68,13 @@ def add_parser(sub) -> None:
     pack.add_argument("--overwrite", action="store_true", help="replace the shards of a non-empty OUT")
     pack.add_argument("--json", action="store_true", help="print the written _info.json")
     pack.set_defaults(func=run_pack)
+    digits = verbs.add_parser("export-digits", help="write the built-in digits as an ImageFolder root",
+                              description="Write the built-in digits (the same 1,437 / 360 split the demo trains on) "
+                                          "as DIR/train/<digit>/*.png and DIR/val/<digit>/*.png: the layout --data "
+                                          "reads, and `metaformer data pack DIR OUT` turns into shards.")
+    digits.add_argument("dir", metavar="DIR", help="output folder (new or empty)")
+    digits.add_argument("--img-size", type=IMG_SIZE, default=32, help="image side in pixels")
+    digits.set_defaults(func=run_export_digits)
     check = verbs.add_parser("check", help="how --data DATA is read: its kind, sizes and classes",
                              description="Open DATA as `metaformer train --data DATA` would (same checks) and "
                                          "describe it.")

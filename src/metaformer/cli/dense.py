@@ -90,6 +90,7 @@ def _add_common_train(p, task: str) -> None:
     add_device(p)
     p.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     add_json(p, "print the final metrics row as JSON")
+    p.set_defaults(weights_flag="--pretrained")  # where a download that failed can be given as a file
 
 
 def _common_train_options(args) -> dict:
@@ -245,10 +246,9 @@ def _seg_predict(args) -> int:
     return _skipped_images(results)
 
 
-def _task(sub, name: str, help: str, description: str):
+def _task(sub, name: str, description: str):
     """``metaformer NAME ACTION``: the task's actions, ``make-toy-data`` among them."""
-    actions = sub.add_parser(name, help=help, description=description).add_subparsers(dest="action",
-                                                                                      metavar="ACTION")
+    actions = sub.add_parser(name, description=description).add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     _add_toy(actions)
     return actions
@@ -256,8 +256,7 @@ def _task(sub, name: str, help: str, description: str):
 
 def add_parser(sub) -> None:
     # ---------------- detect ----------------
-    dsub = _task(sub, "detect", "object detection: RetinaNet / Mask R-CNN (torchvision) on a MetaFormer",
-                 "RetinaNet or Mask R-CNN with a MetaFormer + FPN backbone, as in the paper; COCO-format data (an "
+    dsub = _task(sub, "detect", "RetinaNet or Mask R-CNN with a MetaFormer + FPN backbone, as in the paper; COCO-format data (an "
                  "images folder and an instances json).")
 
     p = dsub.add_parser("train", help="train on COCO-format data (paper defaults: AdamW 1e-4, 1x schedule)",
@@ -303,8 +302,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_det_predict)
 
     # ---------------- segment ----------------
-    ssub = _task(sub, "segment", "semantic segmentation: Semantic FPN on a MetaFormer (ADE20K layout)",
-                 "Semantic FPN with a MetaFormer backbone, as in the paper; ADE20K-layout data (images/SPLIT/*.jpg, "
+    ssub = _task(sub, "segment", "Semantic FPN with a MetaFormer backbone, as in the paper; ADE20K-layout data (images/SPLIT/*.jpg, "
                  "annotations/SPLIT/*.png index PNGs).")
 
     p = ssub.add_parser("train", help="train (paper defaults: AdamW 2e-4, poly 0.9, 40k iterations, crop 512)",

@@ -32,8 +32,7 @@ def _add_speed(p) -> None:
 
 def add_parser(subparsers) -> None:
     e = subparsers.add_parser(
-        "eval", help="top-1/top-5 accuracy of a model or checkpoint",
-        description="Top-1/top-5 with the weights' eval transform (resize floor(size/crop_pct) bicubic, centre "
+        "eval", description="Top-1/top-5 with the weights' eval transform (resize floor(size/crop_pct) bicubic, centre "
                     "crop), the data's classes matched to the model's by name. MODEL may be omitted for a checkpoint "
                     "of ours (it stores its config). Without --checkpoint: the variant's published weights. "
                     "Distributed: torchrun --nproc_per_node=N -m metaformer eval ... (exact counts).")
@@ -57,8 +56,7 @@ def add_parser(subparsers) -> None:
     e.set_defaults(func=run_eval)
 
     p = subparsers.add_parser(
-        "predict", help="top-k labels with probabilities for images",
-        description="Top-k labels for each image: ImageNet names for 1000-class models, the training data's own "
+        "predict", description="Top-k labels for each image: ImageNet names for 1000-class models, the training data's own "
                     "class names for a checkpoint of ours (then MODEL may be omitted).")
     p.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE", help="variant name (optional with a checkpoint "
                                                                       "of ours) followed by image files or folders")

@@ -18,11 +18,13 @@ def _load(args):
 
 def run_export(args) -> int:
     from ..atomic import check_writable
-    from ..tools.export import FORMATS, ExportError, export, export_metadata, export_path, sample_image
+    from ..tools.export import (FORMATS, ExportError, check_runtime, export, export_metadata, export_path,
+                                sample_image)
 
     out = export_path(args.output or f"{args.model or 'model'}{'_fused' if args.fused else ''}{FORMATS[args.format]}",
                       args.format)
-    check_writable(out, f"--output {out}")  # before the model is loaded and exported
+    check_runtime(args.format)  # before the model is loaded and exported
+    check_writable(out, f"--output {out}")
     loaded = _load(args)
     model = loaded.model
     if args.fused:
@@ -30,7 +32,7 @@ def run_export(args) -> int:
 
         # the portable backend: oneDNN's packed-weight ops do not exist in ONNX or TorchScript runtimes
         model = fuse(model, backend="aten")
-    image = sample_image(loaded.img_size, loaded.transform) if loaded.model.in_chans == 3 else None
+    image = sample_image(loaded.transform) if loaded.model.in_chans == 3 else None
     try:
         result = export(model, out, args.format, img_size=loaded.img_size, image=image,
                         dynamic_batch=args.dynamic_batch, dynamic_size=args.dynamic_size, dtype=args.dtype,
@@ -54,10 +56,12 @@ def run_export(args) -> int:
 def run_cam(args) -> int:
     from ..atomic import check_writable
     from ..data import open_rgb
+    from ..errors import need
     from ..tools.cam import grad_cam, resolve_target, save_overlay
 
     from .evaluate import split_model_and_images
 
+    need("pytorch_grad_cam", "cam", "Grad-CAM")
     args.model, images = split_model_and_images(args.inputs, args.checkpoint, "cam")
     check_writable(args.output, f"--output {args.output}", folder=True)  # before the model is loaded
     loaded = _load(args)
@@ -92,8 +96,7 @@ def _common(p, model_positional: bool = True):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="export to ONNX / TorchScript / torch.export, then verify the file",
-                       description="Write the model in a deployable format, run the file in its own runtime on a "
+    p = sub.add_parser("export", description="Write the model in a deployable format, run the file in its own runtime on a "
                                    "random input and a real image, and fail if it differs from PyTorch by more "
                                    "than 1e-4 (fp32).")
     _common(p)
@@ -107,7 +110,7 @@ def add_parser(sub) -> None:
     add_json(p, "print the written file and its check as JSON")
     p.set_defaults(func=run_export)
 
-    c = sub.add_parser("cam", help="Grad-CAM heatmaps over images (last stage, as the authors did)")
+    c = sub.add_parser("cam", description="Grad-CAM heatmaps over images: the last stage's, as the authors did")
     c.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE", help="variant name (optional with a checkpoint "
                    "of ours) followed by image files")
     _common(c, model_positional=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..errors import need
+from ..ranges import NUM_CLASSES, real, whole
 from . import UserError
 from .common import add_batch_size, add_checkpoint, add_json, add_workers, logs_to_stderr, print_json
 
@@ -23,7 +25,7 @@ def add_parser(sub) -> None:
     from ..tools.quantize import BACKENDS, DEFAULT_BACKEND
 
     p = sub.add_parser(
-        "quantize", help="static int8 with calibration, its top-1 cost measured; refused over --max-drop",
+        "quantize",
         description="Calibrate on --calib-images images of --data's training split, write the int8 model (ONNX "
                     "Runtime's static quantization of our ONNX export, or PyTorch's PT2E flow with the x86 "
                     "Inductor quantizer), then run the written file on the validation split beside the fp32 model "
@@ -40,11 +42,11 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND,
                    help="ort: ONNX Runtime static quantization (.onnx); pt2e: torchao's X86InductorQuantizer "
                         "(.pt2, compiled by Inductor when loaded)")
-    p.add_argument("--calib-images", type=int, default=256, help="training images the activation ranges come from")
-    p.add_argument("--max-drop", type=float, default=1.0, help="largest top-1 loss in points the file may have")
+    p.add_argument("--calib-images", type=whole(1, 1_000_000), default=256, help="training images the activation ranges come from")
+    p.add_argument("--max-drop", type=real(0, 100), default=1.0, help="largest top-1 loss in points the file may have")
     p.add_argument("--force", action="store_true", help="write the file even when its top-1 drop exceeds "
                                                         "--max-drop")
-    p.add_argument("--num-classes", type=int, help="classifier width of a checkpoint without stored config")
+    p.add_argument("--num-classes", type=NUM_CLASSES, help="classifier width of a checkpoint without stored config")
     p.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN or inf")
     add_batch_size(p, 32, "images per calibration and validation batch")
     add_workers(p, 0)
@@ -58,8 +60,9 @@ def run(args) -> int:
     from ..tools.quantize import BACKENDS, describe_ops, quantize
 
     model, checkpoint = model_or_checkpoint(args.model, args.checkpoint)
-    if args.calib_images < 1 or args.batch_size < 1:
-        raise UserError("--calib-images and --batch-size must be at least 1")
+    # what the chosen backend needs, checked before the model loads (a missing one named with its extra)
+    for module in (("onnx", "onnxruntime") if args.backend == "ort" else ("torchao",)):
+        need(module, "quant", f"int8 quantization with --backend {args.backend}")
     with logs_to_stderr(args.json):
         loaded = load_for_inference(model, checkpoint, args.num_classes, "cpu", args.allow_nonfinite)
         val = eval_dataset(loaded, args.data)

@@ -4,12 +4,13 @@ from __future__ import annotations
 import ipaddress
 import sys
 
-from . import UserError
+from ..errors import need
+from ..ranges import real, whole
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "serve", help="HTTP server: JSON API (/predict, /health, /info) and a web page with top-5 and Grad-CAM",
+        "serve",
         description="Serve a classifier on FastAPI + uvicorn. POST /predict takes an image (multipart field 'file', "
                     "an image/* body, or JSON {\"image\": base64}; ?topk=5&cam=1) and answers the top-k labels; "
                     "concurrent requests are batched (bounded queue, --max-batch, --max-wait-ms). The page at / "
@@ -19,13 +20,13 @@ def add_parser(sub) -> None:
                    "need --model) or a file from `metaformer export` / `metaformer quantize` (.onnx, .pt, .pt2)")
     p.add_argument("--model", help="variant name for a checkpoint that does not name its model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--max-batch", type=int, default=32, help="most images run as one batch")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more images after "
+    p.add_argument("--port", type=whole(1, 65535), default=8000, help="TCP port")
+    p.add_argument("--max-batch", type=whole(1, 4096), default=32, help="most images run as one batch")
+    p.add_argument("--max-wait-ms", type=real(0, 10_000), default=5.0, help="how long a batch waits for more images after "
                                                                    "its first")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; more are answered 503")
-    p.add_argument("--max-mb", type=float, default=10.0, help="largest request body in MiB (413 above)")
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="largest decoded image in pixels (413 "
+    p.add_argument("--max-queue", type=whole(1, 1_000_000), default=256, help="requests waiting at most; more are answered 503")
+    p.add_argument("--max-mb", type=real(0, 4096, lo_open=True), default=10.0, help="largest request body in MiB (413 above)")
+    p.add_argument("--max-pixels", type=whole(1, 1_000_000_000), default=40_000_000, help="largest decoded image in pixels (413 "
                                                                       "above: decompression bombs)")
     p.add_argument("--no-fused", dest="fused", action="store_false", help="run a checkpoint as built instead of "
                                                                          "the fused model")
@@ -39,8 +40,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..tools.serve import Limits, create_app, load_servable, run_server
 
-    if not 0 <= args.port < 65536:
-        raise UserError(f"--port {args.port} is not a TCP port")
+    for module in ("fastapi", "uvicorn", "multipart"):  # checked before the model loads
+        need(module, "serve", "metaformer serve")
     servable = load_servable(args.source, args.model, fused=args.fused, cam=args.cam)
     app = create_app(servable, args.max_batch, args.max_wait_ms, args.max_queue,
                      Limits(max_bytes=int(args.max_mb * 2 ** 20), max_pixels=args.max_pixels))

@@ -10,14 +10,32 @@ from pathlib import Path
 from . import UserError
 
 
-def run(args) -> int:
-    import metaformer  # noqa: F401  (registers every metaformer_* model in timm's registry)
+CLONE = "pytorch-image-models"  # the folder `git clone` makes, where a bare script name is also looked for
 
-    script = Path(args.script)
-    if not script.is_file():
-        raise UserError(f"{script} does not exist. timm's train.py and validate.py live in the pytorch-image-models "
-                        "repository, not in the pip package: git clone https://github.com/huggingface/"
-                        "pytorch-image-models and pass the path of its train.py")
+
+def clone_command() -> str:
+    """The clone of timm's repository at the installed version's tag: scripts that match the library."""
+    from importlib.metadata import version
+
+    return f"git clone --depth 1 --branch v{version('timm')} https://github.com/huggingface/{CLONE}"
+
+
+def find_script(name: str) -> Path:
+    """``name`` as given, or, for a bare name (``train.py``), the same file in ./pytorch-image-models."""
+    script = Path(name)
+    if script.is_file():
+        return script
+    if script.name == name and (Path(CLONE) / name).is_file():
+        return Path(CLONE) / name
+    raise UserError(f"{script} does not exist. timm's train.py and validate.py are not in its pip package; get the "
+                    f"ones of the installed timm with `{clone_command()}`, then `metaformer timm {script.name} ...` "
+                    f"finds them in ./{CLONE} (or pass the script's path)")
+
+
+def run(args) -> int:
+    from .. import zoo  # noqa: F401  (registers every metaformer_* model in timm's registry)
+
+    script = find_script(args.script)
     argv, path = sys.argv[:], sys.path[:]
     sys.argv = [str(script), *args.script_args]
     sys.path.insert(0, str(script.parent.resolve()))  # as `python script.py` would
@@ -31,11 +49,12 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("timm", help="run timm's train.py / validate.py with metaformer's models registered",
-                       description="Run a timm script (from the pytorch-image-models repository) in a process where "
-                                   "`import metaformer` has registered our models: --model metaformer_poolformer_s12, "
-                                   "metaformer_caformer_s18, ... Everything after SCRIPT goes to the script. "
-                                   "Distributed: torchrun --nproc_per_node=8 -m metaformer timm train.py ...")
-    p.add_argument("script", help="path of timm's train.py, validate.py or another script")
+    p = sub.add_parser("timm", description="Run a timm script (train.py, validate.py: in the pytorch-image-models "
+                                           "repository, not in timm's pip package) in a process where our models "
+                                           "are registered in timm: --model metaformer_poolformer_s12, "
+                                           "metaformer_caformer_s18, ... Everything after SCRIPT goes to the script. "
+                                           "Distributed: torchrun --nproc_per_node=8 -m metaformer timm train.py ...")
+    p.add_argument("script", help="path of timm's train.py, validate.py or another script; a bare name is also "
+                   f"looked for in ./{CLONE}, where `git clone https://github.com/huggingface/{CLONE}` puts it")
     p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="...", help="the script's own arguments")
     p.set_defaults(func=run)

@@ -34,8 +34,7 @@ def add_parser(subparsers) -> None:
     from ..tasks.train_config import DEMO, RANGES, TrainConfig
 
     p = subparsers.add_parser(
-        "train", help="train on an ImageNet-layout folder or the built-in digits",
-        description="Train a MetaFormer with the paper's recipe (AdamW, warm-up + cosine, Mixup/CutMix, RandAugment, "
+        "train", description="Train a MetaFormer with the paper's recipe (AdamW, warm-up + cosine, Mixup/CutMix, RandAugment, "
                     "random erasing, label smoothing). Without --data: the built-in digits with scaled-down "
                     "defaults (" + ", ".join(f"{k}={v}" for k, v in DEMO.items()) + "). "
                     "Distributed: torchrun --nproc_per_node=N -m metaformer train ... Recipes: docs/training.md.")
@@ -50,7 +49,7 @@ def add_parser(subparsers) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, help=text,
                        **_flag_type(str(f.type), RANGES.get(f.name)))
     add_json(p, "print the run's summary as JSON at the end")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, weights_flag="--pretrained")  # where a download that failed can be given as a file
 
 
 def run(args) -> int:

@@ -3,6 +3,9 @@ upsampled bicubically to a small RGB size. The split is fixed: stratified, 20% v
 ``random_state=0`` -> 1,437 train / 360 val images."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
@@ -42,6 +45,26 @@ class Digits(Dataset):
     def __getitem__(self, index: int):
         img = self.images[index]
         return (self.transform(img) if self.transform else img), self.targets[index]
+
+
+def export_digits(root: str | os.PathLike, img_size: int = 32) -> dict[str, int]:
+    """Write the built-in digits as an ImageFolder root, ``ROOT/train/<digit>/NNNN.png`` and
+    ``ROOT/val/<digit>/NNNN.png`` (the fixed split, at ``img_size``): the layout ``--data`` reads, and
+    ``metaformer data pack`` turns into shards. ``root`` must be new or empty. Returns the images per split."""
+    from ..atomic import check_writable
+
+    root = check_writable(root, f"DIR {root}", folder=True)
+    if root.is_dir() and any(root.iterdir()):
+        raise DataError(f"{root} is not empty: write the digits into a new or empty folder")
+    counts = {}
+    for split in ("train", "val"):
+        ds = Digits(split, img_size)
+        for i, (img, target) in enumerate(zip(ds.images, ds.targets)):
+            folder = Path(root) / split / str(target)
+            folder.mkdir(parents=True, exist_ok=True)
+            img.save(folder / f"{i:04d}.png")
+        counts[split] = len(ds)
+    return counts
 
 
 def is_builtin(data: str | None) -> bool:

@@ -95,14 +95,18 @@ def collate_skip_unreadable(batch):
 
 
 def _worker_init(worker_id: int) -> None:
-    # Ctrl-C is handled by the main process (it checkpoints); workers must not die first.
+    # Ctrl-C and SIGTERM (sent to the whole process group, e.g. by a job scheduler) are the main process's to handle:
+    # it finishes the step, saves and stops, shutting the workers down itself. A worker killed first would turn that
+    # graceful stop into "DataLoader worker ... killed by signal". A worker still notices the main process dying.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size: int, sampler, workers: int, drop_last: bool = False,
                 generator: torch.Generator | None = None, pin_memory: bool = False,
                 collate_fn=collate_skip_unreadable) -> DataLoader:
-    """Batches ``(images, targets, unreadable)``; workers leave Ctrl-C to the main process."""
+    """Batches ``(images, targets, unreadable)``; workers leave Ctrl-C and SIGTERM to the main process. Every
+    DataLoader of the package is made here."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
                       collate_fn=collate_fn, worker_init_fn=_worker_init if workers else None,
                       generator=generator, pin_memory=pin_memory, persistent_workers=False)

@@ -80,14 +80,55 @@ def finished_work(out: Path) -> list[str]:
     return found + ([f"metrics.jsonl with {rows} row(s)"] if rows else [])
 
 
+class RunFolder:
+    """A run's folder until its training starts: a folder counts as a run only once training has started (the
+    first optimizer step), so a run that fails before (a missing package, a failed download, bad data found late)
+    removes what it created there, the folder and its parents included, and the same command can simply be run
+    again. A folder that already held a run (``--resume``) is never touched. Rank 0 only, after the lock is
+    released."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.created: list[Path] = []  # folders this run made, deepest first
+        self.before: set[str] | None = None  # what the folder held before the run wrote into it
+        self.started = False
+
+    def create(self) -> None:
+        self.created = [p for p in (self.out, *self.out.parents) if not p.exists()]
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def opened(self, continuing: bool) -> None:
+        """The folder is ready for the run's files (an earlier run's removed under --overwrite); ``continuing``: it
+        holds the run this one continues."""
+        self.before = {p.name for p in self.out.iterdir()}
+        self.started = continuing
+
+    def undo(self) -> list[str]:
+        """Remove what the run created, unless its training started; returns the names removed."""
+        if self.started or self.before is None:
+            return []
+        removed = []
+        for path in sorted(self.out.iterdir()):
+            if path.name not in self.before:
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else \
+                    path.unlink(missing_ok=True)
+                removed.append(path.name)
+        for folder in self.created:
+            with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                folder.rmdir()
+        return removed
+
+
 def prepare_output(out: str | os.PathLike, resume: str | None = None, overwrite: bool = False,
-                   lock: "RunLock | None" = None) -> Path:
+                   lock: "RunLock | None" = None, folder: RunFolder | None = None) -> Path:
     """The run folder ``out``, checked (:func:`check_output`), created, taken by ``lock`` (one writer per
     folder), cleared of an earlier run's files when ``overwrite`` and not continuing it, and of temp files
-    left by killed writers."""
+    left by killed writers. ``folder`` records what was there, so that a run failing before its training
+    starts leaves the folder as it found it (:class:`RunFolder`)."""
     out = check_output(out, resume, overwrite)
+    folder = folder or RunFolder(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        folder.create()
     except OSError as e:
         raise ConfigError(f"cannot create --output {out} ({e.strerror or e})") from None
     if lock is not None:
@@ -98,6 +139,7 @@ def prepare_output(out: str | os.PathLike, resume: str | None = None, overwrite:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
     clean_stale_temps(out)
+    folder.opened(continuing)
     return out
 
 

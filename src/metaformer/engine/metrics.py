@@ -10,11 +10,19 @@ import json
 from pathlib import Path
 
 from ..atomic import atomic_write
-from ..errors import require
+from ..errors import need, require
 
 
 def _scalars(row: dict) -> dict:
     return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def check_loggers(extra: str, wandb: str | None = None) -> None:
+    """Before a run starts: what :class:`MetricsLog` will import is installed (``extra``: the one that brings
+    TensorBoard to this task, ``train`` or ``dense``)."""
+    need("tensorboard", extra, "TensorBoard logging")
+    if wandb:
+        need("wandb", "wandb", "--wandb")
 
 
 class MetricsLog:
@@ -22,18 +30,19 @@ class MetricsLog:
 
     ``history``: the rows so far (from the checkpoint when resuming). ``step_key``: the row field
     that orders rows on the TensorBoard axis (``epoch`` or ``iteration``). ``wandb``: a project name,
-    or None (Weights & Biases is optional: ``pip install wandb``).
+    or None (Weights & Biases is optional: ``pip install 'metaformer[wandb]'``). ``extra``: the extra that
+    installs TensorBoard for this task, named when it is missing.
     """
 
     def __init__(self, output: Path, main: bool, history: list[dict], step_key: str = "epoch",
                  tensorboard: bool = True, wandb: str | None = None, config: dict | None = None,
-                 purge_step: int | None = None):
+                 purge_step: int | None = None, extra: str = "train"):
         self.output, self.main, self.history, self.step_key = Path(output), main, history, step_key
         self.tb = self.wandb = None
         if not main:
             return
         if tensorboard:
-            writer = require("torch.utils.tensorboard", "train", "TensorBoard logging").SummaryWriter
+            writer = require("torch.utils.tensorboard", extra, "TensorBoard logging").SummaryWriter
             self.tb = writer(str(self.output / "tb"), purge_step=purge_step)
         if wandb:
             self.wandb = require("wandb", "wandb", "--wandb").init(project=wandb, dir=str(self.output),

@@ -36,14 +36,15 @@ from .. import data as D
 from ..engine import checkpoint as ckpt_io
 from ..engine.loop import (check_finite, check_weights_finite, freeze, optimizer_step, progress_bar, report_unreadable,
                            wrap_ddp)
-from ..engine.metrics import MetricsLog
+from ..engine.metrics import MetricsLog, check_loggers
 from ..engine.runtime import Runtime, epoch_seed, on_main, rng_state, seed_everything, set_rng_state, setup
 from ..engine.stop import GracefulStop, Interrupted
-from ..errors import ConfigError, require
+from ..errors import ConfigError, need, require
 from ..fast.training import enable_fast_training, fast_training_report
 from ..weights.io import state_dict_sha256
 from ..zoo import create_model, eval_transform, get_model_info, get_weights, list_models, split_name
-from .train_config import TrainConfig, check_config, keep_previous_config, resume_changes
+from .train_config import (TrainConfig, check_config, describe_recipe, keep_previous_config, resume_changes,
+                           small_data_hint)
 
 
 # ----------------------------------------------------------------------------------------- building
@@ -57,6 +58,7 @@ class Data:
     class_names: list[str]
     steps_per_epoch: int
     description: str
+    train_images: int | None = None
     sampler: Any = None  # map-style data: a ResumableDistributedSampler; shards: None
     stream: Any = None  # shards: the ShardStream
     generator: torch.Generator = field(default_factory=torch.Generator)
@@ -105,7 +107,7 @@ def build_data(cfg: TrainConfig, rt: Runtime) -> Data:
         raise ConfigError(f"the training data holds fewer images per process than one optimizer step (batch "
                           f"{cfg.batch_size} x accum {cfg.accum_steps}); lower --batch-size or --accum-steps")
     val_loader = eval_loader(val_set, rt, cfg.batch_size, cfg.workers)
-    return Data(loader, val_loader, list(class_names), steps, description, sampler, stream, gen)
+    return Data(loader, val_loader, list(class_names), steps, description, len(train_set), sampler, stream, gen)
 
 
 def eval_loader(dataset, rt: Runtime, batch_size: int, workers: int):
@@ -471,25 +473,44 @@ def save_checkpoint(cfg, rt, raw, recipe, state: RunState, class_names, is_best:
 def train(cfg: TrainConfig) -> dict:
     """Run training; returns the summary (best top-1, wall time, images/s, paths)."""
     check_config(cfg)  # resolve_config did for the command line; a TrainConfig built in Python is checked here
-    require("matplotlib", "train", "plotting the training curves")  # now, not after the last epoch
+    check_extras(cfg)
     rt = setup(cfg.device, cfg.amp)
     out = Path(cfg.output)
     on_main(lambda: ckpt_io.check_output(out, cfg.resume, cfg.overwrite), rt.main)  # before any work
+    rt.log(describe_recipe(cfg))
     data = build_data(cfg, rt)
+    hint = small_data_hint(cfg, data.train_images)
+    if hint:
+        rt.log(hint)
     unreadable = D.UnreadableLog(strict=cfg.strict_data)
-    with ckpt_io.RunLock(out, rt.log) as lock:  # one run writes into a folder at a time
-        on_main(lambda: ckpt_io.prepare_output(out, cfg.resume, cfg.overwrite, lock), rt.main)
-        raw, model = build_model(cfg, rt, data.class_names)
-        recipe = build_recipe(cfg, rt, raw, len(data.class_names), data.steps_per_epoch)
-        state, changed = resume(cfg, rt, raw, recipe, data)
-        if state.epoch >= cfg.epochs:
-            raise ConfigError(f"{out / 'last.pth'} already finished {state.epoch} of {cfg.epochs} epochs; raise "
-                              "--epochs to continue")
-        if rt.main:
-            write_config(cfg, rt, recipe, out, changed)
-        summary = run_epochs(cfg, rt, data, raw, model, recipe, state, unreadable)
+    folder, state = ckpt_io.RunFolder(out), None
+    try:
+        with ckpt_io.RunLock(out, rt.log) as lock:  # one run writes into a folder at a time
+            on_main(lambda: ckpt_io.prepare_output(out, cfg.resume, cfg.overwrite, lock, folder), rt.main)
+            raw, model = build_model(cfg, rt, data.class_names)
+            recipe = build_recipe(cfg, rt, raw, len(data.class_names), data.steps_per_epoch)
+            state, changed = resume(cfg, rt, raw, recipe, data)
+            if state.epoch >= cfg.epochs:
+                raise ConfigError(f"{out / 'last.pth'} already finished {state.epoch} of {cfg.epochs} epochs; raise "
+                                  "--epochs to continue")
+            if rt.main:
+                write_config(cfg, rt, recipe, out, changed)
+            summary = run_epochs(cfg, rt, data, raw, model, recipe, state, unreadable)
+    except BaseException:
+        if rt.main and not (state is not None and state.step):  # training never started: no run to keep
+            folder.undo()
+        raise
     rt.close()
     return summary
+
+
+def check_extras(cfg: TrainConfig) -> None:
+    """What the run will import is installed: checked now, not when the first epoch ends (a data source's own
+    package is checked as it is opened)."""
+    if D.is_builtin(cfg.data):
+        need("sklearn", "train", "the built-in digits")
+    check_loggers("train", cfg.wandb)
+    need("matplotlib", "train", "plotting the training curves")
 
 
 def run_epochs(cfg: TrainConfig, rt: Runtime, data: Data, raw: nn.Module, model: nn.Module, recipe: Recipe,
@@ -498,7 +519,7 @@ def run_epochs(cfg: TrainConfig, rt: Runtime, data: Data, raw: nn.Module, model:
     out = Path(cfg.output)
     metrics = MetricsLog(out, rt.main, state.history, "epoch", wandb=cfg.wandb, config=dataclasses.asdict(cfg),
                          purge_step=state.step if state.step else None)
-    rt.log(f"data: {data.description}, {len(data.class_names)} classes | model: {raw.variant} | {rt.world} "
+    rt.log(f"data: {data.description}, {len(data.class_names)} classes | model: {describe_model(raw)} | {rt.world} "
            f"process(es) on {rt.device.type}, amp {rt.amp} | global batch {recipe.global_batch} ({cfg.batch_size} "
            f"x {cfg.accum_steps} accum x {rt.world}), lr {recipe.lr:.3g} | output {out}")
 
@@ -543,6 +564,19 @@ def run_epochs(cfg: TrainConfig, rt: Runtime, data: Data, raw: nn.Module, model:
 
 
 # ----------------------------------------------------------------------------------------- feedback
+
+def describe_model(raw: nn.Module) -> str:
+    """The model as its variant's name, with what differs from the variant (the demo's S12 at half depth and width
+    is not PoolFormer-S12), and its size."""
+    params = f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters"
+    if raw.variant not in list_models():
+        return f"{raw.variant or 'a custom MetaFormer'}, {params}"
+    with torch.device("meta"):
+        ref = create_model(raw.variant, num_classes=raw.num_classes, img_size=raw.config.get("img_size", 224)).config
+    training_only = ("drop_path_rate", "drop_rate", "head_dropout")
+    changed = [f"{k} {v}" for k, v in raw.config.items() if k not in training_only and ref.get(k) != v]
+    return f"{raw.variant}" + (f" with {', '.join(changed)}" if changed else "") + f", {params}"
+
 
 def write_config(cfg: TrainConfig, rt: Runtime, recipe: Recipe, out: Path, changed: dict) -> None:
     import yaml

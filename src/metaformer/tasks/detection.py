@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from timm.utils import unwrap_model
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
+from .. import data as D
 from ..engine.loop import format_row, progress_bar
 from ..engine.runtime import Runtime, setup
 from ..engine.stop import GracefulStop
-from ..errors import ConfigError, require
+from ..errors import ConfigError, need, require
 from .dense.data import CocoDetection, detection_collate
 from .dense.detection import build_detector
 from .dense.run import DenseRun
@@ -85,6 +86,8 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
     if cfg.max_size < cfg.min_size:
         raise ConfigError(f"--max-size {cfg.max_size} is below --min-size {cfg.min_size}: the longer side limit must "
                           "be at least the shorter side's size")
+    if cfg.val_ann or cfg.arch == "mask_rcnn":
+        need("pycocotools", "dense", "COCO evaluation" if cfg.val_ann else "decoding COCO masks")
     rt = setup(cfg.device, cfg.amp)
     ckpt = DenseRun.open("detect", cfg, rt)
     arch = ckpt["arch"] if ckpt else cfg.arch
@@ -125,8 +128,10 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
                 if validate is not None:
                     run.evaluate_into(row, validate)
                 rt.log(f"epoch {run.epoch}/{cfg.epochs}  " + format_row(row, LOGGED))
-        finally:
-            history = run.close()
+        except BaseException:
+            run.close(failed=True)  # before its first step, the run leaves no folder behind
+            raise
+        history = run.close()
     rt.close()
     return history
 
@@ -178,8 +183,8 @@ def evaluate_detection(model: torch.nn.Module, ds: CocoDetection, rt: Runtime | 
     from pycocotools.cocoeval import COCOeval
 
     rt = rt or setup()
-    loader = DataLoader(Subset(ds, range(rt.rank, len(ds), rt.world)), batch_size=1, num_workers=workers,
-                        collate_fn=detection_collate)
+    loader = D.make_loader(Subset(ds, range(rt.rank, len(ds), rt.world)), 1, None, workers,
+                           collate_fn=detection_collate)
     results, unreadable = [], []
     for images, targets, bad in progress_bar(loader, main=progress and rt.main, desc="eval"):
         unreadable += bad

@@ -111,8 +111,10 @@ def train_segmentation(cfg: SegmentationConfig) -> list[dict]:
             while run.iteration < cfg.iters:
                 run.epoch, run.step_in_epoch = divmod(run.iteration, per_pass)
                 train_pass(run, train_ds, per_pass, validate, t0)
-        finally:
-            history = run.close()
+        except BaseException:
+            run.close(failed=True)  # before its first step, the run leaves no folder behind
+            raise
+        history = run.close()
     rt.close()
     return history
 

@@ -39,7 +39,9 @@ class TrainConfig:
         "help": "an ImageNet-layout root (train/ and val/ class folders), a folder of webdataset shards from "
                 "`metaformer data pack`, or a Hugging Face datasets folder; 'builtin' or omitted: the digits"})
     img_size: int = field(default=224, metadata={"help": "training and eval resolution"})
-    workers: int = field(default=8, metadata={"help": "DataLoader worker processes per rank"})
+    workers: int = field(default_factory=lambda: default_workers(), metadata={
+        "help": "DataLoader worker processes per rank (default: the CPUs this process may use, shared by the ranks "
+                "on this machine, at most 8)"})
     strict_data: bool = field(default=False, metadata={"help": "stop at the first unreadable image instead of skipping"})
     # optimisation (paper: batch 4096, lr 4e-3 = 1e-3 per 1024 images)
     epochs: int = field(default=300, metadata={"help": "training epochs"})
@@ -91,6 +93,48 @@ class TrainConfig:
     log_interval: int = field(default=20, metadata={"help": "optimizer steps between TensorBoard points"})
     wandb: str | None = field(default=None, metadata={"help": "also log to this Weights & Biases project "
                                                                "(needs `pip install wandb`)"})
+
+
+def default_workers() -> int:
+    """What the machine has: the CPUs this process may use, divided among torchrun's ranks on it, at most 8 (more
+    than the cores only makes the loader warn and the workers compete)."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
+# What `describe_recipe` leaves out of the changes it lists: where the run reads and writes, not how it trains.
+_NOT_RECIPE = ("data", "output", "resume", "overwrite", "device", "log_interval", "wandb", "workers", "strict_data")
+SMALL_DATA = 50_000  # training images below which the ImageNet recipe's defaults earn a hint (ImageNet: 1.28M)
+
+
+def describe_recipe(cfg: "TrainConfig") -> str:
+    """One line: which recipe the run follows (the papers' ImageNet recipe, or the digits demo's) and what was
+    changed from it."""
+    def changes(base: TrainConfig) -> list[str]:
+        return [f"{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(TrainConfig)
+                if f.name not in _NOT_RECIPE and getattr(cfg, f.name) != getattr(base, f.name)]
+
+    # the recipe the run is closest to: the demo's on other data too (--config configs/digits_demo.yaml)
+    demo, paper = changes(TrainConfig(**DEMO)), changes(TrainConfig())
+    builtin = D.is_builtin(cfg.data) or len(demo) < len(paper)
+    changed = demo if builtin else paper
+    name = "the built-in digits' demo recipe" if builtin else "the papers' ImageNet recipe"
+    return (f"recipe: {name}, {cfg.model}, {cfg.epochs} epochs at {cfg.img_size}px, batch {cfg.batch_size}"
+            f"{f' x {cfg.accum_steps}' if cfg.accum_steps > 1 else ''} per process, base lr {cfg.base_lr:g}, "
+            f"{cfg.workers} worker(s); " + (f"changed: {', '.join(changed)}" if changed else "unchanged"))
+
+
+def small_data_hint(cfg: "TrainConfig", train_images: int | None) -> str | None:
+    """For a small dataset trained with the ImageNet recipe's length and size unchanged: what to try instead."""
+    if D.is_builtin(cfg.data) or train_images is None or train_images >= SMALL_DATA:
+        return None
+    if (cfg.epochs, cfg.img_size) != (TrainConfig.epochs, TrainConfig.img_size):
+        return None
+    return (f"hint: {train_images:,} training images, and the ImageNet recipe's {cfg.epochs} epochs at {cfg.img_size}px "
+            "(made for 1.28M images): on a small set, start from ImageNet weights and train for less, e.g. "
+            f"--pretrained {cfg.model} --epochs 30 --warmup-epochs 2 (docs/training.md: fine-tuning)")
 
 
 POSITIVE = real(0, lo_open=True)

@@ -28,7 +28,7 @@ from ..zoo import ABLATIONS, ablation_spec, build_from_config
 # or the scaled-down digits demo when no data is given).
 BUDGETS = {
     # Each row's design at about half width and 5 blocks, 32 px, on the built-in digits: the whole
-    # 24-row grid takes ~13 minutes on 2 quiet CPU cores. 20 epochs and a higher lr than the demo,
+    # 24-row grid takes QUICK_MINUTES on 2 quiet CPU cores. 20 epochs and a higher lr than the demo,
     # because with LayerScale starting at 1e-5 fewer steps leave every block near identity and
     # all rows score the same.
     "quick": dict(epochs=20, base_lr=4e-2, warmup_epochs=2, depths=[1, 1, 2, 1], dims=[32, 64, 128, 256],
@@ -36,6 +36,10 @@ BUDGETS = {
     # The paper's recipe unchanged (PoolFormer-S12, 300 epochs, 224 px): needs --data.
     "paper": dict(),
 }
+
+# Minutes the whole quick grid took on 2 quiet CPU cores (docs/ablation_quick_report.md's run: 24 rows x 20 epochs at
+# ~900 images/s); `ablate --help` and the README quote this one figure.
+QUICK_MINUTES = 13
 
 ROW_RESULT = "result.json"
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path, check_writable
-from ..errors import MetaFormerError, require
+from ..errors import MetaFormerError, need, require
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -37,6 +37,14 @@ def size_bound_parts(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (RandomMixing, SpatialMlp, PositionEmbedding))]
 
 
+def check_runtime(fmt: str) -> None:
+    """The packages writing and checking ``fmt`` need are installed: torch's ONNX exporter writes through onnx,
+    and the file is checked in ONNX Runtime; TorchScript and torch.export need nothing more than torch."""
+    if fmt == "onnx":
+        need("onnx", "export", "ONNX export")
+        need("onnxruntime", "export", "checking an ONNX export in ONNX Runtime")
+
+
 def check_combination(model: nn.Module, fmt: str, dynamic_size: bool, dtype: str) -> None:
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -53,6 +61,7 @@ def check_combination(model: nn.Module, fmt: str, dynamic_size: bool, dtype: str
     if fmt == "onnx" and dtype == "bf16":
         raise ExportError("ONNX Runtime has no bfloat16 kernels for these operators on CPU; export onnx as fp32 "
                           "or fp16, or use --format torchscript/exported for bf16")
+    check_runtime(fmt)
 
 
 @dataclass
@@ -107,8 +116,23 @@ def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynami
             # from 64: at 1x1 in the last stage torch.export specialises the final norm and pooling
             dims[2] = torch.export.Dim("height", min=64, max=4096)
             dims[3] = torch.export.Dim("width", min=64, max=4096)
+        # torch.export's writer takes a channels_last weight (the fused model's convs keep theirs so) for a slice of
+        # its storage and warns "No complete tensor found"; contiguous copies are written without the warning.
+        model = _contiguous_weights(model)
         ep = torch.export.export(model, (example,), dynamic_shapes=({**dims} if dims else None,) if dims else None)
         torch.export.save(ep, str(path), extra_files=extra)
+
+
+def _contiguous_weights(model: nn.Module) -> nn.Module:
+    """``model``, or a copy of it whose parameters and buffers are contiguous (the same values)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.is_contiguous() for t in tensors):
+        return model
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            t.data = t.data.contiguous()
+    return model
 
 
 class Runtime:
@@ -154,7 +178,7 @@ def load_runtime(path: str | os.PathLike, fmt: str | None = None) -> Runtime:
                           "(torch.export) file, or name the format")
     try:
         return _load_runtime(path, fmt)
-    except ExportError:
+    except MetaFormerError:  # a runtime that is not installed: the file may well be fine
         raise
     except Exception as e:  # protobuf, zip and pickle errors from three runtimes
         first = (str(e).strip().splitlines() or [""])[0][:200]
@@ -207,20 +231,17 @@ def _is_int8_program(program) -> bool:
                for node in program.graph.nodes)
 
 
-def sample_image(img_size: int, transform) -> torch.Tensor:
-    """A real photograph for the check: scikit-image's cat if installed, else a real digit scan."""
+# A real photograph for the checks, shipped with the package so that an export needs no extra: Chelsea the cat,
+# scikit-image's sample photograph (CC0, by Stefan van der Walt), resized to 300x200.
+SAMPLE_IMAGE = Path(__file__).with_name("chelsea.jpg")
+
+
+def sample_image(transform) -> torch.Tensor:
+    """The sample photograph (:data:`SAMPLE_IMAGE`) through the model's eval ``transform``, as a batch of one."""
     from PIL import Image
 
-    try:
-        from skimage import data as skdata
-
-        pil = Image.fromarray(skdata.chelsea())
-    except ImportError:
-        from sklearn.datasets import load_digits
-
-        digit = load_digits().images[0]
-        pil = Image.fromarray((digit / 16 * 255).astype("uint8")).convert("RGB").resize((img_size, img_size))
-    return transform(pil).unsqueeze(0)
+    with Image.open(SAMPLE_IMAGE) as im:
+        return transform(im.convert("RGB")).unsqueeze(0)
 
 
 def export_path(path: str | os.PathLike, fmt: str) -> Path:
@@ -254,7 +275,7 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int
         try:
             _write(cast, example.to(torch_dtype), tmp, fmt, dynamic_batch, dynamic_size, metadata)
             run = load_runtime(tmp, fmt)
-        except ExportError:
+        except MetaFormerError:
             raise
         except Exception as e:  # an exporter's internal error: say which step failed, in one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""

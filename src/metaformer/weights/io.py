@@ -3,6 +3,7 @@ raw or wrapped state dicts. A weights file never runs code: torch files are read
 ``weights_only=True``."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +23,27 @@ _LIST_LIMIT = 10  # keys shown per list in an error message
 
 class WeightsError(MetaFormerError):
     """A weights file that cannot be read, or does not fit the model it is loaded into."""
+
+
+class DownloadError(WeightsError):
+    """Weights that could not be downloaded (offline, a proxy, the server): says where to put the file by hand.
+
+    ``how`` says how the caller passes a local file instead, ``{}`` standing for its path (default: Python's
+    ``pretrained=``); on the command line, :meth:`cli_message` names the verb's flag."""
+
+    PYTHON = "pretrained='{}' (or load_weights(model, '{}'))"
+
+    def __init__(self, url: str, dest: Path, reason: str, how: str = PYTHON):
+        self.url, self.dest, self.reason, self.how = url, Path(dest), reason, how
+        super().__init__(self.message(how))
+
+    def cli_message(self, args) -> str:
+        return self.message((getattr(args, "weights_flag", None) or "--checkpoint") + " {}")
+
+    def message(self, how: str) -> str:
+        return (f"cannot download {self.url} ({self.reason}); is this machine offline? Download that file on one that "
+                f"is online and copy it to {self.dest} (it is used from there, with no network), or pass its path: "
+                + how.replace("{}", f"/path/to/{self.dest.name}"))
 
 
 def fmt_list(items: list, limit: int = _LIST_LIMIT) -> str:
@@ -73,17 +95,18 @@ def download(url: str, sha256: str | None = None, cache: str | os.PathLike | Non
     record = _record_path(dest)
     if dest.is_file() and dest.stat().st_size > 0 and _cached_ok(dest, record, sha256):
         return dest
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # removed again if it fails
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         # download_url_to_file writes to a temporary file and renames it, so an interrupted
         # download never leaves a truncated file in the cache.
         torch.hub.download_url_to_file(url, str(dest), progress=True)
     except Exception as e:  # urllib raises URLError, HTTPError, socket errors, ...
-        raise WeightsError(
-            f"could not download {url} ({type(e).__name__}: {e}). If this machine is offline, download the "
-            f"file on a machine that is online and pass its local path instead, e.g. "
-            f"create_model(name, pretrained='/path/to/{name}') or load_weights(model, '/path/to/{name}'); "
-            f"or copy it to {dest}.") from None
+        for folder in made:  # deepest first: no empty cache folders left behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise DownloadError(url, dest, f"{type(e).__name__}: {reason}") from None
     digest = file_sha256(dest)
     if sha256 and digest != sha256:
         dest.unlink()

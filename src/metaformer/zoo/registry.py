@@ -3,7 +3,7 @@
 An architecture (:class:`ModelInfo`) is a name, the :class:`~metaformer.MetaFormer` config that
 builds it and the paper's figures. It has zero or more sets of weights (:class:`Weights`),
 named by tag with timm's syntax (``poolformer_s12.sail_in1k``): each carries its URL, the
-hub id of timm's copy, the checksum where one is published, the eval preprocessing its
+hub id of timm's copy, a checksum to check against where one is pinned, the eval preprocessing its
 numbers were measured with, its dataset's class names and the authors' metrics. The first
 tag is the default (``pretrained=True``).
 
@@ -48,7 +48,7 @@ class Weights:
     tag: str
     url: str | None = None  # the authors' release file
     hf_hub_id: str | None = None  # timm's copy on the Hugging Face hub, in timm's layout
-    sha256: str | None = None  # a published checksum (the authors publish none; downloads record theirs)
+    sha256: str | None = None  # a published SHA-256 to check the download against; none is pinned (docs/install.md)
     dataset: str = "imagenet-1k"  # the classifier's classes: imagenet-1k or imagenet-22k
     img_size: int = 224
     crop_pct: float = 0.9

@@ -6,7 +6,8 @@ a name with the ``metaformer_`` prefix (``metaformer_poolformer_s12``, ``metafor
 tags (``metaformer_poolformer_s12.sail_in1k``). No name is one of timm's, so importing metaformer
 never changes what timm's own names build. timm's builder does the rest: ``pretrained_cfg``,
 ``features_only`` (our backbone with the authors' per-stage norms), ``pretrained=True``
-(through :func:`checkpoint_filter`, which reads any layout we read), ``train.py --model`` and
+(the same release file as ``metaformer.create_model``, see :func:`authors_file`, read through
+:func:`checkpoint_filter`, which reads any layout we read), ``train.py --model`` and
 ``validate.py --model``.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from timm.models._registry import _model_entrypoints
 
 from ..models.features import feature_cfg_for, resolve_feature_cls
 from ..models.metaformer import MetaFormer, conv_out
-from ..weights.io import unwrap
+from ..weights.io import DownloadError, resolve, unwrap
 from ..weights.layouts import detect_layout, to_ours
 from .registry import _REGISTRY, ModelInfo, check_output_stride, split_feature_args, timm_name
 
@@ -38,6 +39,27 @@ def checkpoint_filter(state_dict: dict, model: torch.nn.Module) -> dict:
             value = value.reshape(target.shape)  # nn.Linear <-> 1x1 conv
         out[key] = value
     return out
+
+
+def authors_file(variant: str, pretrained_cfg, overlay: dict | None) -> dict | None:
+    """The ``pretrained_cfg_overlay`` with which timm's ``pretrained=True`` loads what ``metaformer.create_model``
+    loads: the tag's release file from the authors (:attr:`Weights.url`), downloaded and checked by metaformer
+    into its cache (one line, at once, when offline, instead of timm's retries of its Hub copy). A source the
+    caller names (``state_dict``, ``file``, ``hf_hub_id``, ``url``) is left to timm."""
+    given = dict(overlay or {})
+    if pretrained_cfg is not None and not isinstance(pretrained_cfg, str):
+        given = {**(pretrained_cfg if isinstance(pretrained_cfg, dict) else pretrained_cfg.to_dict()), **given}
+    if any(given.get(k) for k in ("state_dict", "file", "hf_hub_id", "url")):
+        return overlay
+    tag = pretrained_cfg if isinstance(pretrained_cfg, str) else given.get("tag")
+    weights = _REGISTRY[variant].get_weights(tag)
+    if weights.url is None:
+        return overlay
+    try:
+        path = resolve(weights.url, weights.sha256)
+    except DownloadError as e:  # timm's way to pass the file instead
+        raise DownloadError(e.url, e.dest, e.reason, "pretrained_cfg_overlay=dict(file='{}')") from None
+    return {**(overlay or {}), "file": str(path)}
 
 
 def token_grid(size: tuple) -> tuple:
@@ -93,6 +115,9 @@ def _entrypoint(name: str, variant: str, model_cfg: dict):
             kwargs["pretrained_cfg_overlay"] = {"input_size": (kwargs.get("in_chans", 3), *size),
                                                 "pool_size": token_grid(size),
                                                 **(kwargs.get("pretrained_cfg_overlay") or {})}
+        if pretrained:
+            kwargs["pretrained_cfg_overlay"] = authors_file(variant, kwargs.get("pretrained_cfg"),
+                                                            kwargs.get("pretrained_cfg_overlay"))
         return build_model_with_cfg(_variant_builder(variant), name, pretrained,
                                     pretrained_filter_fn=checkpoint_filter, feature_cfg=feature_cfg,
                                     **{**model_cfg, **kwargs})

@@ -26,7 +26,7 @@ from ... import data as D
 from ...engine import checkpoint as ckpt_io
 from ...engine.loop import (check_finite, check_weights_finite, optimizer_step, report_unreadable, stop_requested,
                             wrap_ddp)
-from ...engine.metrics import MetricsLog
+from ...engine.metrics import MetricsLog, check_loggers
 from ...engine.runtime import Runtime, epoch_seed, on_main, rng_state, seed_everything, set_rng_state
 from ...engine.stop import GracefulStop, Interrupted
 
@@ -67,19 +67,24 @@ class DenseRun:
             rt.log(f"resumed from {ckpt_io.resume_path(cfg.resume, self.output)}: pass {self.epoch + 1}, batch "
                    f"{self.step_in_epoch}, iteration {self.iteration}")
         self.lock = ckpt_io.RunLock(self.output, rt.log)  # one run writes into a folder at a time
+        self.folder = ckpt_io.RunFolder(self.output)  # removed by close(failed=True) before the first step
+        self.metrics = None
         try:
-            on_main(lambda: ckpt_io.prepare_output(self.output, cfg.resume, cfg.overwrite, self.lock), rt.main)
+            on_main(lambda: ckpt_io.prepare_output(self.output, cfg.resume, cfg.overwrite, self.lock, self.folder),
+                    rt.main)
             self.metrics = MetricsLog(self.output, rt.main, self.history, step_key, wandb=cfg.wandb,
-                                      config=dataclasses.asdict(cfg), purge_step=self.iteration or None)
+                                      config=dataclasses.asdict(cfg), purge_step=self.iteration or None,
+                                      extra="dense")
         except BaseException:
-            self.lock.release()
+            self.close(failed=True)
             raise
         self.unreadable = D.UnreadableLog()
         self.stop: GracefulStop | None = None
 
     @staticmethod
     def open(task: str, cfg: Any, rt: Runtime) -> dict | None:
-        """Check ``cfg.output`` before any work; the checkpoint to resume from, if any."""
+        """Check ``cfg.output`` and the loggers' packages before any work; the checkpoint to resume from, if any."""
+        check_loggers("dense", cfg.wandb)
         output = Path(cfg.output)
         on_main(lambda: ckpt_io.check_output(output, cfg.resume, cfg.overwrite), rt.main)
         path = ckpt_io.resume_path(cfg.resume, output)
@@ -177,7 +182,12 @@ class DenseRun:
             self.rt.log(f"resume: evaluating iteration {self.iteration}, whose evaluation did not finish")
             self.evaluate_into(self.history[-1], evaluate)
 
-    def close(self) -> list[dict]:
-        self.metrics.close()
+    def close(self, failed: bool = False) -> list[dict]:
+        """End the run: logs closed, the folder released; a run that ``failed`` before its first step leaves no
+        folder behind (:class:`~metaformer.engine.checkpoint.RunFolder`)."""
+        if self.metrics is not None:
+            self.metrics.close()
         self.lock.release()
+        if failed and self.rt.main and self.iteration == 0:
+            self.folder.undo()
         return self.history
