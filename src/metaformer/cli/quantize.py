@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
                    help="ort: ONNX Runtime static quantization (.onnx); pt2e: torchao's X86InductorQuantizer "
                         "(.pt2, compiled by Inductor when loaded)")
     p.add_argument("--calib-images", type=whole(1, 1_000_000), default=256, help="training images the activation ranges come from")
-    p.add_argument("--max-drop", type=real(0, 100), default=1.0, help="largest top-1 loss in points the file may have")
+    p.add_argument("--max-drop", type=real(-100, 100), default=1.0,
+                   help="largest top-1 loss in points the file may have (negative: int8 must beat fp32 by that much)")
     p.add_argument("--force", action="store_true", help="write the file even when its top-1 drop exceeds "
                                                         "--max-drop")
     p.add_argument("--num-classes", type=NUM_CLASSES, help="classifier width of a checkpoint without stored config")
