@@ -1,26 +1,17 @@
 """Every numeric flag of every verb at 0, a negative value, NaN and a huge value: a one-line error or a run that
 works, never a traceback. The flags are read from the parsers themselves, so a new flag is covered as it is added
 (and a verb that gains numeric flags must be given a base command here)."""
-import argparse
 from pathlib import Path
 
 import pytest
 
 from digits import write_digits
+from test_cli import leaf_parsers as leaves
 from metaformer.cli import build_parser, main
 from metaformer.ranges import Range
 
 TINY_NET = ["--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32", "--img-size", "32"]
 DENSE_NET = ["--override", "depths=[1,1,1,1]", "--override", "dims=[8,16,24,32]", "--fpn-channels", "8"]
-
-
-def leaves(parser, path=()):
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
-        yield " ".join(path), parser
-    for action in subs:
-        for name, sub in action.choices.items():
-            yield from leaves(sub, (*path, name))
 
 
 def item_type(action):
