@@ -14,10 +14,12 @@ Sections run in priority order under ``--budget`` seconds; what does not fit is 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -385,13 +387,20 @@ def _train(c: Check, args: list[str], out: Path, timeout: float) -> dict:
     return row
 
 
+def scratch(prefix: str) -> Path:
+    """A scratch folder for a section's runs, removed when the check exits (the report lives in --out)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    return tmp
+
+
 def sec_train_digits(c: Check) -> dict:
     """``metaformer train`` on the built-in digits (the demo's model): ~200 optimizer steps on the GPU in
     bf16 with channels_last, with compile and the fast path on and off, against the same steps on the
     CPU in fp32 (1,437 images / 64 per step = 23 steps per epoch)."""
     # the dry run: one epoch of a smaller model, to keep the test suite quick
     size = ["--epochs", "1", "--depths", "1", "1", "1", "1", "--dims", "8", "16", "24", "32"] if c.dry else ["--epochs", "9"]
-    tmp = Path(tempfile.mkdtemp(prefix="gpu-check-train-"))
+    tmp = scratch("gpu-check-train-")
     out = {"cpu fp32": _train(c, ["--device", "cpu", "--amp", "none", *size], tmp / "cpu", 600)}
     if c.dry:
         configs = {"fast": ["--fast-training"]}
@@ -428,7 +437,7 @@ def sec_export(c: Check) -> dict:
                 out[f"torch.export on {c.device.type} ({label})"] = {"rel": rel(ep.module()(x), ref)}
             except Exception as e:  # noqa: BLE001 (recorded, the section goes on)
                 out[f"torch.export on {c.device.type} ({label})"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    tmp = Path(tempfile.mkdtemp(prefix="gpu-check-export-"))
+    tmp = scratch("gpu-check-export-")
     for fmt in ("onnx", "exported"):
         try:
             r = export(m, tmp / f"s12.{fmt}", fmt)
@@ -440,7 +449,7 @@ def sec_export(c: Check) -> dict:
 
 def sec_dense(c: Check) -> dict:
     """A few iterations of toy Mask R-CNN and Semantic FPN through the CLI on the device."""
-    tmp = Path(tempfile.mkdtemp(prefix="gpu-check-dense-"))
+    tmp = scratch("gpu-check-dense-")
     dev = "cpu" if c.dry else "cuda"
     mf = [sys.executable, "-m", "metaformer"]
     small = ["--override", "depths=[1,1,1,1]", "--override", "dims=[16,32,48,64]", "--fpn-channels", "64"]

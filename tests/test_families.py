@@ -270,7 +270,7 @@ def test_convert_writes_an_authors_caformer_file_as_timm_checked_in_timm(tmp_pat
 
 # ----------------------------------------------------------------------------------------- input sizes
 
-def test_randformer_is_built_for_the_size_it_is_given():
+def test_randformer_is_built_for_the_size_it_is_given(tmp_path):
     small = dict(depths=[1, 1, 1, 1], dims=[16, 32, 48, 64])
     for size, (h, w) in ((64, (64, 64)), ((64, 96), (64, 96))):
         model = create_model("randformer_s12", img_size=size, **small).eval()
@@ -284,13 +284,10 @@ def test_randformer_is_built_for_the_size_it_is_given():
     # the authors' 224 matrices do not fit a model built for 64 px: the error says what to rebuild
     at224 = create_model("randformer_s12", **small)
     with pytest.raises(WeightsError, match="img_size"):
-        load_weights(create_model("randformer_s12", img_size=64, **small), from_ours_file(at224))
+        load_weights(create_model("randformer_s12", img_size=64, **small), from_ours_file(at224, tmp_path / "w.pth"))
 
 
-def from_ours_file(model, layout="authors_v2"):
-    import tempfile
-
-    path = Path(tempfile.mkdtemp()) / "w.pth"
+def from_ours_file(model, path, layout="authors_v2"):
     torch.save(from_ours(model.state_dict(), layout), path)
     return path
 

@@ -212,10 +212,11 @@ def cuda_graph(fn: Callable, x: torch.Tensor) -> Callable:
 
 def _ort_session(model: nn.Module, x: torch.Tensor):
     """Export ``model`` to ONNX (TorchScript exporter, as timm's export) and open it in ONNX Runtime."""
-    path = os.path.join(tempfile.mkdtemp(prefix="metaformer-bench-"), "model.onnx")
-    torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["logits"], opset_version=17,
-                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
-    return ort_file(path)
+    with tempfile.TemporaryDirectory(prefix="metaformer-bench-") as tmp:  # the session holds the graph
+        path = os.path.join(tmp, "model.onnx")
+        torch.onnx.export(model, (x,), path, input_names=["x"], output_names=["logits"], opset_version=17,
+                          dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+        return ort_file(path)
 
 
 def ort_file(path: str | os.PathLike):
@@ -242,8 +243,8 @@ def _int8(backend: str, model: nn.Module, x: torch.Tensor):
 
     calib = torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(1))
     if backend == "ort":
-        path = os.path.join(tempfile.mkdtemp(prefix="metaformer-bench-"), "int8.onnx")
-        return ort_file(quantize_to_file(model, calib, path, "ort"))
+        with tempfile.TemporaryDirectory(prefix="metaformer-bench-") as tmp:
+            return ort_file(quantize_to_file(model, calib, os.path.join(tmp, "int8.onnx"), "ort"))
     return compile_int8(pt2e_program(model, calib, 16).module())
 
 
