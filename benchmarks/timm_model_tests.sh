@@ -24,7 +24,7 @@ if "${ENTRY:-timm}" == "metaformer":  # test_models.py imports create_model when
 
     def create_model(name, *args, **kwargs):
         if name.startswith("metaformer_"):
-            return metaformer.create_model(name[len("metaformer_"):], *args, **kwargs)
+            return metaformer.create_model(name, *args, **kwargs)  # it takes timm's names as they are
         return _timm_create(name, *args, **kwargs)
 
     timm.create_model = create_model
