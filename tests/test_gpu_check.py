@@ -19,10 +19,13 @@ import traffic  # noqa: E402
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    scratch = tmp_path / "tmp"  # the sections' scratch folders (runs, exports) are gone when the check exits
+    scratch.mkdir()
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src"), "TMPDIR": str(scratch)}
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(tmp_path), "--dry-run"],
                        capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert not [f for f in scratch.iterdir() if f.name.startswith("gpu-check-")]
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     errors = {k: v["error"] for k, v in res.items() if isinstance(v, dict) and "error" in v}
     assert not errors, errors

@@ -1,6 +1,7 @@
 """Static int8: every family quantizes (ONNX Runtime), PT2E's program, the accuracy report of `metaformer quantize`
 checked against `eval` of both models, the --max-drop refusal, and eval/predict/bench running the int8 file."""
 import json
+import tempfile
 
 import pytest
 import torch
@@ -121,3 +122,18 @@ def test_quantize_refuses_a_drop_over_max_drop_unless_forced(digits_ckpt, tmp_pa
     assert main(["quantize", str(digits_ckpt), "--calib-images", "32", "--max-drop", "-50", "--force", "-o",
                  str(out)]) == 0
     assert out.is_file() and "wrote" in capsys.readouterr().out
+
+
+def test_bench_onnx_runtime_modes_leave_no_scratch_files(tmp_path, monkeypatch):
+    """ORT reads the graph when the session opens: bench removes its export (a whole model per run) right after."""
+    from metaformer.tools import bench
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    model, x = tiny("poolformer_s12").eval(), images(2)
+    with torch.no_grad():
+        fp32, int8 = bench._ort_session(model, x), bench._int8("ort", model, x)
+        torch.testing.assert_close(fp32(x), model(x), rtol=1e-4, atol=1e-4)
+        assert int8(x).shape == (2, 10)
+    assert not list(scratch.iterdir())
