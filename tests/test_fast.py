@@ -70,6 +70,7 @@ def test_fused_any_size_and_backend(backend, size):
     ("metaformer_ppaa_s12", {}, 8),  # channel LayerNorm pooling stages + attention stages left as they are
     ("metaformer_pppf_s12", {"img_size": 64}, 2),  # spatial-MLP stage left as it is
     ("poolformer_s12", {"pool_subtract": False}, 0),
+    ("poolformer_s12", {"pool_subtract": False, "mixer_residual": False}, 12),  # pool(norm(x)): kept, still exact
     ("poolformer_s12", {"pool_size": 5}, 0),
     ("poolformer_s12", {"act": "relu"}, 0),
     ("poolformer_s12", {"norm": "bn"}, 12),  # not fusable: blocks kept, still correct

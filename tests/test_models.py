@@ -320,6 +320,24 @@ def test_ablation_switches_change_the_block():
     torch.testing.assert_close(no_res(x), 0.5 * no_res.mlp(no_res.norm2(y)))
 
 
+def test_mixer_without_residual_replaces_its_input():
+    """pool_no_residual: the token-mixer sub-layer is pool(norm(x)) itself (no skip, no LayerScale), the MLP keeps
+    its residual; neither fast path takes such a block for a standard one."""
+    from metaformer.fast.fuse import unfusable_reason
+    from metaformer.fast.training import unsupported_reason
+
+    variant, overrides = ablation_spec("pool_no_residual")
+    block = small(variant, layer_scale_init_value=0.5, **overrides).stages[0].blocks[0]
+    assert "layer_scale1.scale" not in block.state_dict() and "layer_scale2.scale" in block.state_dict()
+    x = torch.randn(1, 64, 8, 8)
+    y = F.avg_pool2d(block.norm1(x), 3, 1, 1, count_include_pad=False)
+    torch.testing.assert_close(block(x), y + 0.5 * block.mlp(block.norm2(y)))
+    assert "token mixer has no residual" in unfusable_reason(block)
+    subtracting = small("poolformer_s12", mixer_residual=False).stages[0].blocks[0]  # pool(x) - x, without its skip
+    assert "token mixer has no residual" in unsupported_reason(subtracting)
+    torch.testing.assert_close(torch.jit.script(block)(x), block(x))
+
+
 def test_no_weight_decay_lists_biases_norms_layer_scales_and_pos_embed():
     model = small("metaformer_ppaa_s12")
     skip = model.no_weight_decay()

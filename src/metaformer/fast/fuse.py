@@ -268,6 +268,8 @@ def unfusable_reason(block: MetaFormerBlock) -> str | None:
         return f"its token mixer is {type(mixer).__name__} (pooling and identity mixers fuse)"
     if not block.residual:
         return "it has no residual connection (the ablation)"
+    if not block.mixer_residual:
+        return "its token mixer has no residual connection (the ablation)"
     if not (_is_gn1(norm1) or _is_ln(norm1)):
         return f"its norm is {type(norm1).__name__} (GroupNorm(1) and channel LayerNorm fuse)"
     if block.use_mlp:

@@ -334,6 +334,8 @@ def unsupported_reason(block: MetaFormerBlock) -> str | None:
         return f"its token mixer is {type(mixer).__name__}{'' if not isinstance(mixer, Pooling) else ' without the subtraction'}"
     if not block.residual:
         return "it has no residual connection (the ablation)"
+    if not block.mixer_residual:
+        return "its token mixer has no residual connection (the ablation)"
     if not (isinstance(n1, nn.GroupNorm) and n1.num_groups == 1 and n1.weight is not None):
         return f"its norm is {type(n1).__name__} (the path covers GroupNorm(1) with a weight)"
     if not (_scale_or_none(block.layer_scale1) and _scale_or_none(block.res_scale1)):

@@ -103,22 +103,29 @@ def check_image_input(x: torch.Tensor, in_chans: int) -> None:
 
 class MetaFormerBlock(nn.Module):
     residual: Final[bool]
+    mixer_residual: Final[bool]
     use_mlp: Final[bool]
 
     def __init__(self, dim: int, token_mixer: nn.Module, norm_layer, act_layer, mlp_ratio: float = 4.0,
                  mlp_bias: bool = True, layer_scale_init_value: Optional[float] = 1e-5,
                  res_scale_init_value: Optional[float] = None, drop_path: float = 0.0, residual: bool = True,
-                 use_mlp: bool = True, drop: float = 0.0):
+                 use_mlp: bool = True, drop: float = 0.0, mixer_residual: bool = True):
         super().__init__()
         self.residual = residual
+        # mixer_residual=False (an ablation): the token mixer's output replaces its input, so
+        # x + pool(norm(x)) - norm(x) becomes pool(norm(x)). There is no skip for LayerScale or
+        # ResScale to scale towards (LayerScale at 1e-5 would shrink the whole stream) and none
+        # for drop path to fall back on, so that sub-layer has neither.
+        self.mixer_residual = mixer_residual
         self.use_mlp = use_mlp
         self.norm1 = norm_layer(dim)
         self.token_mixer = token_mixer
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         ls = layer_scale_init_value is not None
         rs = res_scale_init_value is not None
-        self.layer_scale1 = Scale(dim, layer_scale_init_value) if ls else nn.Identity()
-        self.res_scale1 = Scale(dim, res_scale_init_value) if rs else nn.Identity()
+        scaled1 = mixer_residual or not residual  # residual=False (the paper's row) keeps its scales
+        self.layer_scale1 = Scale(dim, layer_scale_init_value) if ls and scaled1 else nn.Identity()
+        self.res_scale1 = Scale(dim, res_scale_init_value) if rs and scaled1 else nn.Identity()
         # Without the MLP (an ablation) its parts are parameter-free placeholders, so TorchScript can
         # compile the skipped branch; the state dict is that of a block without them.
         self.norm2 = norm_layer(dim) if use_mlp else nn.Identity()
@@ -128,8 +135,11 @@ class MetaFormerBlock(nn.Module):
         self.res_scale2 = Scale(dim, res_scale_init_value) if rs and use_mlp else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.drop_path(self.layer_scale1(self.token_mixer(self.norm1(x))))
-        x = self.res_scale1(x) + y if self.residual else y
+        if self.residual and not self.mixer_residual:
+            x = self.token_mixer(self.norm1(x))
+        else:
+            y = self.drop_path(self.layer_scale1(self.token_mixer(self.norm1(x))))
+            x = self.res_scale1(x) + y if self.residual else y
         if self.use_mlp:
             y = self.drop_path(self.layer_scale2(self.mlp(self.norm2(x))))
             x = self.res_scale2(x) + y if self.residual else y
@@ -225,8 +235,9 @@ class MetaFormer(nn.Module):
     ``norm_eps``, ``mlp_bias``, ``stem_norm`` / ``downsample_norm`` (the Baselines' norm after
     the stem and before each downsampling conv), ``head_style`` (``norm_pool`` or
     ``pool_norm``), ``head_norm`` / ``head_norm_eps``, ``mlp_head`` / ``mlp_head_eps`` /
-    ``head_dropout``, ``drop_path_rate`` (linear over all blocks), ``drop_rate``, ``residual``
-    and ``use_mlp`` (ablation switches), ``pool_subtract``, ``head_dim``, ``img_size`` (the size
+    ``head_dropout``, ``drop_path_rate`` (linear over all blocks), ``drop_rate``, ``residual``,
+    ``mixer_residual`` (the token mixer's sub-layer alone without its skip: ``mixer(norm(x))``) and
+    ``use_mlp`` (ablation switches), ``pool_subtract``, ``head_dim``, ``img_size`` (the size
     that sizes token-count-bound parts), ``global_pool`` (``''``: the head returns the map),
     ``init_all_convs`` (the Baselines initialise every conv; PoolFormer only the pointwise ones),
     ``feature_norm`` (the new per-stage norm of a ``features_only`` backbone).
@@ -261,6 +272,7 @@ class MetaFormer(nn.Module):
         mlp_head_eps: float = 1e-5,
         head_dropout: float = 0.0,
         residual: bool = True,
+        mixer_residual: bool = True,
         use_mlp: bool = True,
         drop_path_rate: float = 0.0,
         drop_rate: float = 0.0,
@@ -326,7 +338,7 @@ class MetaFormer(nn.Module):
                 blocks.append(MetaFormerBlock(
                     dims[i], mixer, norm_layer, resolve_act(opts["act"][i]), opts["mlp_ratios"][i], mlp_bias,
                     ls_init, opts["res_scale_init_value"][i], dpr[cursor + j], residual=residual, use_mlp=use_mlp,
-                    drop=drop_rate))
+                    drop=drop_rate, mixer_residual=mixer_residual))
             cursor += depths[i]
             pe = PositionEmbedding(dims[i], tuple(size)) if pos[i] else nn.Identity()
             stages.append(MetaFormerStage(downsample, pe, blocks))

@@ -117,7 +117,8 @@ def hf_config(model: nn.Module, class_names: list[str] | None) -> dict:
                          for k in ("mlp_ratios", "layer_scale_init_value", "pool_size"))
     representable = (c.get("token_mixers", "pooling") in ("pooling", ["pooling"] * len(c["depths"])) and
                      c.get("norm", "mln") in ("mln", "gn1") and c.get("act", "gelu") == "gelu" and per_stage_same and
-                     c.get("pool_subtract", True) and c.get("residual", True) and c.get("use_mlp", True) and
+                     c.get("pool_subtract", True) and c.get("residual", True) and c.get("mixer_residual", True) and
+                     c.get("use_mlp", True) and
                      c.get("layer_scale", True) is True and c.get("head_style", "norm_pool") == "norm_pool" and
                      c.get("mlp_bias", True) and not c.get("stem_norm") and len(c["depths"]) == 4 and
                      c.get("in_chans", 3) == 3 and c.get("norm_eps") in (None, 1e-5))

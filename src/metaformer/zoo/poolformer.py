@@ -55,6 +55,10 @@ ABLATIONS: dict[str, tuple[dict, str, str, float, float]] = {
     "random": ({"token_mixers": "random"}, "pooling -> frozen random matrix", "11.9M (+21M frozen)", 3.3, 75.8),
     "dwconv": ({"token_mixers": "dwconv"}, "pooling -> depthwise conv", "11.9M", 1.8, 78.1),
     "pool_no_subtract": ({"pool_subtract": False}, "pool(x) instead of pool(x) - x", "11.9M", 1.8, None),
+    # The authors' issue tracker asked whether the subtraction AND the skip it cancels can go: the token
+    # mixer's sub-layer x + pool(norm(x)) - norm(x) becomes pool(norm(x)) (the MLP keeps its residual).
+    "pool_no_residual": ({"pool_subtract": False, "mixer_residual": False},
+                         "pool(norm(x)) instead of x + pool(norm(x)) - norm(x)", "11.9M", 1.8, None),
     "pool5": ({"pool_size": 5}, "pool size 3 -> 5", "11.9M", 1.8, 77.2),
     "pool7": ({"pool_size": 7}, "pool size 3 -> 7", "11.9M", 1.8, 77.1),
     "pool9": ({"pool_size": 9}, "pool size 3 -> 9", "11.9M", 1.8, 76.8),
