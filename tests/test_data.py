@@ -1,4 +1,5 @@
-"""Data checks: folder layout errors before training, unreadable images, the built-in digits split."""
+"""Data checks: folder layout errors before training, unreadable images, the built-in digits split, the built-in
+odd-one-out task."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -78,6 +79,66 @@ def test_digits_split_is_fixed_and_stratified():
     assert D.Digits("val", 32).targets == val.targets
     img = val.images[0]
     assert img.size == (32, 32) and img.mode == "RGB"
+
+
+def _digit_of_each_quadrant(image, split):
+    """Which digit each quadrant of an odd-one-out image holds, found by matching its pixels against every scan."""
+    from metaformer.data.builtin import OddOneOut
+    from metaformer.data.digits import digit_scans
+
+    scans, labels = digit_scans(split)
+    cell = OddOneOut.CANVAS // 2
+    tiles = {np.asarray(Image.fromarray((s * (255 / 16)).round().astype(np.uint8), "L").resize(
+        (cell, cell), Image.BICUBIC)).tobytes(): int(k) for s, k in zip(scans, labels)}
+    quadrants = [image[y * cell:(y + 1) * cell, x * cell:(x + 1) * cell].tobytes() for y in (0, 1) for x in (0, 1)]
+    return [tiles[q] for q in quadrants]  # a KeyError: a quadrant that is no scan of this split
+
+
+def test_odd_one_out_labels_the_quadrant_of_the_odd_digit():
+    train, val = D.OddOneOut("train"), D.OddOneOut("val")
+    assert (len(train), len(val)) == (10_000, 2_000) and train.classes[D.OddOneOut("val").targets[0]]
+    assert np.bincount(train.targets).min() > 2_300  # the four quadrants about equally often
+    for ds, split in ((train, "train"), (val, "val")):  # val images hold only val scans: new handwriting
+        for i in range(20):
+            digits = _digit_of_each_quadrant(ds.images[i], split)
+            odd = ds.targets[i]
+            rest = digits[:odd] + digits[odd + 1:]
+            assert len(set(rest)) == 1 and digits[odd] != rest[0], (split, i, digits, odd)
+    again = D.OddOneOut("val")
+    assert np.array_equal(again.images, val.images) and again.targets == val.targets  # the same set every time
+    img, target = val[0]
+    assert img.size == (32, 32) and img.mode == "RGB" and target == val.targets[0]
+    assert D.OddOneOut("val", img_size=48).images.shape == (2000, 48, 48)
+
+
+def test_builtin_names_and_their_errors():
+    assert [D.builtin_name(d) for d in (None, "", "builtin", "digits", "builtin:digits", "Builtin:Odd-One-Out")] == [
+        "digits"] * 5 + ["odd-one-out"]
+    assert D.builtin_name("/data/imagenet") is None and not D.is_builtin("runs/x")
+    with pytest.raises(D.DataError, match="no built-in data set 'mnist'; built-in: builtin:digits, builtin:odd-one-out"):
+        D.builtin_name("builtin:mnist")
+    assert D.eval_crop("builtin:odd-one-out") == 1.0 and D.eval_crop("builtin") is None and D.eval_crop("/x") is None
+
+
+def test_train_and_eval_on_the_odd_one_out_task(tmp_path, capsys):
+    """`train --data builtin:odd-one-out` follows that set's recipe (whole images, no augmentation that moves a
+    quadrant) and evaluates uncropped; `eval` on the set scores the checkpoint the same, and refuses a model
+    trained on other classes."""
+    out = tmp_path / "run"
+    assert main(["train", "--data", "builtin:odd-one-out", "--epochs", "1", "--depths", "1", "1", "1", "1", "--dims",
+                 "8", "8", "16", "16", "--output", str(out)]) == 0
+    log = capsys.readouterr()
+    assert "recipe: the built-in odd-one-out recipe" in log.out + log.err
+    cfg = (out / "config.yaml").read_text()
+    assert "aa: null" in cfg and "scale:\n- 1.0\n- 1.0" in cfg and "ratio:\n- 1.0\n- 1.0" in cfg
+    trained = float(next(line for line in (out / "metrics.csv").read_text().splitlines()[1:]).split(",")[7])
+    assert main(["eval", "--checkpoint", str(out / "last.pth"), "--data", "builtin:odd-one-out", "--json"]) == 0
+    import json
+
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["top1"] == pytest.approx(trained) and evaluated["data"] == "builtin odd-one-out (val)"
+    assert main(["eval", "--checkpoint", str(out / "last.pth"), "--data", "builtin:digits"]) == 2
+    assert "the built-in digits need a model trained on them (10 classes" in capsys.readouterr().err
 
 
 def test_randaugment_posterize_at_full_magnitude_does_not_crash():

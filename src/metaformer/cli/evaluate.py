@@ -101,7 +101,7 @@ def run_eval(args) -> int:
     seconds = time.time() - t0
     bad = unreadable.end_epoch()
     if rt.main:
-        result.update(source=loaded.source, data="builtin digits (val)" if D.is_builtin(args.data) else args.data,
+        result.update(source=loaded.source, data=f"builtin {D.builtin_name(args.data)} (val)" if D.is_builtin(args.data) else args.data,
                       img_size=loaded.img_size, unreadable=len(bad), processes=rt.world, amp=rt.amp,
                       speed=applied, tta=args.tta, images_per_s=round(result["images"] / max(seconds, 1e-9), 1))
         if args.json:

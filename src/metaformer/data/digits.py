@@ -17,26 +17,32 @@ DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
 
+def digit_scans(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed split's raw scans (``[N, 8, 8]``, ink 0..16) and their labels."""
+    if split not in ("train", "val"):
+        raise DataError(f"split must be 'train' or 'val', not {split!r}")
+    load_digits = require("sklearn.datasets", "train", "the built-in digits").load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    idx_train, idx_val = train_test_split(np.arange(len(digits.target)), test_size=DIGITS_VAL_FRACTION,
+                                          stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
+    idx = idx_train if split == "train" else idx_val
+    return digits.images[idx], digits.target[idx]
+
+
 class Digits(Dataset):
     """scikit-learn's handwritten digits as RGB images of ``img_size`` (white ink on black)."""
 
     classes = [str(i) for i in range(10)]
 
     def __init__(self, split: str, img_size: int = 32, transform=None):
-        if split not in ("train", "val"):
-            raise DataError(f"split must be 'train' or 'val', not {split!r}")
-        load_digits = require("sklearn.datasets", "train", "the built-in digits").load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        idx_train, idx_val = train_test_split(np.arange(len(digits.target)), test_size=DIGITS_VAL_FRACTION,
-                                              stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
-        idx = idx_train if split == "train" else idx_val
+        scans, labels = digit_scans(split)
         # 0..16 ink levels -> 0..255, then upsample once so the transforms see an ordinary image.
-        pixels = (digits.images[idx] * (255 / 16)).round().astype(np.uint8)
+        pixels = (scans * (255 / 16)).round().astype(np.uint8)
         self.images = [Image.fromarray(p, "L").resize((img_size, img_size), Image.BICUBIC).convert("RGB")
                        for p in pixels]
-        self.targets = digits.target[idx].tolist()
+        self.targets = labels.tolist()
         self.transform = transform
 
     def __len__(self) -> int:
@@ -65,7 +71,3 @@ def export_digits(root: str | os.PathLike, img_size: int = 32) -> dict[str, int]
             img.save(folder / f"{i:04d}.png")
         counts[split] = len(ds)
     return counts
-
-
-def is_builtin(data: str | None) -> bool:
-    return data is None or str(data).lower() in ("", "builtin", "digits")

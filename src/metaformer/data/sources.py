@@ -1,6 +1,6 @@
 """``--data``: one argument, four kinds of source, recognised by what is on disk.
 
-* ``builtin`` / ``digits`` / nothing: the built-in digits;
+* ``builtin:NAME`` (``builtin`` / ``digits`` / nothing: the digits): a built-in set (:mod:`.builtin`);
 * an ImageFolder root, ``ROOT/train/<class>/*`` and ``ROOT/val/<class>/*``;
 * tar shards: a directory with ``classes.json`` and ``train-*.tar`` / ``val-*.tar`` (``metaformer data
   pack`` writes one), or a brace/glob pattern of train shards whose directory holds ``classes.json`` and
@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from . import hfds, shards
-from .digits import Digits, is_builtin
+from .builtin import builtin_name, describe, is_builtin, open_builtin
 from .folders import SafeImageFolder, check_image_folder, find_eval_dir
 from .images import DataError
 
@@ -35,9 +35,9 @@ class DataSource:
 
 
 def _kind(data: str, evaluating: bool = False) -> str:
-    """``digits``, ``folder``, ``shards`` or ``hf``, from what is on disk (nothing is read yet)."""
+    """``builtin``, ``folder``, ``shards`` or ``hf``, from what is on disk (nothing is read yet)."""
     if is_builtin(data):
-        return "digits"
+        return "builtin"
     if shards.is_pattern(data):
         return "shards"
     path, options = hfds.split_options(data)
@@ -81,14 +81,16 @@ def _not_empty(ds, what: str):
 
 
 def open_source(data: str | None, train_transform, eval_transform, img_size: int = 32) -> DataSource:
-    """Train and val data of any kind, checked; ``img_size`` is the size the built-in digits are drawn at.
+    """Train and val data of any kind, checked; ``img_size`` is the size the built-in sets are drawn at.
 
     Raises :class:`DataError` (one line: the problem and the fix) for anything that is not a source.
     """
     kind = _kind(str(data or ""))
-    if kind == "digits":
-        return DataSource(Digits("train", img_size, train_transform), Digits("val", img_size, eval_transform),
-                          list(Digits.classes), "builtin digits (sklearn, 1437 train / 360 val)")
+    if kind == "builtin":
+        name = builtin_name(data)
+        train, val = open_builtin(name, "train", img_size, train_transform), open_builtin(name, "val", img_size,
+                                                                                           eval_transform)
+        return DataSource(train, val, list(train.classes), describe(name, train, val))
     if kind == "folder":
         train_dir, val_dir, classes = check_image_folder(data)
         train = _not_empty(SafeImageFolder(train_dir, train_transform), str(train_dir))
@@ -120,8 +122,9 @@ def open_eval_source(data: str | None, eval_transform, img_size: int = 32) -> tu
     validation split (or its only split). Returns the dataset and its class names; the caller maps them
     onto the model's classes by name and sets ``dataset.target_transform``."""
     kind = _kind(str(data or ""), evaluating=True)
-    if kind == "digits":
-        return Digits("val", img_size, eval_transform), list(Digits.classes)
+    if kind == "builtin":
+        val = open_builtin(builtin_name(data), "val", img_size, eval_transform)
+        return val, list(val.classes)
     if kind == "folder":
         folder = find_eval_dir(data)
         ds = _not_empty(SafeImageFolder(folder, eval_transform, allow_empty=True), str(folder))

@@ -39,7 +39,7 @@ def train_transform(cfg, preprocessing: dict):
     from timm.data.auto_augment import posterize
 
     transform = create_transform(
-        input_size=cfg.img_size, is_training=True, scale=tuple(cfg.scale), hflip=cfg.hflip,
+        input_size=cfg.img_size, is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
         color_jitter=cfg.color_jitter, auto_augment=None if cfg.aa in (None, "", "none") else cfg.aa,
         interpolation=cfg.train_interpolation, re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount,
         mean=tuple(preprocessing["mean"]), std=tuple(preprocessing["std"]))

@@ -84,7 +84,8 @@ def preprocessing_for(cfg: TrainConfig) -> dict:
 
 def build_data(cfg: TrainConfig, rt: Runtime) -> Data:
     pre = preprocessing_for(cfg)
-    train_tf, eval_tf = D.train_transform(cfg, pre), eval_transform(**pre)
+    crop = D.eval_crop(cfg.data)  # a built-in set may fix its own
+    train_tf, eval_tf = D.train_transform(cfg, pre), eval_transform(**(dict(pre, crop_pct=crop) if crop else pre))
     source = D.open_source(cfg.data, train_tf, eval_tf, cfg.img_size)
     train_set, val_set, class_names, description = source.train, source.val, source.class_names, source.description
     micro = cfg.batch_size * cfg.accum_steps

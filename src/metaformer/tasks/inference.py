@@ -189,10 +189,17 @@ def eval_dataset(loaded: Loaded, data: str | None, positional: bool = False):
     """What ``--data`` names (the built-in digits' val split, a class-folder directory or an ImageNet root's
     ``val/``, val shards, a Hugging Face folder's validation split), its classes mapped onto the model's by name."""
     require_classifier(loaded)
-    ds, classes = D.open_eval_source(data, loaded.transform, loaded.img_size)
-    if D.is_builtin(data) and loaded.class_names != list(classes):
-        raise DataError("the built-in digits need a model trained on them (10 classes '0'..'9'): pass "
-                        "--checkpoint runs/digits/best.pth, or --data DIR for other data")
+    crop = D.eval_crop(data)  # a built-in set may fix its own
+    transform = eval_transform(**dict(loaded.preprocessing, crop_pct=crop)) if crop and loaded.preprocessing \
+        else loaded.transform
+    ds, classes = D.open_eval_source(data, transform, loaded.img_size)
+    name = D.builtin_name(data)
+    if name is not None and loaded.class_names != list(classes):
+        from .train_config import BUILTIN_RECIPES
+
+        raise DataError(f"the built-in {name} need a model trained on them ({len(classes)} classes "
+                        f"{', '.join(map(repr, classes[:4]))}{', ...' if len(classes) > 4 else ''}): pass --checkpoint "
+                        f"{BUILTIN_RECIPES[name]['output']}/best.pth, or --data DIR for other data")
     targets = class_targets(Path(str(data)), list(classes), loaded.class_names, loaded.class_aliases, positional,
                             loaded.class_names_stored)
     if targets != list(range(len(classes))):

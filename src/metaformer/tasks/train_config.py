@@ -67,6 +67,8 @@ class TrainConfig:
     aa: str | None = field(default="rand-m9-mstd0.5-inc1", metadata={"help": "timm auto-augment policy ('' : off)"})
     color_jitter: float = field(default=0.4, metadata={"help": "colour jitter (timm disables it under RandAugment)"})
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0], metadata={"help": "random-resized-crop scale"})
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3], metadata={
+        "help": "random-resized-crop aspect ratio range"})
     hflip: float = field(default=0.5, metadata={"help": "horizontal flip probability"})
     train_interpolation: str = field(default="random", metadata={"help": "train resize interpolation"})
     reprob: float = field(default=0.25, metadata={"help": "random erasing probability"})
@@ -117,10 +119,12 @@ def describe_recipe(cfg: "TrainConfig") -> str:
                 if f.name not in _NOT_RECIPE and getattr(cfg, f.name) != getattr(base, f.name)]
 
     # the recipe the run is closest to: the demo's on other data too (--config configs/digits_demo.yaml)
-    demo, paper = changes(TrainConfig(**DEMO)), changes(TrainConfig())
-    builtin = D.is_builtin(cfg.data) or len(demo) < len(paper)
+    own = D.builtin_name(cfg.data)
+    demo, paper = changes(TrainConfig(**BUILTIN_RECIPES[own or "digits"])), changes(TrainConfig())
+    builtin = own is not None or len(demo) < len(paper)
     changed = demo if builtin else paper
-    name = "the built-in digits' demo recipe" if builtin else "the papers' ImageNet recipe"
+    name = ("the built-in digits' demo recipe" if own in (None, "digits") else f"the built-in {own} recipe") \
+        if builtin else "the papers' ImageNet recipe"
     return (f"recipe: {name}, {cfg.model}, {cfg.epochs} epochs at {cfg.img_size}px, batch {cfg.batch_size}"
             f"{f' x {cfg.accum_steps}' if cfg.accum_steps > 1 else ''} per process, base lr {cfg.base_lr:g}, "
             f"{cfg.workers} worker(s); " + (f"changed: {', '.join(changed)}" if changed else "unchanged"))
@@ -149,7 +153,7 @@ RANGES: dict[str, Range] = {
     "warmup_epochs": whole(0, MAX_EPOCHS), "opt_eps": POSITIVE, "opt_betas": real(0, 1, hi_open=True),
     "weight_decay": real(0), "clip_grad": POSITIVE, "smoothing": real(0, 1, hi_open=True), "mixup": real(0),
     "cutmix": real(0), "mixup_prob": PROBABILITY, "mixup_switch_prob": PROBABILITY, "color_jitter": real(0),
-    "scale": real(0, 1, lo_open=True), "hflip": PROBABILITY, "reprob": PROBABILITY, "recount": whole(1, 100),
+    "scale": real(0, 1, lo_open=True), "ratio": POSITIVE, "hflip": PROBABILITY, "reprob": PROBABILITY, "recount": whole(1, 100),
     "ema_decay": real(0, 1, hi_open=True), "seed": SEED, "log_interval": whole(1),
 }
 SCHEDULERS = ("cosine", "tanh", "step", "multistep", "poly", "rsqrt", "constant")  # timm's, stepped per update
@@ -171,6 +175,8 @@ def check_config(cfg: "TrainConfig") -> None:
                           "turn them off with --mixup 0 --cutmix 0")
     if len(cfg.scale) != 2 or cfg.scale[0] > cfg.scale[1]:
         raise ConfigError(f"--scale takes two values MIN MAX with MIN <= MAX (e.g. 0.08 1.0), got {cfg.scale}")
+    if len(cfg.ratio) != 2 or cfg.ratio[0] > cfg.ratio[1]:
+        raise ConfigError(f"--ratio takes two values MIN MAX with MIN <= MAX (e.g. 0.75 1.333), got {cfg.ratio}")
     from timm.data.transforms import str_to_interp_mode
     from timm.optim import get_optimizer_info
 
@@ -207,6 +213,18 @@ DEMO = dict(model="poolformer_s12", depths=[1, 1, 3, 1], dims=[32, 64, 128, 256]
             epochs=10, batch_size=64, base_lr=1.6e-2, warmup_epochs=1, mixup=0.0, cutmix=0.0,
             aa="rand-m5-mstd0.5-inc1", scale=[0.5, 1.0], hflip=0.0, reprob=0.0, train_interpolation="bicubic",
             workers=0, output="runs/digits")
+# The built-in odd-one-out task (metaformer.data.builtin): the demo's network and schedule on whole images, as
+# they are evaluated (uncropped: metaformer.data.eval_crop), with no augmentation that moves or blends the
+# quadrants (crops, RandAugment's translations and shears, flips: the odd digit would change place; Mixup and
+# CutMix are off already): the set's fixed layout is part of the task.
+ODD_ONE_OUT = dict(DEMO, aa=None, color_jitter=0.0, scale=[1.0, 1.0], ratio=[1.0, 1.0], output="runs/odd-one-out")
+BUILTIN_RECIPES = {"digits": DEMO, "odd-one-out": ODD_ONE_OUT}
+
+
+def builtin_recipe(data) -> dict | None:
+    """The defaults of a built-in data set's recipe (None for other data)."""
+    name = D.builtin_name(data)
+    return None if name is None else dict(BUILTIN_RECIPES[name])
 
 
 def coerce_option(name: str, value, annotation: str, source: str):
@@ -268,7 +286,7 @@ def resolve_config(flags: dict | None = None, config_file: str | None = None) ->
                 RANGES[k].check(item, f"{config_file}: {k}")
     cli = {k: coerce_option(k, v, fields[k], f"--{k.replace('_', '-')}") for k, v in (flags or {}).items() if v is not None}
     user = {**from_file, **cli}
-    base = dict(DEMO) if D.is_builtin(user.get("data")) else {}
+    base = builtin_recipe(user.get("data")) or {}
     cfg = TrainConfig(**{**base, **user})
     check_config(cfg)
     return cfg
@@ -284,7 +302,8 @@ _NOT_COMPARED = ("resume", "output", "overwrite", "pretrained")  # the weights a
 def resume_changes(saved: dict, cfg: TrainConfig, world: int, saved_world: int) -> dict[str, tuple]:
     """``{option: (checkpoint's value, this run's)}`` for options that changed; refuses the fixed ones."""
     now = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples -> lists, as stored
-    same_data = D.is_builtin(saved.get("data")) and D.is_builtin(now.get("data"))
+    before = D.builtin_name(saved.get("data"))
+    same_data = before is not None and before == D.builtin_name(now.get("data"))
     changed = {k: (saved[k], v) for k, v in now.items()
                if k in saved and k not in _NOT_COMPARED and saved[k] != v and not (k == "data" and same_data)}
     fixed = [k for k in FIXED_ON_RESUME if k in changed]
