@@ -45,6 +45,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "data": {"webdataset": "webdataset", "datasets": "datasets"},
     "hf": {"transformers": "transformers"},
     "wandb": {"wandb": "wandb"},
+    "cluster": {"submitit": "submitit"},
 }
 
 
