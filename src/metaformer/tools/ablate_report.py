@@ -207,7 +207,7 @@ def chart(table: list[dict], summary: dict, path: Path, reference: str) -> None:
     import matplotlib.pyplot as plt
 
     n = len(table)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 0.38 * n + 1.8), sharey=True,
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 0.38 * n + 2.2), sharey=True,
                                  gridspec_kw={"width_ratios": [3, 2]})
     ys = list(range(n))
 
@@ -227,22 +227,26 @@ def chart(table: list[dict], summary: dict, path: Path, reference: str) -> None:
             resolved = t["verdict"].startswith("resolved")
             bx.errorbar(t["diff_mean"], y, xerr=err(t, "diff_mean", "diff_lo", "diff_hi"), fmt="o", capsize=3,
                         color="tab:blue" if resolved else "tab:orange", mfc=None if resolved else "white")
-    ax.barh([], [], color="tab:blue", label="measured, mean and 95% CI over seeds")
-    ax.barh([], [], color="tab:gray", label="paper (ImageNet-1K)")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     ax.set_yticks(ys, [t["row"] for t in table])
     ax.invert_yaxis()
+    ax.set_xlim(0, 100)  # an interval wider than that (two seeds) is cut at the axis
     ax.set_xlabel("top-1 (%)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(handles=[Patch(color="tab:blue", label="measured: mean and 95% CI over seeds"),
+                       Patch(color="tab:gray", label="paper (ImageNet-1K)")], loc="upper center", fontsize=8,
+              bbox_to_anchor=(0.5, -0.5 / (0.38 * n + 1.8)), ncol=2, frameon=False)
     rho = summary["spearman"]
     title = "MetaFormer ablations" + ("" if rho is None else f" (Spearman vs paper {rho:.2f}"
                                       + ("" if summary["spearman_lo"] is None else
                                          f" [{summary['spearman_lo']:.2f}, {summary['spearman_hi']:.2f}]") + ")")
     ax.set_title(title, fontsize=10)
     bx.axvline(0, color="black", lw=0.8)
-    bx.errorbar([], [], fmt="o", color="tab:blue", label="resolved (95% CI excludes 0)")
-    bx.errorbar([], [], fmt="o", color="tab:orange", mfc="white", label="not resolved")
     bx.set_xlabel(f"Δ top-1 vs {reference}, paired over seeds (points)")
-    bx.legend(loc="lower left", fontsize=8)
+    bx.legend(handles=[Line2D([], [], marker="o", ls="", color="tab:blue", label="resolved (95% CI excludes 0)"),
+                       Line2D([], [], marker="o", ls="", color="tab:orange", mfc="white", label="not resolved")],
+              loc="upper center", fontsize=8, bbox_to_anchor=(0.5, -0.5 / (0.38 * n + 1.8)), ncol=2, frameon=False)
     for a in (ax, bx):
         a.grid(axis="x", alpha=0.3)
     fig.tight_layout()
