@@ -4,15 +4,15 @@ handwritten-digit scans, no download, the same images on every machine.
 * ``builtin:digits`` (also ``builtin``, ``digits`` or no ``--data``): one digit per image, 10 classes
   (:class:`~metaformer.data.digits.Digits`). Recognising one centred digit needs little beyond the
   stem and the downsampling convolutions: every token mixer scores about the same on it.
-* ``builtin:odd-one-out``: four digits, one per quadrant of a 32x32 canvas; three are the same digit
-  (three different scans of it) and one is another digit; the label is the quadrant of the odd one
-  (4 classes: top-left, top-right, bottom-left, bottom-right). No single digit says anything about
-  the label: it is a relation between all four, each compared with the other three, across the
-  whole image. A token must learn what the distant quadrants hold, so it asks for exactly what a
-  token mixer provides; a network whose blocks cannot mix tokens has to do it with its downsampling
-  convolutions alone, and at the last stages only (a same/different task of the kind convolutional
-  networks are known to find hard: Fleuret et al., "Comparing machines and humans on a visual
-  categorization test", PNAS 2011; Kim, Ricci and Serre, "Not-So-CLEVR", 2018).
+* ``builtin:odd-one-out``: four handwritten digits, one per quadrant of a 32x32 image: three copies of
+  one scan and a scan of another digit, each shifted by up to a pixel, under Gaussian pixel noise; the
+  label is the quadrant of the odd one (4 classes: top-left, top-right, bottom-left, bottom-right). No
+  single quadrant says anything about the label: it is a relation between all four, each compared with
+  the other three across the whole image. A token must learn what the distant quadrants hold, which is
+  exactly what a token mixer provides; a network whose blocks cannot mix tokens has to do it with its
+  downsampling convolutions alone, at its last stages. (Same/different judgements of this kind are known
+  to be hard for convolutional networks: Fleuret et al., "Comparing machines and humans on a visual
+  categorization test", PNAS 2011; Kim, Ricci and Serre, "Not-So-CLEVR", 2018.)
 
 The odd-one-out images are made by a fixed random generator, so every run sees the same set: its
 train images use only the digits' train scans and its val images only their val scans (the digits'
@@ -59,9 +59,9 @@ class OddOneOut(Dataset):
     """Four handwritten digits in the quadrants of a canvas, three alike; the label is where the odd one is."""
 
     classes = ["top-left", "top-right", "bottom-left", "bottom-right"]
-    CANVAS = 32  # pixels; each 16x16 quadrant holds one 8x8 scan upsampled to 16x16
-    DIGIT_SIZES = (16,)
-    MARGIN = 0
+    CANVAS = 32  # pixels; each 16x16 quadrant holds one 8x8 scan upsampled to DIGIT_SIZE
+    DIGIT_SIZE = 15  # so a digit sits at one of 2 x 2 places in its quadrant: copies are not pixel-identical
+    NOISE = 40  # the pixel noise's standard deviation (of 255): neither are two images' backgrounds
     SIZES = {"train": 9_000, "val": 2_000}
     SEEDS = {"train": 1, "val": 2}  # the generator's, fixed: the data set is part of the benchmark
 
@@ -84,25 +84,25 @@ def _odd_one_out(split: str, img_size: int) -> tuple[np.ndarray, list[int]]:
     from .digits import digit_scans
 
     scans, labels = digit_scans(split)
-    cell, sizes = OddOneOut.CANVAS // 2, OddOneOut.DIGIT_SIZES
-    # 0..16 ink levels -> 0..255, each scan upsampled once per size (bicubic, as the built-in digits)
-    ink = [Image.fromarray((s * (255 / 16)).round().astype(np.uint8), "L") for s in scans]
-    tiles = {z: np.stack([np.asarray(im.resize((z, z), Image.BICUBIC)) for im in ink]) for z in sizes}
+    cell, z = OddOneOut.CANVAS // 2, OddOneOut.DIGIT_SIZE
+    # 0..16 ink levels -> 0..255, each scan upsampled once (bicubic, as the built-in digits)
+    tiles = np.stack([np.asarray(Image.fromarray((s * (255 / 16)).round().astype(np.uint8), "L")
+                                 .resize((z, z), Image.BICUBIC)) for s in scans])
     by_class = [np.flatnonzero(labels == k) for k in range(10)]
     rng = np.random.default_rng(OddOneOut.SEEDS[split])
     n = OddOneOut.SIZES[split]
     odd = rng.integers(0, 4, n)
     common = rng.integers(0, 10, n)
     other = (common + rng.integers(1, 10, n)) % 10  # any digit but the common one
-    canvas = np.zeros((n, OddOneOut.CANVAS, OddOneOut.CANVAS), np.uint8)
+    canvas = np.zeros((n, OddOneOut.CANVAS, OddOneOut.CANVAS))
     for i in range(n):
-        picks = list(rng.choice(by_class[common[i]], 3, replace=False))  # three different scans of one digit
-        picks.insert(odd[i], rng.choice(by_class[other[i]]))
+        picks = [rng.choice(by_class[common[i]])] * 3  # three copies of one scan ...
+        picks.insert(odd[i], rng.choice(by_class[other[i]]))  # ... and the odd one
         for q, t in enumerate(picks):
-            z = sizes[rng.integers(len(sizes))]
-            y0, x0 = rng.integers(OddOneOut.MARGIN, cell - z - OddOneOut.MARGIN + 1, 2)
+            y0, x0 = rng.integers(0, cell - z + 1, 2)
             y, x = divmod(q, 2)
-            canvas[i, y * cell + y0:y * cell + y0 + z, x * cell + x0:x * cell + x0 + z] = tiles[z][t]
+            canvas[i, y * cell + y0:y * cell + y0 + z, x * cell + x0:x * cell + x0 + z] = tiles[t]
+    canvas = np.clip(canvas + rng.normal(0, OddOneOut.NOISE, canvas.shape), 0, 255).round().astype(np.uint8)
     if img_size != OddOneOut.CANVAS:
         canvas = np.stack([np.asarray(Image.fromarray(c, "L").resize((img_size, img_size), Image.BICUBIC))
                            for c in canvas])
