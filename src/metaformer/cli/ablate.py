@@ -83,12 +83,15 @@ def check_same_grid(output: Path, grid: dict) -> None:
 
 def merged_grid(output: Path, grid) -> None:
     """Rows and seeds of an earlier run of the same grid stay in it (the report covers them all)."""
-    from ..tools.ablate import GRID_FILE, paper_row, parse_row
+    from ..tools.ablate import GRID_FILE, import_plugins, paper_row, parse_row
 
     path = output / GRID_FILE
     if not path.is_file():
         return
     before = json.loads(path.read_text())
+    earlier = [p for p in before.get("plugins") or [] if p not in grid.plugins]
+    import_plugins(earlier)  # the earlier rows' mixers
+    grid.plugins += earlier
     names = [r.name for r in grid.rows]
     user = before.get("user_rows") or {}
     for name in before.get("rows", []):
@@ -235,7 +238,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("ablate", description="Train each ablation row over several seeds with the same recipe and "
                                    "data through the same code as `metaformer train`, then write a table (markdown, "
-                                   "CSV) with 95%% confidence intervals, each row's paired difference from the "
+                                   "CSV) with 95% confidence intervals, each row's paired difference from the "
                                    "reference row (resolved or not), the rank correlation with the paper and a "
                                    "chart. Re-running with the same --output skips finished cells and resumes "
                                    "the unfinished ones.")
