@@ -69,7 +69,77 @@ def test_an_exported_file_without_a_weights_record_is_not_matched_to_a_checkpoin
     export(loaded.model, tmp_path / "old.onnx", "onnx", metadata=meta)
     assert main(["predict", "--checkpoint", str(runs / "a/best.pth"), "--exported", str(tmp_path / "old.onnx"),
                  image_of(data)]) == 2
-    assert "does not record which weights it was exported from" in error_line(capsys, "predict")
+    assert "does not record which weights it holds" in error_line(capsys, "predict")
+
+
+def edit_onnx(src, dst, edit_tensors=None, edit_meta=None):
+    """A copy of the ONNX file ``src`` at ``dst`` with its initializers and/or its metadata changed by hand."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    if edit_tensors:
+        for i, t in enumerate(proto.graph.initializer):
+            a = edit_tensors(t.name, numpy_helper.to_array(t).copy())
+            if a is not None:
+                proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(a, t.name))
+    if edit_meta:
+        for prop in proto.metadata_props:
+            if prop.key == "metaformer":
+                prop.value = json.dumps(edit_meta(json.loads(prop.value)))
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("edit", ["two head rows swapped", "bytes flipped"])
+def test_an_exported_file_whose_weights_were_changed_is_refused(data, runs, tmp_path, capsys, edit):
+    a_onnx = tmp_path / "a.onnx"
+    assert main(["export", "--checkpoint", str(runs / "a/best.pth"), "--output", str(a_onnx)]) == 0
+    capsys.readouterr()
+
+    def change(name, a):
+        if edit == "two head rows swapped" and a.ndim == 2 and a.shape[0] == 2:  # the classifier [2, C]
+            return a[::-1].copy()
+        if edit == "bytes flipped" and a.ndim == 4 and a.size > 100:  # one conv weight, a few values
+            a.reshape(-1)[:3] = -a.reshape(-1)[:3]
+            return a
+        return None
+
+    edited = edit_onnx(a_onnx, tmp_path / "edited.onnx", edit_tensors=change)
+    for argv in (["predict", "--checkpoint", str(runs / "a/best.pth"), "--exported", str(edited), image_of(data)],
+                 ["predict", "--exported", str(edited), image_of(data)],
+                 ["eval", "--exported", str(edited), "--data", str(data)]):
+        assert main(argv) == 2
+        err = error_line(capsys, argv[0])
+        assert "the weights inside the file are not those it was written with" in err, err
+    assert main(["predict", "--checkpoint", str(runs / "a/best.pth"), "--exported", str(a_onnx), image_of(data)]) == 0
+
+
+@pytest.mark.parametrize("meta_edit", ["no preprocessing", "another image size", "a wrong mean", "no class names"])
+def test_an_exported_file_with_missing_or_wrong_metadata_is_one_line(data, runs, tmp_path, capsys, meta_edit):
+    a_onnx = tmp_path / "a.onnx"
+    assert main(["export", "--checkpoint", str(runs / "a/best.pth"), "--output", str(a_onnx)]) == 0
+    capsys.readouterr()
+
+    def change(meta):
+        if meta_edit == "no preprocessing":
+            del meta["preprocessing"]
+        elif meta_edit == "another image size":
+            meta["preprocessing"]["img_size"] = 48
+        elif meta_edit == "a wrong mean":
+            meta["preprocessing"]["mean"] = [0.5]
+        else:
+            del meta["class_names"]
+        return meta
+
+    edited = edit_onnx(a_onnx, tmp_path / "edited.onnx", edit_meta=change)
+    expected = {"no preprocessing": "has no preprocessing", "another image size": "takes 3x32x32 inputs but its "
+                "metadata describes 3x48x48 images", "a wrong mean": "has no usable mean",
+                "no class names": "has no list of class names"}[meta_edit]
+    for argv in (["predict", "--exported", str(edited), image_of(data)],
+                 ["eval", "--exported", str(edited), "--data", str(data)]):
+        assert main(argv) == 2
+        assert expected in error_line(capsys, argv[0])
 
 
 # ----------------------------------------------------------------------------- 8, 18. weights files
@@ -338,3 +408,36 @@ def test_shard_names_in_info_json_stay_inside_the_shard_folder(data, tmp_path, n
     assert main(["data", "check", str(shards)]) == 2
     err = error_line(capsys, "data")
     assert f"names shard {name!r}, which is not inside {shards}" in err
+
+
+# ----------------------------------------------------------------------------- weights that record their model
+
+def test_create_model_with_a_file_of_another_architecture_names_load_model(runs, tmp_path):
+    """``create_model(name, pretrained=FILE)`` of a file recording another network: one error naming the
+    differences and the call that rebuilds it (a training checkpoint or a save_weights file alike)."""
+    small = tmp_path / "small.safetensors"
+    metaformer.save_weights(metaformer.create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 16, 24, 32],
+                                                    num_classes=2, img_size=32), small, class_names=["0", "1"])
+    for path in (small, runs / "a/best.pth"):
+        with pytest.raises(metaformer.WeightsError, match=r"depths \[1, 1, 1, 1\] \(not \[2, 2, 6, 2\]\), dims \[8, "
+                           r"16, 24, 32\] \(not \[64, 128, 320, 512\]\).*metaformer.load_model\("):
+            metaformer.create_model("poolformer_s12", pretrained=str(path))
+        model = metaformer.load_model(path)  # as the message says
+        assert model.config["depths"] == [1, 1, 1, 1] and model.class_names == ["0", "1"]
+    same = metaformer.create_model("poolformer_s12", pretrained=str(small), depths=[1, 1, 1, 1],
+                                   dims=[8, 16, 24, 32], num_classes=2, img_size=32)
+    torch.testing.assert_close(same.state_dict(), metaformer.load_model(small).state_dict())
+
+
+def test_features_only_from_classifier_weights_says_its_maps_are_normed(tmp_path):
+    small = tmp_path / "small.safetensors"
+    kw = dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], num_classes=2, img_size=32)
+    metaformer.save_weights(metaformer.create_model("poolformer_s12", **kw), small)
+    with pytest.warns(UserWarning, match="new norm .* not the network's raw stage outputs .*feature_cls='list'"):
+        metaformer.create_model("poolformer_s12", pretrained=str(small), features_only=True, **kw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # timm's raw maps, and a backbone built without weights: nothing to say
+        metaformer.create_model("poolformer_s12", pretrained=str(small), features_only=True, feature_cls="list", **kw)
+        metaformer.create_model("poolformer_s12", features_only=True, **kw)

@@ -26,7 +26,7 @@ VERBS = {
     "predict": ("evaluate", "top-k labels with probabilities for images"),
     "data": ("data", "write the built-in digits or tar shards; check a --data source"),
     "export": ("export", "export to ONNX / TorchScript / torch.export, then verify the file"),
-    "cam": ("export", "Grad-CAM heatmaps over images (last stage, as the authors did)"),
+    "cam": ("cam", "Grad-CAM heatmaps over images (last stage, as the authors did)"),
     "quantize": ("quantize", "static int8 with calibration, its top-1 cost measured; refused over --max-drop"),
     "serve": ("serve", "HTTP server: JSON API (/predict, /health, /info) and a web page with top-5 and Grad-CAM"),
     "convert": ("convert", "write a checkpoint in another layout (ours, the authors', timm's, Hugging Face's)"),

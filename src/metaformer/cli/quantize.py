@@ -37,8 +37,10 @@ def add_parser(sub) -> None:
     add_checkpoint(p, what="weights in any layout metaformer loads, when MODEL is a variant name")
     p.add_argument("--data", help="where the calibration (train split) and validation images come from: the "
                                   "sources `eval --data` takes; 'builtin' or omitted: the built-in digits")
-    p.add_argument("--output", "-o", help="the int8 file (default: CHECKPOINT_int8.onnx beside the checkpoint, "
-                                          ".pt2 for --backend pt2e)")
+    p.add_argument("--output", "-o", help="the int8 file, or a folder to write NAME_int8.onnx (.pt2 for --backend "
+                                          "pt2e) into (default: CHECKPOINT_int8.onnx beside the checkpoint, or "
+                                          "MODEL_int8.onnx here)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file (else refused)")
     p.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND,
                    help="ort: ONNX Runtime static quantization (.onnx); pt2e: torchao's X86InductorQuantizer "
                         "(.pt2, compiled by Inductor when loaded)")
@@ -58,20 +60,24 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .. import data as D
     from ..tasks.inference import eval_dataset, load_for_inference
-    from ..tools.quantize import BACKENDS, describe_ops, quantize
+    from ..tools.quantize import check_output, describe_ops, quantize
 
     model, checkpoint = model_or_checkpoint(args.model, args.checkpoint)
     # what the chosen backend needs, checked before the model loads (a missing one named with its extra)
     for module in (("onnx", "onnxruntime") if args.backend == "ort" else ("torchao",)):
         need(module, "quant", f"int8 quantization with --backend {args.backend}")
+    default = (str(Path(checkpoint).with_name(Path(checkpoint).stem + "_int8")) if checkpoint
+               else f"{model or 'model'}_int8")
+    if args.output is not None:  # inside a folder --output: the default's name
+        default = Path(default).name
+    output = check_output(args.output, args.backend, args.overwrite, default)  # before the model loads
     with logs_to_stderr(args.json):
         loaded = load_for_inference(model, checkpoint, args.num_classes, "cpu", args.allow_nonfinite)
         val = eval_dataset(loaded, args.data)
         calib = D.open_source(args.data, loaded.transform, loaded.transform, loaded.img_size).train
-        output = args.output or (str(Path(checkpoint).with_name(Path(checkpoint).stem + "_int8"))
-                                 if checkpoint else f"{model}_int8") + BACKENDS[args.backend]
         result = quantize(loaded, calib, val, output, args.backend, args.calib_images, args.max_drop, args.force,
-                          args.batch_size, args.workers, progress=not args.json, log=print)
+                          args.batch_size, args.workers, progress=not args.json, log=print,
+                          overwrite=args.overwrite)
     a = result.accuracy
     if args.json:
         print_json({"path": str(result.path), "written": result.written, "backend": result.backend,

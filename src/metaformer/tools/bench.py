@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError, require
+from ..errors import ConfigError
 from ..zoo import create_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -220,17 +220,11 @@ def _ort_session(model: nn.Module, x: torch.Tensor):
 
 
 def ort_file(path: str | os.PathLike):
-    """An ONNX file (fp32 or int8) in ONNX Runtime, as every ORT mode here runs: all graph optimisations, one
-    intra-op thread per torch thread, workers not spinning."""
-    ort = require("onnxruntime", "export", "the ONNX Runtime benchmark modes")
+    """An ONNX file (fp32 or int8) in ONNX Runtime's session, as eval, predict and serve run it
+    (:func:`metaformer.tools.exported.ort_session`)."""
+    from .exported import ort_session
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = torch.get_num_threads()
-    # ORT's workers spin after each run by default, taking the cores from whichever mode the
-    # interleaved loop times next (a GEMM timed right after it read 148 instead of 185 GFLOP/s).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path)
     name = sess.get_inputs()[0].name
     return lambda t: torch.from_numpy(sess.run(None, {name: t.numpy()})[0])
 
@@ -239,7 +233,8 @@ def _int8(backend: str, model: nn.Module, x: torch.Tensor):
     """``model`` quantized to int8 by ``backend`` (``ort`` or ``pt2e``; see :mod:`metaformer.tools.quantize`),
     calibrated on random images: int8 kernels take the same time whatever the ranges, and the diff column
     shows what int8 costs on such inputs."""
-    from .quantize import compile_int8, pt2e_program, quantize_to_file
+    from .exported import compile_int8
+    from .quantize import pt2e_program, quantize_to_file
 
     calib = torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(1))
     if backend == "ort":
@@ -303,9 +298,7 @@ def build_infer_mode(mode: str, model: nn.Module, dtype: torch.dtype, device, x:
     if mode == "exported":
         if device.type != "cpu" or dtype != torch.float32 or exported is None:
             raise RuntimeError("the exported file runs on the CPU, from fp32 inputs (bench --exported FILE)")
-        if str(exported).endswith(".onnx"):
-            return ort_file(exported), None
-        from .export import load_runtime
+        from .exported import load_runtime
 
         return load_runtime(exported), None
     if mode.startswith("timm_"):
@@ -429,7 +422,7 @@ def model_of_file(path: str) -> nn.Module:
     """The architecture an exported file was made from (stored in it by ``metaformer export`` / ``quantize``),
     with random weights, for the other modes to run beside the file."""
     from ..zoo import build_from_config
-    from .export import load_runtime
+    from .exported import load_runtime
 
     meta = load_runtime(path).metadata or {}
     if not isinstance(meta.get("config"), dict):

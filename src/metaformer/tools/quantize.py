@@ -16,11 +16,8 @@ of images on which both predict the same class.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,8 +26,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..atomic import atomic_path, check_writable, clean_stale_temps, output_file
 from ..errors import MetaFormerError, require
-from .export import META_KEY, ExportError, _write, load_runtime
+from .export import export_metadata, save_program, set_onnx_metadata, write_file
+from .exported import ExportError, load_runtime
 
 BACKENDS = {"ort": ".onnx", "pt2e": ".pt2"}
 DEFAULT_BACKEND = "ort"
@@ -101,7 +100,8 @@ def calibration_batch(dataset, n: int, seed: int = 0) -> torch.Tensor:
 # ----------------------------------------------------------------------------- backends
 def _onnx_quantize(model: nn.Module, calib: torch.Tensor, path: Path, metadata: dict, batch_size: int) -> None:
     """Our ONNX export (dynamic batch), pre-processed (shape inference, graph optimisation) and quantized
-    statically by ONNX Runtime."""
+    statically by ONNX Runtime; the intermediate files are written beside ``path`` (a temporary folder of
+    :func:`metaformer.atomic.atomic_path`, so a killed run's leftovers are found and removed by the next)."""
     require("onnx", "quant", "int8 quantization (backend ort)")
     ortq = require("onnxruntime.quantization", "quant", "int8 quantization (backend ort)")
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -114,9 +114,9 @@ def _onnx_quantize(model: nn.Module, calib: torch.Tensor, path: Path, metadata: 
             batch = next(self.batches, None)
             return None if batch is None else {"input": batch.numpy()}
 
-    with tempfile.TemporaryDirectory(prefix="metaformer-quant-") as tmp:
-        fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
-        _write(model, calib[:2], fp32, "onnx", dynamic_batch=True, dynamic_size=False)
+    fp32, pre = path.with_name(path.name + ".fp32.onnx"), path.with_name(path.name + ".pre.onnx")
+    try:
+        write_file(model, calib[:2], fp32, "onnx", dynamic_batch=True, dynamic_size=False)
         quant_pre_process(str(fp32), str(pre))
         # Conv and MatMul in int8 (oneDNN/MLAS VNNI kernels); norms, pooling, softmax and the elementwise
         # ops stay fp32: quantizing those only adds requantization steps (measured in docs/deploy.md).
@@ -124,15 +124,10 @@ def _onnx_quantize(model: nn.Module, calib: torch.Tensor, path: Path, metadata: 
                              activation_type=ortq.QuantType.QUInt8, weight_type=ortq.QuantType.QInt8,
                              per_channel=True, op_types_to_quantize=list(INT8_OPS),
                              calibrate_method=ortq.CalibrationMethod.MinMax)
+    finally:
+        for f in (fp32, pre):
+            f.unlink(missing_ok=True)
     set_onnx_metadata(path, metadata)
-
-
-def set_onnx_metadata(path: Path, metadata: dict) -> None:
-    onnx = require("onnx", "quant", "writing ONNX metadata")
-    proto = onnx.load(str(path))
-    del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(metadata)})
-    onnx.save(proto, str(path))
 
 
 def pt2e_program(model: nn.Module, calib: torch.Tensor, batch_size: int) -> torch.export.ExportedProgram:
@@ -155,26 +150,12 @@ def pt2e_program(model: nn.Module, calib: torch.Tensor, batch_size: int) -> torc
     return torch.export.export(converted, (example,), dynamic_shapes=({0: batch},))
 
 
-def compile_int8(module: Callable) -> Callable:
-    """A PT2E int8 module lowered by Inductor to oneDNN int8 kernels. Freezing (weights as constants, so
-    they are pre-packed) is what the lowering patterns need; it is switched on for this compile only."""
-    import torch._inductor.config as inductor_config
-
-    compiled = torch.compile(module)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), inductor_config.patch(freezing=True):
-            return compiled(x)
-
-    return run
-
-
 def _write_int8(model, calib, path: Path, backend: str, metadata: dict, batch_size: int):
     if backend == "ort":
         _onnx_quantize(model, calib, path, metadata, batch_size)
         return None
     program = pt2e_program(model, calib, batch_size)
-    torch.export.save(program, str(path), extra_files={META_KEY: json.dumps(metadata)})
+    save_program(program, path, metadata)
     return program
 
 
@@ -184,20 +165,26 @@ def quantize_to_file(model: nn.Module, calib: torch.Tensor, path: str | os.PathL
     (preprocessed images); no accuracy check (see :func:`quantize` for the checked command)."""
     if backend not in BACKENDS:
         raise QuantizeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    path = _with_suffix(Path(path), backend)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = int8_path(path, backend)
+    with atomic_path(path) as tmp:
+        _checked_write(model, calib, tmp, backend, metadata or {}, batch_size)
+    return path
+
+
+def _checked_write(model, calib, path: Path, backend: str, metadata: dict, batch_size: int):
     try:
-        _write_int8(model.eval(), calib, path, backend, metadata or {}, batch_size)
+        return _write_int8(model.eval(), calib, path, backend, metadata, batch_size)
     except MetaFormerError:
         raise
     except Exception as e:  # an exporter's or quantizer's internal error, in one line
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise QuantizeError(f"int8 quantization ({backend}) failed: {type(e).__name__}: {first}") from None
-    return path
 
 
-def _with_suffix(path: Path, backend: str) -> Path:
-    return path if path.suffix == BACKENDS[backend] else path.with_name(path.name + BACKENDS[backend])
+def int8_path(output: str | os.PathLike | None, backend: str, default: str = "model_int8") -> Path:
+    """The file an int8 export to ``output`` writes: the backend's extension added when it has another;
+    ``default`` (plus the extension) inside ``output`` when it names a folder, or alone without ``output``."""
+    return output_file(output, default + BACKENDS[backend], BACKENDS[backend])
 
 
 # ----------------------------------------------------------------------------- what runs in int8
@@ -245,14 +232,16 @@ def describe_ops(ops: dict) -> str:
 # ----------------------------------------------------------------------------- accuracy
 @torch.no_grad()
 def compare(reference: Callable, candidate: Callable, loader, progress: bool = False) -> Accuracy:
-    """Top-1 of both on ``loader``'s ``(images, targets, unreadable)`` batches, and how often they agree."""
+    """Top-1 of both on ``loader``'s ``(images, targets, unreadable)`` batches, and how often they agree (each
+    model's class is the first of :func:`metaformer.engine.metrics.ranked`, as every top-1 here is counted)."""
     from ..engine.loop import progress_bar
+    from ..engine.metrics import ranked
 
     ref_hits = cand_hits = same = n = 0
     for x, y, _bad in progress_bar(loader, main=progress, desc="fp32 vs int8"):
         if not len(x):
             continue
-        a, b = reference(x).argmax(1), candidate(x).argmax(1)
+        a, b = ranked(reference(x), 1)[:, 0], ranked(candidate(x), 1)[:, 0]
         ref_hits += int((a == y).sum())
         cand_hits += int((b == y).sum())
         same += int((a == b).sum())
@@ -262,46 +251,67 @@ def compare(reference: Callable, candidate: Callable, loader, progress: bool = F
     return Accuracy(100 * ref_hits / n, 100 * cand_hits / n, 100 * same / n, n)
 
 
-def quantize(loaded, calib_dataset, val_dataset, output: str | os.PathLike, backend: str = DEFAULT_BACKEND,
-             calib_images: int = 256, max_drop: float = 1.0, force: bool = False, batch_size: int = 32,
-             workers: int = 0, progress: bool = False, log: Callable[[str], None] = lambda s: None) -> QuantResult:
-    """Calibrate ``loaded.model`` (a :class:`metaformer.tasks.inference.Loaded`) on ``calib_images`` images of
-    ``calib_dataset``, write it in int8, run the file on ``val_dataset`` beside the fp32 model, and keep the
-    file only if top-1 dropped by at most ``max_drop`` points (or ``force``). The file carries the result."""
-    from ..data.loaders import make_loader
-    from .export import export_metadata
-
+def check_output(output: str | os.PathLike | None, backend: str, overwrite: bool = False,
+                 default: str = "model_int8") -> Path:
+    """The int8 file ``output`` names (see :func:`int8_path`), refused before any work when it cannot be written
+    or already exists (unless ``overwrite``); the temporary files of an earlier, killed run are removed."""
     if backend not in BACKENDS:
         raise QuantizeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    path = int8_path(output, backend, default)
+    try:
+        check_writable(path, f"--output {path}")
+    except MetaFormerError as e:
+        raise QuantizeError(str(e)) from None
+    if path.exists() and not overwrite:
+        raise QuantizeError(f"--output {path} already exists: pass --overwrite to replace it, or choose another "
+                            "--output")
+    clean_stale_temps(path.parent, path.name)
+    return path
+
+
+class _Refused(Exception):
+    """Leaves an ``atomic_path`` block without keeping its file."""
+
+
+def quantize(loaded, calib_dataset, val_dataset, output: str | os.PathLike | None, backend: str = DEFAULT_BACKEND,
+             calib_images: int = 256, max_drop: float = 1.0, force: bool = False, batch_size: int = 32,
+             workers: int = 0, progress: bool = False, log: Callable[[str], None] = lambda s: None,
+             overwrite: bool = False) -> QuantResult:
+    """Calibrate ``loaded.model`` (a :class:`metaformer.tasks.inference.Loaded`) on ``calib_images`` images of
+    ``calib_dataset``, write it in int8, run the file on ``val_dataset`` beside the fp32 model, and keep the
+    file only if top-1 dropped by at most ``max_drop`` points (or ``force``). The file carries the result.
+    ``output``: a file or a folder (see :func:`int8_path`); an existing file is replaced only with ``overwrite``.
+    Nothing is left under ``output`` unless the file is kept."""
+    from ..data.loaders import make_loader
+
+    path = check_output(output, backend, overwrite)
     model = loaded.model.eval()
-    path = _with_suffix(Path(output), backend)
     calib = calibration_batch(calib_dataset, calib_images)
     log(f"calibrating on {len(calib)} images, backend {backend}")
     metadata = export_metadata(loaded)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=BACKENDS[backend], dir=path.parent)
-    os.close(fd)
+    result = None
     try:
-        quantize_to_file(model, calib, tmp, backend, metadata, batch_size)
-        run = load_runtime(tmp)
-        loader = make_loader(val_dataset, batch_size, None, workers)
-        log("measuring fp32 and int8 on the validation split")
-        accuracy = compare(model, run, loader, progress)
-        ops = onnx_ops(tmp) if backend == "ort" else program_ops(torch.export.load(tmp))
-        ok = force or accuracy.drop <= max_drop
-        result = QuantResult(path, backend, len(calib), accuracy, max_drop, ok, ops)
-        if ok:
+        with atomic_path(path) as tmp:
+            program = _checked_write(model, calib, tmp, backend, metadata, batch_size)
+            run = load_runtime(tmp)
+            loader = make_loader(val_dataset, batch_size, None, workers)
+            log("measuring fp32 and int8 on the validation split")
+            accuracy = compare(model, run, loader, progress)
+            ops = onnx_ops(tmp) if backend == "ort" else program_ops(program)
+            ok = force or accuracy.drop <= max_drop
+            result = QuantResult(path, backend, len(calib), accuracy, max_drop, ok, ops)
+            if not ok:
+                raise _Refused
             metadata["quantization"] = {"backend": backend, "calib_images": len(calib), "max_drop": max_drop,
                                         **asdict(accuracy), "drop": accuracy.drop}
             if backend == "ort":
-                set_onnx_metadata(Path(tmp), metadata)
+                set_onnx_metadata(tmp, metadata)
             else:  # the metadata is an extra file of the archive: save the program again with it
-                program = torch.export.load(tmp)
-                torch.export.save(program, tmp, extra_files={META_KEY: json.dumps(metadata)})
-            os.replace(tmp, path)
-        return result
+                save_program(program, tmp, metadata)
+    except _Refused:
+        pass
     except ExportError as e:
         raise QuantizeError(str(e)) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except OSError as e:  # the file system refused the write (full, read-only since the check)
+        raise QuantizeError(f"cannot write --output {path} ({e.strerror or e})") from None
+    return result

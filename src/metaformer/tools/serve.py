@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 from ..errors import MetaFormerError, require
+from ..engine.metrics import ranked
+from .cam import cam_stage_for
 
 PAGE = Path(__file__).with_name("serve.html")
 EXPORT_SUFFIXES = (".onnx", ".pt", ".pt2")
@@ -70,28 +72,12 @@ class Servable:
     extra: dict = field(default_factory=dict)
 
 
-def cam_stage_for(model) -> tuple[int, str | None]:
-    """The stage Grad-CAM looks at: the last (as the authors' script did) unless its map is smaller than 4x4
-    (small inputs), then the deepest stage whose map is at least 4x4, said in a note."""
-    size = model.img_size[0] if isinstance(model.img_size, (tuple, list)) else int(model.img_size)
-    grids = [size // (4 * 2 ** i) for i in range(len(model.stages))]
-    last = len(grids) - 1
-    if grids[last] >= 4:
-        return last, None
-    deeper = [i for i, g in enumerate(grids) if g >= 4]
-    if not deeper:
-        return last, f"at {size} px every stage's map is under 4x4: the heatmap cannot localise"
-    i = deeper[-1]
-    return i, (f"Grad-CAM on stage {i + 1} ({grids[i]}x{grids[i]} map): at {size} px the last stage's map is "
-               f"{grids[last]}x{grids[last]}, too coarse to localise")
-
-
 def load_servable(source: str, model_name: str | None = None, fused: bool = True, cam: bool = True) -> Servable:
     """A checkpoint (any layout metaformer loads; ours name their model) run in PyTorch, fused when the model
     has blocks :func:`metaformer.fuse` covers, or an exported file (ONNX, int8 ONNX, TorchScript, .pt2) run in
     its own runtime."""
     if source.endswith(EXPORT_SUFFIXES):
-        from .export import load_exported
+        from .exported import load_exported
 
         loaded = load_exported(source, model_name)
         run = loaded.model
@@ -393,7 +379,8 @@ def create_app(servable: Servable, max_batch: int = 32, max_wait_ms: float = 5.0
             return error(503, f"busy: {batcher.max_queue} requests already waiting; retry shortly",
                          {"Retry-After": "1"})
         k = min(topk, limits.max_topk, len(servable.class_names))
-        values, indices = probs.topk(k)
+        indices = ranked(probs[None], k)[0]  # the tie rule of eval and predict
+        values = probs[indices]
         preds = [{"label": servable.class_names[i], "index": i, "score": v}
                  for v, i in zip(values.tolist(), indices.tolist())]
         out = {"predictions": preds, "top1": preds[0]["label"], "batch_size": batch}

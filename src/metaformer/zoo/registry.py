@@ -19,6 +19,7 @@ import difflib
 import fnmatch
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +35,7 @@ from ..models.features import MetaFormerFeatures, feature_model
 from ..models.metaformer import MetaFormer
 from ..weights import load_weights as _load_weights
 from ..weights import WeightsError, read_metadata
+from ..weights.save import stored_metadata
 from ..weights.io import hub_file, is_url, resolve
 from ..weights.load import LoadReport, mixer_of
 from .imagenet import categories
@@ -359,7 +361,9 @@ def create_model(name: str, pretrained: bool | str = False, num_classes: int | N
     if weights is not None and weights.img_size != 224:
         cfg["img_size"] = weights.img_size  # size-bound parts and the eval transform follow the weights
     cfg.update(overrides)
-    source_classes = cfg_overrides.get("num_classes", weights.num_classes if weights is not None else 1000)
+    recorded = _check_recorded_architecture(name, cfg, pretrained) if isinstance(pretrained, (str, Path)) else None
+    known = weights.num_classes if weights is not None else (recorded or {}).get("num_classes", 1000)
+    source_classes = cfg_overrides.get("num_classes", known)
     cfg["num_classes"] = source_classes if num_classes is None else num_classes
     cfg["in_chans"] = 3 if in_chans is None else in_chans
     if features_only and pretrained:
@@ -370,6 +374,11 @@ def create_model(name: str, pretrained: bool | str = False, num_classes: int | N
         if cfg_overrides:
             model.pretrained_cfg = model.default_cfg = {
                 **model.pretrained_cfg, **{k: v for k, v in cfg_overrides.items() if k != "state_dict"}}
+        if features_only and pretrained and feature_cls is None:
+            warnings.warn(f"{name} with features_only=True is the authors' detection/segmentation backbone: each stage's "
+                          "map goes through a new norm (feature_norms), initialised here, not from the classifier "
+                          "weights, so the maps are not the network's raw stage outputs (timm's features_only "
+                          "gives those: pass feature_cls='list')", UserWarning, stacklevel=2)
         if pretrained:
             source = _weights_source(cfg_overrides, weights, pretrained, cache_dir)
             if source is None:
@@ -386,6 +395,32 @@ def create_model(name: str, pretrained: bool | str = False, num_classes: int | N
             raise WeightsError(f"checkpoint_path {checkpoint_path} does not load into this {name} strictly "
                                f"(timm's load_checkpoint: {problems[:400]})") from None
     return model
+
+
+# Config entries a file's weights do not depend on: training-time rates, and what create_model adapts or replaces.
+_NOT_ARCHITECTURE = ("num_classes", "in_chans", "img_size", "drop_path_rate", "drop_rate", "head_dropout",
+                     "features_only", "out_indices")
+
+
+def _check_recorded_architecture(name: str, cfg: dict, pretrained) -> dict | None:
+    """``pretrained=FILE`` of ours records the network it holds (returned): another architecture than ``name``'s
+    is named, with the call that rebuilds it, instead of a page of missing keys."""
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        return None
+    stored = stored_metadata(path)
+    if not stored:
+        return None
+    recorded = stored["config"]
+    diffs = [f"{k} {recorded[k]!r} (not {cfg.get(k)!r})" for k in sorted(recorded)
+             if k not in _NOT_ARCHITECTURE and k in cfg and recorded[k] != cfg[k]]
+    if diffs:
+        what = stored.get("variant") or "a MetaFormer"
+        raise WeightsError(f"{pretrained} holds {what} with {', '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}, "
+                           f"recorded in the file: not {name}'s architecture. Rebuild it as saved with "
+                           f"metaformer.load_model({str(pretrained)!r}) (overrides as keyword arguments, e.g. "
+                           "num_classes=10), or pass weights of this architecture")
+    return recorded
 
 
 def build_from_config(config: dict, variant: str | None = None) -> nn.Module:
@@ -405,12 +440,17 @@ def build_from_config(config: dict, variant: str | None = None) -> nn.Module:
 
 
 def load_model(path, allow_nonfinite: bool = False, **overrides: Any) -> nn.Module:
-    """Rebuild the model saved by :func:`metaformer.save_weights` and load its weights strictly.
+    """Rebuild the model saved by :func:`metaformer.save_weights` (or trained by ``metaformer train``: its
+    ``last.pth``/``best.pth``) and load its weights strictly.
 
     ``overrides`` change config entries, e.g. ``num_classes=10`` (classifier re-initialised),
     ``features_only=True`` or ``img_size=384``.
     """
-    meta = read_metadata(path)
+    resolved = resolve(path)
+    meta = stored_metadata(resolved) if not resolved.name.endswith(".safetensors") else read_metadata(resolved)
+    if meta is None:
+        raise WeightsError(f"{path} does not record which model it holds (not written by metaformer.save_weights or "
+                           "metaformer train): create the model and call metaformer.load_weights(model, path)")
     return rebuild(meta["config"], meta["variant"], path, meta["class_names"], allow_nonfinite=allow_nonfinite,
                    **overrides)
 
