@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -232,7 +231,7 @@ def test_the_first_line_names_the_recipe_and_a_small_folder_gets_a_hint(tmp_path
     which warned on 2 cores)."""
     from digits import write_digits
 
-    from metaformer.engine.checkpoint import RunLock
+    from metaformer.engine.run import RunLock
 
     root = write_digits(tmp_path / "digits", classes=("0", "1"))
     n = len(list((root / "train").rglob("*.png")))
@@ -244,8 +243,8 @@ def test_the_first_line_names_the_recipe_and_a_small_folder_gets_a_hint(tmp_path
     assert "changed: depths [1, 1, 1, 1], dims [8, 16, 24, 32]" in first and "epochs 1" in first, first
     out = tmp_path / "run"
     out.mkdir()
-    (out / RunLock.NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": None}))
-    assert main(["train", "--data", str(root), "--output", str(out)]) == 2  # stops at the lock, after the hint
+    with RunLock(out):  # held, as by another run
+        assert main(["train", "--data", str(root), "--output", str(out)]) == 2  # stops at the lock, after the hint
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("recipe: the papers' ImageNet recipe, poolformer_s12, 300 epochs at 224px, batch 128 "
                                f"per process, base lr 0.001, {default_workers()} worker(s); unchanged"), lines

@@ -208,6 +208,7 @@ def _seg_train(args) -> int:
 @_one_line
 def _seg_eval(args) -> int:
     from ..engine.checkpoint import load
+    from ..engine.loop import PERCENT, format_row
     from ..engine.runtime import setup
     from ..tasks.dense.data import SegmentationDataset
     from ..tasks.segmentation import build_segmenter_from_checkpoint, evaluate_segmentation
@@ -224,9 +225,8 @@ def _seg_eval(args) -> int:
         if args.json:
             print_json({**res, "images": len(ds) - len(bad), "unreadable": len(bad)})
         else:
-            print(f"{args.checkpoint} on {args.data_root} ({args.split}, {args.mode}): mIoU {100 * res['mIoU']:.2f}  "
-                  f"mAcc {100 * res['mAcc']:.2f}  aAcc {100 * res['aAcc']:.2f}  ({len(ds) - len(bad)} images; "
-                  "--json adds the per-class IoU)")
+            print(f"{args.checkpoint} on {args.data_root} ({args.split}, {args.mode}): "
+                  f"{format_row(res, PERCENT)}  ({len(ds) - len(bad)} images; --json adds the per-class IoU)")
         _print_skipped(bad)
     rt.close()
     return 0

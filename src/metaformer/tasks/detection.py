@@ -89,7 +89,15 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
     if cfg.val_ann or cfg.arch == "mask_rcnn":
         need("pycocotools", "dense", "COCO evaluation" if cfg.val_ann else "decoding COCO masks")
     rt = setup(cfg.device, cfg.amp)
-    ckpt = DenseRun.open("detect", cfg, rt)
+    with DenseRun.folder_of(cfg, rt) as folder:
+        history = _train(cfg, rt, folder)
+    rt.close()
+    return history
+
+
+def _train(cfg, rt, folder) -> list[dict]:
+    """The run inside its open folder."""
+    ckpt = folder.load("detect")
     arch = ckpt["arch"] if ckpt else cfg.arch
     train_ds = CocoDetection(cfg.train_images, cfg.train_ann, train=True, masks=arch == "mask_rcnn")
     val_ds = CocoDetection(cfg.val_images, cfg.val_ann, masks=arch == "mask_rcnn") if cfg.val_ann else None
@@ -106,7 +114,7 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
                             **cfg.detector_options)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = build_detector(arch, pretrained_backbone=cfg.pretrained, **model_config)
-    run = DenseRun("detect", cfg, rt, ckpt, model, {"arch": arch, "model_config": model_config,
+    run = DenseRun("detect", cfg, rt, folder, ckpt, model, {"arch": arch, "model_config": model_config,
                                                     "class_names": train_ds.class_names,
                                                     "categories": train_ds.categories}, "epoch")
     validate = None
@@ -128,11 +136,8 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
                 if validate is not None:
                     run.evaluate_into(row, validate)
                 rt.log(f"epoch {run.epoch}/{cfg.epochs}  " + format_row(row, LOGGED))
-        except BaseException:
-            run.close(failed=True)  # before its first step, the run leaves no folder behind
-            raise
-        history = run.close()
-    rt.close()
+        finally:
+            history = run.close()
     return history
 
 

@@ -83,7 +83,15 @@ def train_segmentation(cfg: SegmentationConfig) -> list[dict]:
     if not 0 < cfg.ratio_range[0] <= cfg.ratio_range[1]:
         raise ConfigError(f"--ratio-range takes MIN MAX with 0 < MIN <= MAX, got {cfg.ratio_range}")
     rt = setup(cfg.device, cfg.amp)
-    ckpt = DenseRun.open("segment", cfg, rt)
+    with DenseRun.folder_of(cfg, rt) as folder:
+        history = _train(cfg, rt, folder)
+    rt.close()
+    return history
+
+
+def _train(cfg, rt, folder) -> list[dict]:
+    """The run inside its open folder."""
+    ckpt = folder.load("segment")
     model_config = ckpt["model_config"] if ckpt else dict(
         backbone_name=cfg.backbone, num_classes=cfg.num_classes, frozen_stages=cfg.frozen_stages,
         fpn_channels=cfg.fpn_channels, head_channels=cfg.head_channels,
@@ -94,7 +102,7 @@ def train_segmentation(cfg: SegmentationConfig) -> list[dict]:
     val_ds = SegmentationDataset(cfg.data_root, cfg.val_split, **data_kw) if cfg.val_split else None
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_segmenter(**model_config, pretrained_backbone=None if ckpt else cfg.pretrained)
-    run = DenseRun("segment", cfg, rt, ckpt, model, {
+    run = DenseRun("segment", cfg, rt, folder, ckpt, model, {
         "model_config": model_config, "reduce_zero_label": cfg.reduce_zero_label, "img_scale": list(cfg.img_scale),
         "crop_size": cfg.crop_size}, "iteration")
     validate = None
@@ -111,11 +119,8 @@ def train_segmentation(cfg: SegmentationConfig) -> list[dict]:
             while run.iteration < cfg.iters:
                 run.epoch, run.step_in_epoch = divmod(run.iteration, per_pass)
                 train_pass(run, train_ds, per_pass, validate, t0)
-        except BaseException:
-            run.close(failed=True)  # before its first step, the run leaves no folder behind
-            raise
-        history = run.close()
-    rt.close()
+        finally:
+            history = run.close()
     return history
 
 
