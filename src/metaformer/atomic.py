@@ -141,20 +141,22 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, companions: tuple[str, ...] = ()) -> Iterator[Path]:
     """``with atomic_path(p) as tmp:`` write ``tmp`` (a file or a folder, by any writer; it has ``p``'s own
     name, inside a temporary folder beside ``p``); it becomes ``p`` when the block ends without an error,
-    and is removed otherwise (raise inside the block to refuse a result that failed its check)."""
+    and is removed otherwise (raise inside the block to refuse a result that failed its check).
+    ``companions``: suffixes of files the writer puts beside ``tmp`` (OpenVINO's ``.bin``), moved first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     holder = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path, f"{os.getpid()}.", ".tmp"), suffix=".tmp"))
     try:
         tmp = holder / path.name
         yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for src, dst in [*((tmp.with_suffix(s), path.with_suffix(s)) for s in companions), (tmp, path)]:
+            if src.is_file():
+                with open(src, "rb") as f:
+                    os.fsync(f.fileno())
+            os.replace(src, dst)
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(holder, ignore_errors=True)

@@ -40,6 +40,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "dense": {"pycocotools": "pycocotools", "tensorboard": "tensorboard"},
     "export": {"onnx": "onnx", "onnxruntime": "onnxruntime"},
     "quant": {"onnx": "onnx", "onnxruntime": "onnxruntime", "torchao": "torchao"},
+    "openvino": {"openvino": "openvino", "nncf": "nncf"},
     "serve": {"fastapi": "fastapi", "uvicorn": "uvicorn", "multipart": "python-multipart"},
     "cam": {"pytorch_grad_cam": "grad-cam"},
     "data": {"webdataset": "webdataset", "datasets": "datasets"},

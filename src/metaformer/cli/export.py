@@ -18,6 +18,7 @@ def load(args):
 def run_export(args) -> int:
     from ..atomic import check_writable
     from ..tools.export import ExportError, check_runtime, export, export_metadata, export_path, sample_image
+    from ..tools.exported import COMPANIONS
 
     out = export_path(args.output, args.format, f"{args.model or 'model'}{'_fused' if args.fused else ''}")
     check_runtime(args.format)  # before the model is loaded and exported
@@ -36,7 +37,8 @@ def run_export(args) -> int:
                         metadata=export_metadata(loaded))
     except ExportError as e:
         raise UserError(str(e)) from None
-    size_mb = result.path.stat().st_size / 2**20
+    size_mb = sum(p.stat().st_size for p in (result.path, *(result.path.with_suffix(s) for s in
+                                                            COMPANIONS.get(result.format, ())))) / 2**20
     if args.json:
         print_json({"path": str(result.path), "format": result.format, "dtype": result.dtype, "size_mib": size_mb,
                     "max_diff_random": result.max_diff_random, "max_diff_image": result.max_diff_image,
@@ -65,9 +67,10 @@ def add_parser(sub) -> None:
                                    "random input and a real image, and fail if it differs from PyTorch by more "
                                    "than 1e-4 (fp32).")
     add_weights(p)
-    p.add_argument("--format", choices=["onnx", "torchscript", "exported"], default="onnx",
-                   help="ONNX (run in ONNX Runtime), TorchScript, or torch.export's .pt2")
-    p.add_argument("--output", "-o", help="output file, or a folder to write MODEL[_fused].onnx|.pt|.pt2 into "
+    p.add_argument("--format", choices=["onnx", "torchscript", "exported", "openvino"], default="onnx",
+                   help="ONNX (run in ONNX Runtime), TorchScript, torch.export's .pt2, or OpenVINO IR (.xml with "
+                        "its .bin; the openvino extra)")
+    p.add_argument("--output", "-o", help="output file, or a folder to write MODEL[_fused].onnx|.pt|.pt2|.xml into "
                                           "(default: that name in the current folder)")
     p.add_argument("--fused", action="store_true", help="export the fused inference model (metaformer.fuse)")
     p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,

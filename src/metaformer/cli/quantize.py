@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file (else refused)")
     p.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND,
                    help="ort: ONNX Runtime static quantization (.onnx); pt2e: torchao's X86InductorQuantizer "
-                        "(.pt2, compiled by Inductor when loaded)")
+                        "(.pt2, compiled by Inductor when loaded); openvino: NNCF's post-training quantization "
+                        "(OpenVINO IR .xml + .bin; the openvino extra)")
     p.add_argument("--calib-images", type=whole(1, 1_000_000), default=256, help="training images the activation ranges come from")
     p.add_argument("--max-drop", type=real(-100, 100), default=1.0,
                    help="largest top-1 loss in points the file may have (negative: int8 must beat fp32 by that much)")
@@ -60,12 +61,14 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .. import data as D
     from ..tasks.inference import eval_dataset, load_for_inference
-    from ..tools.quantize import check_output, describe_ops, quantize
+    from ..tools.exported import COMPANIONS
+    from ..tools.quantize import EXTRA, FORMAT, check_output, describe_ops, quantize
 
     model, checkpoint = model_or_checkpoint(args.model, args.checkpoint)
     # what the chosen backend needs, checked before the model loads (a missing one named with its extra)
-    for module in (("onnx", "onnxruntime") if args.backend == "ort" else ("torchao",)):
-        need(module, "quant", f"int8 quantization with --backend {args.backend}")
+    modules = {"ort": ("onnx", "onnxruntime"), "pt2e": ("torchao",), "openvino": ("openvino", "nncf")}
+    for module in modules[args.backend]:
+        need(module, EXTRA[args.backend], f"int8 quantization with --backend {args.backend}")
     default = (str(Path(checkpoint).with_name(Path(checkpoint).stem + "_int8")) if checkpoint
                else f"{model or 'model'}_int8")
     if args.output is not None:  # inside a folder --output: the default's name
@@ -85,7 +88,8 @@ def run(args) -> int:
                     "int8_top1": a.int8_top1, "drop": a.drop, "agreement": a.agreement, "max_drop": result.max_drop,
                     "ops": result.ops})
     else:
-        size = f", {result.path.stat().st_size / 2**20:.1f} MiB" if result.written else ""
+        files = [result.path, *(result.path.with_suffix(s) for s in COMPANIONS.get(FORMAT[result.backend], ()))]
+        size = f", {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB" if result.written else ""
         print(f"{'wrote' if result.written else 'refused'} {result.path} (int8, {result.backend}, calibrated on "
               f"{result.calib_images} images{size})")
         print(f"on {a.images} validation images: fp32 top-1 {a.fp32_top1:.2f}%  int8 top-1 {a.int8_top1:.2f}%  "

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..atomic import atomic_path, check_writable, clean_stale_temps, output_file
 from ..errors import MetaFormerError, need, require
-from .exported import FORMATS, META_KEY, ExportError, load_runtime, module_tensors, onnx_tensors, tensors_sha256
+from .exported import (COMPANIONS, FORMATS, META_KEY, ExportError, file_sha256, load_runtime, module_tensors,
+                       onnx_tensors, tensors_sha256)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |logit difference| allowed, relative to the largest |logit| for the low-precision dtypes
@@ -37,6 +38,8 @@ def check_runtime(fmt: str) -> None:
     if fmt == "onnx":
         need("onnx", "export", "ONNX export")
         need("onnxruntime", "export", "checking an ONNX export in ONNX Runtime")
+    if fmt == "openvino":
+        need("openvino", "openvino", "OpenVINO export")
 
 
 def check_combination(model: nn.Module, fmt: str, dynamic_size: bool, dtype: str) -> None:
@@ -54,7 +57,10 @@ def check_combination(model: nn.Module, fmt: str, dynamic_size: bool, dtype: str
                 f"{model.img_size[0]}x{model.img_size[1]} images (--dynamic-batch still works)")
     if fmt == "onnx" and dtype == "bf16":
         raise ExportError("ONNX Runtime has no bfloat16 kernels for these operators on CPU; export onnx as fp32 "
-                          "or fp16, or use --format torchscript/exported for bf16")
+                          "or fp16, or use --format torchscript/exported/openvino for bf16")
+    if fmt == "openvino" and dtype == "fp16":
+        raise ExportError("OpenVINO runs fp32 or bf16 on the CPU: export openvino with --dtype fp32 or bf16 (bf16 "
+                          "keeps fp32 weights in the file and runs in bf16)")
     check_runtime(fmt)
 
 
@@ -101,6 +107,10 @@ def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynami
                           dynamic_axes={"input": axes, "logits": {0: "batch"} if dynamic_batch else {}})
         if metadata:
             set_onnx_metadata(path, metadata)
+    elif fmt == "openvino":
+        b, c, h, w = example.shape
+        shape = [-1 if dynamic_batch else b, c, -1 if dynamic_size else h, -1 if dynamic_size else w]
+        save_openvino(openvino_model(model, example, shape), path, metadata)
     elif fmt == "torchscript":
         with torch.no_grad():
             traced = torch.jit.trace(model, example, check_trace=False)
@@ -129,6 +139,29 @@ def _extra_files(metadata: dict | None, module) -> dict:
 def save_program(program: torch.export.ExportedProgram, path: Path, metadata: dict | None) -> None:
     """``torch.export.save`` with ``metadata`` (and the program's tensors' SHA-256) as the metadata extra file."""
     torch.export.save(program, str(path), extra_files=_extra_files(metadata, program))
+
+
+def openvino_model(model: nn.Module, example: torch.Tensor, shape: list[int]):
+    """``model`` converted by OpenVINO's converter (which traces it) for inputs of ``shape`` (-1: any size)."""
+    ov = require("openvino", "openvino", "OpenVINO export")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the converter's own use of torch.jit.trace
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated")
+        return ov.convert_model(model, example_input=example, input=[shape])
+
+
+def save_openvino(ov_model, path: Path, metadata: dict | None) -> None:
+    """An OpenVINO model as IR (``path``, and its weights beside it as ``.bin``), its weights in full precision
+    (OpenVINO's writer halves them by default), ``metadata`` and the weights' SHA-256 in its runtime info.
+    ``metadata['inference_precision']`` (``f32`` unless given) is what readers compile it with."""
+    ov = require("openvino", "openvino", "OpenVINO export")
+    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    if metadata:
+        meta = {"inference_precision": "f32", **metadata,
+                "file_sha256": file_sha256(path.with_suffix(".bin"))}
+        ov_model.set_rt_info(json.dumps(meta), [META_KEY])
+        ov.save_model(ov_model, str(path), compress_to_fp16=False)  # the same weights, now with the metadata
 
 
 def set_onnx_metadata(path: Path, metadata: dict) -> None:
@@ -190,12 +223,15 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int
     clean_stale_temps(path.parent, path.name)  # a killed export's unfinished file
     size = img_size or model.img_size[0]
     torch_dtype = DTYPES[dtype]
-    cast = copy.deepcopy(model).to(torch_dtype) if dtype != "fp32" else model
+    if fmt == "openvino":  # fp32 weights; bf16 is how OpenVINO runs them (the metadata says so)
+        torch_dtype = torch.float32
+        metadata = {**(metadata or {"format": "openvino"}), "inference_precision": "bf16" if dtype == "bf16" else "f32"}
+    cast = copy.deepcopy(model).to(torch_dtype) if torch_dtype != torch.float32 else model
     gen = torch.Generator().manual_seed(0)
     batch = 2 if dynamic_batch else 1
     example = torch.randn(batch, model.in_chans, size, size, generator=gen)
     # Written beside `path` and renamed only after the check passed: no half-verified file under `path`.
-    with atomic_path(path) as tmp:
+    with atomic_path(path, COMPANIONS.get(fmt, ())) as tmp:
         try:
             write_file(cast, example.to(torch_dtype), tmp, fmt, dynamic_batch, dynamic_size, metadata)
             run = load_runtime(tmp, fmt)

@@ -1,5 +1,5 @@
-"""Running exported files: ONNX (in ONNX Runtime), TorchScript, ``torch.export`` programs, and the int8 files
-of ``metaformer quantize``, with the metadata ``metaformer export`` stores in them.
+"""Running exported files: ONNX (in ONNX Runtime), TorchScript, ``torch.export`` programs, OpenVINO IR, and the
+int8 files of ``metaformer quantize``, with the metadata ``metaformer export`` stores in them.
 
 Every reader (``eval``/``predict``/``bench``/``serve --exported``, and export's and quantize's own checks) loads a
 file here, so each runs the same session, with the same checks:
@@ -26,7 +26,8 @@ import torch
 
 from ..errors import MetaFormerError, installed, require
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2", "openvino": ".xml"}
+COMPANIONS = {"openvino": (".bin",)}  # files written beside the named one (OpenVINO's weights)
 META_KEY = "metaformer"  # ONNX metadata_props key / extra-file name holding the JSON metadata
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")
 
@@ -110,6 +111,8 @@ def metadata_problem(meta: dict) -> str | None:
         return f"has no usable crop fraction (crop_pct {crop!r})"
     if pre.get("interpolation") not in INTERPOLATIONS:
         return f"names an unknown interpolation ({pre.get('interpolation')!r})"
+    if meta.get("inference_precision", "f32") not in ("f32", "bf16"):
+        return f"names an unknown inference precision ({meta.get('inference_precision')!r})"
     chans = meta.get("in_chans", 3)
     for key in ("mean", "std"):
         v = pre.get(key)
@@ -198,10 +201,13 @@ def load_runtime(path: str | os.PathLike, fmt: str | None = None, verify: bool =
         raise ExportError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     fmt = fmt or {suffix: name for name, suffix in FORMATS.items()}.get(path.suffix)
     if fmt not in FORMATS:
-        raise ExportError(f"cannot tell the format of {path}: use a .onnx, .pt (TorchScript) or .pt2 "
-                          "(torch.export) file, or name the format")
+        raise ExportError(f"cannot tell the format of {path}: use a .onnx, .pt (TorchScript), .pt2 "
+                          "(torch.export) or .xml (OpenVINO) file, or name the format")
+    missing = [path.with_suffix(s) for s in COMPANIONS.get(fmt, ()) if not path.with_suffix(s).is_file()]
+    if missing:
+        raise ExportError(f"{path} needs {missing[0].name} beside it (the {fmt} weights): copy both files together")
     try:
-        run, tensors = _load(path, fmt)
+        run, digest = _load(path, fmt)
     except MetaFormerError:  # a runtime that is not installed: the file may well be fine
         raise
     except Exception as e:  # protobuf, zip and pickle errors from three runtimes
@@ -212,7 +218,7 @@ def load_runtime(path: str | os.PathLike, fmt: str | None = None, verify: bool =
     if meta:
         _check_input_matches(path, meta, run.input_shape)
         recorded = meta.get("file_sha256")
-        if verify and recorded and tensors_sha256(tensors()) != recorded:
+        if verify and recorded and digest() != recorded:
             raise ExportError(f"{path}: the weights inside the file are not those it was written with (their "
                               f"SHA-256 differs from the one recorded at export, {recorded[:12]}...): it was changed "
                               "or damaged since. Export or quantize the model again")
@@ -229,16 +235,19 @@ def _check_input_matches(path: Path, meta: dict, shape: tuple | None) -> None:
                           "the metadata belongs to another export. Export the model again")
 
 
-def _load(path: Path, fmt: str) -> tuple[Runtime, Callable[[], list]]:
-    """``(runtime, tensors)``: ``tensors()`` lists the file's tensors for :func:`tensors_sha256`."""
+def _load(path: Path, fmt: str) -> tuple[Runtime, Callable[[], str]]:
+    """``(runtime, digest)``: ``digest()`` is the SHA-256 of the weights inside the file, as recorded at export
+    (``file_sha256``)."""
     if fmt == "onnx":
         return _load_onnx(path)
+    if fmt == "openvino":
+        return _load_openvino(path)
     extra = {META_KEY: ""}
     if fmt == "torchscript":
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         meta = parse_metadata(extra[META_KEY], path)
         dtype = next((p.dtype for p in module.parameters()), torch.float32)
-        return Runtime(_torch_fn(module, dtype), meta, fmt, path), lambda: module_tensors(module)
+        return Runtime(_torch_fn(module, dtype), meta, fmt, path), lambda: tensors_sha256(module_tensors(module))
     program = _load_program(path, extra)
     meta = parse_metadata(extra[META_KEY], path)
     shape, batch = _program_input(program)
@@ -250,7 +259,7 @@ def _load(path: Path, fmt: str) -> tuple[Runtime, Callable[[], list]]:
     else:
         dtype = next((t.dtype for t in module.state_dict().values() if t.is_floating_point()), torch.float32)
         fn = _torch_fn(module, dtype)
-    return Runtime(fn, meta, fmt, path, batch, shape), lambda: module_tensors(program)
+    return Runtime(fn, meta, fmt, path, batch, shape), lambda: tensors_sha256(module_tensors(program))
 
 
 def _torch_fn(module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -278,11 +287,52 @@ def _load_onnx(path: Path) -> tuple[Runtime, Callable[[], list]]:
 
     meta = parse_metadata(session.get_modelmeta().custom_metadata_map.get(META_KEY), path)
 
-    def tensors():
+    def digest():
         onnx = require("onnx", "export", "checking an ONNX file's weights")
-        return onnx_tensors(onnx.load(str(path)))
+        return tensors_sha256(onnx_tensors(onnx.load(str(path))))
 
-    return Runtime(run, meta, "onnx", path, batch, shape), tensors
+    return Runtime(run, meta, "onnx", path, batch, shape), digest
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def openvino_config(precision: str = "f32", threads: int | None = None) -> dict:
+    """How every reader compiles an OpenVINO model for the CPU: ``precision`` for the operations that are not int8
+    (OpenVINO's own default is bf16 on CPUs that have it, which would make an fp32 file answer in bf16), ``threads``
+    (default: torch's), one stream for the lowest latency of each call, as the other runtimes here run."""
+    return {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+            "PERFORMANCE_HINT": "LATENCY"}
+
+
+def openvino_fn(compiled) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``images -> logits`` through one infer request of an OpenVINO compiled model."""
+    request = compiled.create_infer_request()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = request.infer({0: x.detach().cpu().contiguous().numpy()})[0]
+        return torch.from_numpy(np.array(out, dtype=np.float32))
+
+    return run
+
+
+def _load_openvino(path: Path) -> tuple[Runtime, Callable[[], str]]:
+    ov = require("openvino", "openvino", "running an OpenVINO file")
+    core = ov.Core()
+    model = core.read_model(str(path))
+    text = model.get_rt_info([META_KEY]).astype(str) if model.has_rt_info([META_KEY]) else None
+    meta = parse_metadata(text, path)
+    raw = json.loads(text) if text else {}  # the precision is stored also for files without our metadata
+    dims = [d.get_length() if d.is_static else None for d in model.inputs[0].get_partial_shape()]
+    batch, shape = (dims[0], tuple(dims[1:])) if len(dims) == 4 else (None, None)
+    precision = raw.get("inference_precision", "f32") if isinstance(raw, dict) else "f32"
+    fn = openvino_fn(core.compile_model(model, "CPU", openvino_config(precision)))
+    return Runtime(fn, meta, "openvino", path, batch, shape), lambda: file_sha256(path.with_suffix(".bin"))
 
 
 def _load_program(path: Path, extra: dict):

@@ -1,6 +1,6 @@
 """Static int8 quantization, calibrated on the user's images, with its accuracy cost measured.
 
-Two maintained backends, both static (activation ranges fixed by calibration, not measured per call):
+Three maintained backends, all static (activation ranges fixed by calibration, not measured per call):
 
 * ``ort``: our verified ONNX export, then ONNX Runtime's ``quantize_static`` (QDQ format, int8
   weights per output channel, uint8 activations, min-max ranges over the calibration images). The
@@ -8,6 +8,8 @@ Two maintained backends, both static (activation ranges fixed by calibration, no
 * ``pt2e``: PyTorch 2 export quantization with torchao's ``X86InductorQuantizer``; the file is a
   quantized ``torch.export`` program (``.pt2``) that Inductor lowers to oneDNN int8 kernels when it
   is loaded (a compile of minutes on 2 cores, on every load).
+* ``openvino``: the model converted to OpenVINO and quantized by NNCF's post-training quantization; the
+  file is OpenVINO IR (``.xml`` and its ``.bin``), compiled by OpenVINO's CPU plugin in about a second.
 
 Which one is the default, and why, is measured in ``docs/deploy.md``. Every file carries the same
 metadata as ``metaformer export`` writes (classes, preprocessing) plus how it was quantized and the
@@ -28,10 +30,12 @@ from torch import nn
 
 from ..atomic import atomic_path, check_writable, clean_stale_temps, output_file
 from ..errors import MetaFormerError, require
-from .export import export_metadata, save_program, set_onnx_metadata, write_file
-from .exported import ExportError, load_runtime
+from .export import export_metadata, openvino_model, save_openvino, save_program, set_onnx_metadata, write_file
+from .exported import COMPANIONS, ExportError, load_runtime
 
-BACKENDS = {"ort": ".onnx", "pt2e": ".pt2"}
+BACKENDS = {"ort": ".onnx", "pt2e": ".pt2", "openvino": ".xml"}
+EXTRA = {"ort": "quant", "pt2e": "quant", "openvino": "openvino"}  # the extra each backend needs
+FORMAT = {"ort": "onnx", "pt2e": "exported", "openvino": "openvino"}
 DEFAULT_BACKEND = "ort"
 
 
@@ -150,10 +154,47 @@ def pt2e_program(model: nn.Module, calib: torch.Tensor, batch_size: int) -> torc
     return torch.export.export(converted, (example,), dynamic_shapes=({0: batch},))
 
 
+def has_attention(model: nn.Module) -> bool:
+    from ..models.mixers import Attention
+
+    return any(isinstance(m, Attention) for m in model.modules())
+
+
+def import_nncf():
+    """NNCF, imported without the line torch logs when NNCF loads its C++ extension helpers on a machine without
+    CUDA ("No CUDA runtime is found"), which says nothing about quantizing for the CPU."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401  (NNCF imports it while quantizing; the line comes at import)
+
+        return require("nncf", "openvino", "int8 quantization (backend openvino)")
+    finally:
+        logger.setLevel(level)
+
+
+def _openvino_quantize(model: nn.Module, calib: torch.Tensor, path: Path, metadata: dict):
+    """The model converted to OpenVINO (dynamic batch) and quantized by NNCF's post-training quantization,
+    calibrated on ``calib`` one image at a time (NNCF's statistics assume it); attention models as NNCF's
+    transformer type, which keeps the operations attention is sensitive to (softmax, the norms) in float."""
+    nncf = import_nncf()
+    ov_model = openvino_model(model, calib[:2], [-1, *calib.shape[1:]])
+    kw = {"model_type": nncf.ModelType.TRANSFORMER} if has_attention(model) else {}
+    dataset = nncf.Dataset(list(calib.split(1)), lambda x: x.numpy())
+    quantized = nncf.quantize(ov_model, dataset, subset_size=len(calib), **kw)
+    save_openvino(quantized, path, metadata)
+    return quantized
+
+
 def _write_int8(model, calib, path: Path, backend: str, metadata: dict, batch_size: int):
     if backend == "ort":
         _onnx_quantize(model, calib, path, metadata, batch_size)
         return None
+    if backend == "openvino":
+        return _openvino_quantize(model, calib, path, metadata)
     program = pt2e_program(model, calib, batch_size)
     save_program(program, path, metadata)
     return program
@@ -166,7 +207,7 @@ def quantize_to_file(model: nn.Module, calib: torch.Tensor, path: str | os.PathL
     if backend not in BACKENDS:
         raise QuantizeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     path = int8_path(path, backend)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, COMPANIONS.get(FORMAT[backend], ())) as tmp:
         _checked_write(model, calib, tmp, backend, metadata or {}, batch_size)
     return path
 
@@ -206,6 +247,30 @@ def onnx_ops(path: str | os.PathLike) -> dict:
 INT8_OPS = ("Conv", "MatMul", "Gemm")
 _STRUCTURAL = ("QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Concat",
                "Reshape", "Flatten", "Transpose", "Identity", "Cast")
+
+
+# OpenVINO's executed layers that only move or reshape data
+_OV_STRUCTURAL = ("Input", "Output", "Const", "Reorder", "Reshape", "Transpose", "Concatenation", "Split", "Gather",
+                  "ShapeOf", "Convert", "FakeQuantize")
+
+
+def openvino_ops(path: str | os.PathLike) -> dict:
+    """The same count for an OpenVINO file, from the graph the CPU plugin actually runs (each layer's runtime
+    precision): a layer running in u8/i8 is int8, any other compute layer float."""
+    from .exported import openvino_config
+
+    ov = require("openvino", "openvino", "reading an OpenVINO graph")
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", openvino_config("f32", 1))
+    int8, fp32 = Counter(), Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        rt = op.get_rt_info()
+        kind = rt["layerType"].astype(str) if "layerType" in rt else op.get_type_name()
+        if kind in _OV_STRUCTURAL:
+            continue
+        precision = rt["runtimePrecision"].astype(str) if "runtimePrecision" in rt else ""
+        (int8 if precision in ("u8", "i8") else fp32)[kind] += 1
+    return {"int8": dict(int8), "fp32": dict(fp32)}
 
 
 def program_ops(program: torch.export.ExportedProgram) -> dict:
@@ -291,13 +356,14 @@ def quantize(loaded, calib_dataset, val_dataset, output: str | os.PathLike | Non
     metadata = export_metadata(loaded)
     result = None
     try:
-        with atomic_path(path) as tmp:
-            program = _checked_write(model, calib, tmp, backend, metadata, batch_size)
+        with atomic_path(path, COMPANIONS.get(FORMAT[backend], ())) as tmp:
+            program = _checked_write(model, calib, tmp, backend, metadata, batch_size)  # PT2E's or OpenVINO's
             run = load_runtime(tmp)
             loader = make_loader(val_dataset, batch_size, None, workers)
             log("measuring fp32 and int8 on the validation split")
             accuracy = compare(model, run, loader, progress)
-            ops = onnx_ops(tmp) if backend == "ort" else program_ops(program)
+            ops = onnx_ops(tmp) if backend == "ort" else program_ops(program) if backend == "pt2e" else \
+                openvino_ops(tmp)
             ok = force or accuracy.drop <= max_drop
             result = QuantResult(path, backend, len(calib), accuracy, max_drop, ok, ops)
             if not ok:
@@ -306,8 +372,10 @@ def quantize(loaded, calib_dataset, val_dataset, output: str | os.PathLike | Non
                                         **asdict(accuracy), "drop": accuracy.drop}
             if backend == "ort":
                 set_onnx_metadata(tmp, metadata)
-            else:  # the metadata is an extra file of the archive: save the program again with it
+            elif backend == "pt2e":  # the metadata is an extra file of the archive: save the program again with it
                 save_program(program, tmp, metadata)
+            else:
+                save_openvino(program, tmp, metadata)
     except _Refused:
         pass
     except ExportError as e:
