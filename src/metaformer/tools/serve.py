@@ -281,9 +281,11 @@ class Limits:
     previous answer on a kept-alive connection), and a body's first allowance, which every ``min_rate`` bytes
     received extend by one more second: a body trickled in a byte at a time is cut off, a large upload on a
     slow link is not (the rule of Apache's mod_reqtimeout). Either answers 408 and closes the connection.
-    ``max_decodes``: images decoded at once; each holds its decoded pixels and one upright RGB copy while it
-    is turned into the model's input (240 MB for a 40 M pixel upload), so this bounds the memory a burst of
-    large uploads takes.
+    ``max_decodes``: images decoded at once, on as many threads of their own; each holds its decoded pixels
+    and one upright RGB copy while it is turned into the model's input (240 MB for a 40 M pixel upload), so
+    this bounds the memory a burst of large uploads takes, and what the allocator keeps of it (glibc gives
+    each thread its own heap: decoding on any of the request thread pool's 40 threads could leave a freed
+    burst in each).
     """
 
     max_bytes: int = 10 * 2 ** 20  # request body
@@ -298,8 +300,11 @@ class Limits:
             raise ServeError("read_timeout and min_rate must be > 0 and max_decodes at least 1")
 
 
-# Give freed heap pages back once the decoders are idle and the process grew by more than this since the last
-# time: a burst of large uploads leaves its decoded images' memory in glibc's arenas otherwise.
+# Once no request has been in flight for TRIM_IDLE_S seconds and the process grew by more than TRIM_SLACK bytes
+# since the last time, its free heap pages go back to the OS: the freed memory of a burst (decoded images, a
+# large batch's activations) stays in glibc's heaps otherwise. Only when idle, so a loaded server keeps reusing
+# its working set instead of faulting it in again.
+TRIM_IDLE_S = 1.0
 TRIM_SLACK = 64 * 2 ** 20
 
 
@@ -327,8 +332,8 @@ def create_app(servable: Servable, max_batch: int = 32, max_wait_ms: float = 5.0
     limits = limits or Limits()
     batcher = Batcher(servable.predict, max_batch, max_wait_ms, max_queue)
     cam_lock = threading.Lock()  # Grad-CAM hooks the model: one at a time
-    decodes = asyncio.Semaphore(limits.max_decodes)
-    memory = {"decoding": 0, "rest": None, "trimming": False}
+    decoder = ThreadPoolExecutor(max_workers=limits.max_decodes, thread_name_prefix="metaformer-decode")
+    memory = {"in_flight": 0, "rest": None, "trimming": False, "timer": None}
     started = time.time()
 
     @asynccontextmanager
@@ -339,6 +344,7 @@ def create_app(servable: Servable, max_batch: int = 32, max_wait_ms: float = 5.0
         batcher.start()
         yield
         await batcher.stop()
+        decoder.shutdown(wait=True)
 
     app = fastapi.FastAPI(title="metaformer serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
 
@@ -440,23 +446,31 @@ def create_app(servable: Servable, max_batch: int = 32, max_wait_ms: float = 5.0
         pil = decode_image(data, limits.max_pixels)
         return servable.transform(pil), (pil if keep else None)
 
-    def trimmed(_):
-        memory["trimming"], memory["rest"] = False, resident_bytes()
+    def trim_if_grown() -> None:
+        memory["timer"] = None
+        now, rest = resident_bytes(), memory["rest"]
+        if memory["in_flight"] or memory["trimming"] or now is None or rest is None or now <= rest + TRIM_SLACK:
+            return
+        memory["trimming"] = True
 
-    async def decode(data: bytes, keep: bool):
-        """The model's input (and the decoded image when ``keep``), at most ``max_decodes`` at a time; once the
-        decoders are idle after the process grew, the freed heap goes back to the OS."""
-        async with decodes:
-            memory["decoding"] += 1
-            try:
-                return await run_in_threadpool(decode_and_prepare, data, keep)
-            finally:
-                memory["decoding"] -= 1
-                now, rest = resident_bytes(), memory["rest"]
-                if (memory["decoding"] == 0 and not memory["trimming"] and now is not None and rest is not None
-                        and now > rest + TRIM_SLACK):
-                    memory["trimming"] = True
-                    asyncio.get_running_loop().run_in_executor(None, release_freed_memory).add_done_callback(trimmed)
+        def trimmed(_):
+            memory["trimming"], memory["rest"] = False, resident_bytes()
+
+        asyncio.get_running_loop().run_in_executor(None, release_freed_memory).add_done_callback(trimmed)
+
+    @contextlib.contextmanager
+    def in_flight():
+        """Around a request: when the last one in flight ends, the trim waits TRIM_IDLE_S for the next."""
+        memory["in_flight"] += 1
+        if memory["timer"] is not None:
+            memory["timer"].cancel()
+            memory["timer"] = None
+        try:
+            yield
+        finally:
+            memory["in_flight"] -= 1
+            if memory["in_flight"] == 0:
+                memory["timer"] = asyncio.get_running_loop().call_later(TRIM_IDLE_S, trim_if_grown)
 
     def cam_of(pil, target: int) -> dict:
         from .cam import grad_cam
@@ -470,11 +484,16 @@ def create_app(servable: Servable, max_batch: int = 32, max_wait_ms: float = 5.0
 
     @app.post("/predict")
     async def predict(request: fastapi.Request, topk: int = fastapi.Query(5, ge=1), cam: bool = False):
+        with in_flight():
+            return await answer(request, topk, cam)
+
+    async def answer(request, topk: int, cam: bool):
         t0 = time.perf_counter()
         with batcher.incoming():
             data = await image_bytes(request)
             # the full-size image is kept only for Grad-CAM, which draws on it
-            x, pil = await decode(data, keep=cam and servable.cam_model is not None)
+            keep = cam and servable.cam_model is not None
+            x, pil = await asyncio.get_running_loop().run_in_executor(decoder, decode_and_prepare, data, keep)
             del data
         try:
             probs, batch = await batcher.submit(x)
