@@ -449,7 +449,7 @@ def create_app(servable: Servable, max_batch: int = 32, max_wait_ms: float = 5.0
     def trim_if_grown() -> None:
         memory["timer"] = None
         now, rest = resident_bytes(), memory["rest"]
-        if memory["in_flight"] or memory["trimming"] or now is None or rest is None or now <= rest + TRIM_SLACK:
+        if memory["trimming"] or now is None or rest is None or now <= rest + TRIM_SLACK:
             return
         memory["trimming"] = True
 
