@@ -559,9 +559,13 @@ def read_timeout_protocol(base: type, timeout: float) -> type:
                 self._timer.cancel()
                 self._timer = None
 
+        def _busy(self) -> bool:
+            """A request's headers are complete and its answer is not: its body has the app's deadline."""
+            return self.cycle is not None and not self.cycle.response_complete
+
         def _expired(self) -> None:
             self._timer = None
-            if self.transport.is_closing():
+            if self.transport.is_closing() or self._busy():
                 return
             if self._since:
                 reason = (f"request headers not complete within {timeout:g} s ({self._since:,} bytes received): "
@@ -585,9 +589,8 @@ def read_timeout_protocol(base: type, timeout: float) -> type:
                 self._disarm()
 
         def on_response_complete(self) -> None:
-            cycle = self.cycle
             super().on_response_complete()
-            if not self.transport.is_closing() and self.cycle is cycle:  # no pipelined request started
+            if not self.transport.is_closing() and not self._busy():  # no pipelined request under way
                 self._arm()
 
         def connection_lost(self, exc) -> None:
