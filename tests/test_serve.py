@@ -1,5 +1,7 @@
 """metaformer serve end to end: the JSON API through an HTTP client, dynamic batching, bad input answered with a
-one-line 4xx, Grad-CAM on checkpoints and its stated absence on exported files; the page in headless chromium."""
+one-line 4xx and one log line, uploads decoded as predict decodes files and only in the listed formats, bounded
+decoding memory, stalled and abandoned connections on a real socket, Grad-CAM on checkpoints and its stated
+absence on exported files; the page in headless chromium."""
 import asyncio
 import base64
 import io
@@ -17,7 +19,6 @@ import torch
 from PIL import Image
 
 import metaformer
-from metaformer.cli import build_parser
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
