@@ -2,7 +2,7 @@
 # The measurements of docs/deploy.md, one after the other (~50 min on 2 cores): int8 against our fused fp32, timm
 # compiled and ONNX Runtime fp32 (PoolFormer-S12 224, batch 32 and 1, interleaved); the digits model's int8 file
 # beside its fp32 modes; the server under 1, 8 and 32 clients (the digits model, its int8 file, and PoolFormer-S12
-# 224 with random weights). Needs runs/digits/best.pth (bash scripts/demo.sh).
+# 224 with random weights) and under hostile clients. Needs runs/digits/best.pth (bash scripts/demo.sh).
 # Results land in benchmarks/results/ (git-ignored).
 set -eu
 cd "$(dirname "$0")/.."
@@ -22,4 +22,7 @@ $M bench --exported runs/digits/best_int8.onnx --modes fused,ort,int8_ort --batc
 test -f runs/s12_random.safetensors || .venv/bin/python -c "import torch, metaformer; torch.manual_seed(0); \
 metaformer.save_weights(metaformer.create_model('poolformer_s12'), 'runs/s12_random.safetensors')"
 .venv/bin/python benchmarks/serve_load.py runs/s12_random.safetensors --img-size 224 --md benchmarks/results/serve_s12.md
+# hostile clients: 50 stalled connections of two kinds, 50 that leave mid-body, 16 concurrent 36 M pixel JPEGs
+.venv/bin/python benchmarks/serve_load.py runs/s12_random.safetensors --img-size 224 --no-load --hostile \
+    --md benchmarks/results/serve_hostile.md
 .venv/bin/python benchmarks/int8_layers.py > benchmarks/results/int8_layers.md

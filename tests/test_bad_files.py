@@ -214,13 +214,11 @@ def portrait_jpeg(orientation: int = 6) -> bytes:
 
 def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
     """Before: orientation 6 loaded as 64x32, not 32x64."""
-    from metaformer.data.shards import read_image_bytes
-
     (tmp_path / "p.jpg").write_bytes(portrait_jpeg())
     assert D.open_rgb(tmp_path / "p.jpg").size == (32, 64)
     upright = D.open_rgb(tmp_path / "p.jpg")
     assert upright.getpixel((16, 2))[2] > 150  # the strip is on top after the turn
-    assert read_image_bytes(portrait_jpeg(), "p.jpg").size == (32, 64)  # shards, Hugging Face rows
+    assert D.open_rgb(portrait_jpeg(), "p.jpg").size == (32, 64)  # from bytes: shards, Hugging Face rows, serve
     root = tmp_path / "root"
     for split in ("train", "val"):
         (root / split / "a").mkdir(parents=True)

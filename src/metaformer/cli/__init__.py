@@ -142,12 +142,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
 
+# Verbs that run until stopped. Keeping every freed block makes a long-lived process hold its largest burst
+# forever (a server after 16 concurrent 40 M pixel uploads: its peak, not its working set), so they keep
+# glibc's defaults and give memory back themselves.
+LONG_LIVED = {"serve"}
+
+
 def program() -> None:
     """The ``metaformer`` executable (and ``python -m metaformer``): a process of its own, so it may set up
     the process for the work it does. Large activations are reused instead of being page-faulted in on
     every step (:func:`metaformer.fast.alloc.keep_freed_memory`; ``METAFORMER_MALLOC=default`` keeps
-    glibc's defaults). ``main()`` called from Python changes no process-wide setting."""
-    if verb_of(sys.argv[1:]):  # not for --help or --version, which import neither torch nor the fast paths
+    glibc's defaults), except by the verbs of :data:`LONG_LIVED`. ``main()`` called from Python changes no
+    process-wide setting."""
+    verb = verb_of(sys.argv[1:])
+    if verb and verb not in LONG_LIVED:  # not for --help or --version, which import neither torch nor the fast paths
         from ..fast.alloc import keep_freed_memory
 
         keep_freed_memory()
