@@ -98,3 +98,21 @@ def test_openvino_int8_reports_what_eval_measures_and_refuses_over_max_drop(tmp_
                  "-o", str(refused)]) == 2
     assert not refused.exists() and not refused.with_suffix(".bin").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.safetensors", "q.bin", "q.xml"]
+
+
+def test_serve_runs_an_openvino_file(ckpt, tmp_path):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from metaformer.tools.serve import create_app, load_servable
+
+    xml = tmp_path / "tiny.xml"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "openvino", "-o", str(xml)]) == 0
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8")).save(buf, "PNG")
+    with TestClient(create_app(load_servable(str(xml)))) as client:
+        assert client.get("/info").json()["backend"] == "OpenVINO"
+        body = client.post("/predict", files={"file": ("x.png", buf.getvalue(), "image/png")}).json()
+        assert body["top1"].startswith("c") and len(body["predictions"]) == 5

@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -130,6 +131,27 @@ def test_exported_int8_file_is_served_and_says_cam_is_unavailable(ckpt, tmp_path
         assert info["cam"] is False and "exported file" in info["cam_note"] and "ONNX Runtime" in info["backend"]
         body = client.post("/predict?cam=1", files={"file": ("x.png", png(), "image/png")}).json()
         assert body["cam"] is None and "exported file" in body["cam_note"] and body["top1"] in CLASSES
+
+
+def test_a_file_exported_for_a_fixed_batch_answers_concurrent_requests(ckpt, tmp_path):
+    """The batcher stacks concurrent images; a file exported for batch 1 runs them one per call (it answered
+    every concurrent request with 500)."""
+    pytest.importorskip("onnxruntime")
+    from metaformer.cli import main
+
+    one = tmp_path / "one.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--no-dynamic-batch", "-o", str(one)]) == 0
+    with TestClient(create_app(load_servable(str(one)), max_batch=8, max_wait_ms=200)) as client:
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda i: client.post("/predict", files={"file": ("x.png", png(seed=i),
+                                                                                      "image/png")}), range(6)))
+        alone = [client.post("/predict", files={"file": ("x.png", png(seed=i), "image/png")}).json()
+                 for i in range(6)]
+    assert [a.status_code for a in answers] == [200] * 6
+    assert max(a.json()["batch_size"] for a in answers) > 1  # they were batched
+    for a, b in zip(answers, alone):
+        assert a.json()["top1"] == b["top1"]
+        assert abs(a.json()["predictions"][0]["score"] - b["predictions"][0]["score"]) < 1e-5
 
 
 def test_batcher_batches_concurrent_requests_and_bounds_its_queue():

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
                     "shows the top-5 and a Grad-CAM overlay (checkpoints only; an exported file says it has none). "
                     "Bad input is a 4xx with a one-line reason. Binds to 127.0.0.1 unless --host says otherwise.")
     p.add_argument("source", metavar="CHECKPOINT_OR_EXPORT", help="a checkpoint (ours name their model; others "
-                   "need --model) or a file from `metaformer export` / `metaformer quantize` (.onnx, .pt, .pt2)")
+                   "need --model) or a file from `metaformer export` / `metaformer quantize` (.onnx, .pt, .pt2, "
+                   "OpenVINO .xml)")
     p.add_argument("--model", help="variant name for a checkpoint that does not name its model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     p.add_argument("--port", type=whole(1, 65535), default=8000, help="TCP port")

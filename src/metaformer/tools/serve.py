@@ -44,7 +44,7 @@ from ..engine.metrics import ranked
 from .cam import cam_stage_for
 
 PAGE = Path(__file__).with_name("serve.html")
-EXPORT_SUFFIXES = (".onnx", ".pt", ".pt2")
+EXPORT_SUFFIXES = (".onnx", ".pt", ".pt2", ".xml")
 log = logging.getLogger("metaformer.serve")
 
 
@@ -95,7 +95,8 @@ def load_servable(source: str, model_name: str | None = None, fused: bool = True
         loaded = load_exported(source, model_name)
         run = loaded.model
         quant = run.quantization
-        backend = {"onnx": "ONNX Runtime", "torchscript": "TorchScript", "exported": "torch.export"}[run.format]
+        backend = {"onnx": "ONNX Runtime", "torchscript": "TorchScript", "exported": "torch.export",
+                   "openvino": "OpenVINO"}[run.format]
         backend += f" int8 ({quant['backend']})" if quant else ""
         note = ("Grad-CAM needs the PyTorch model's gradients, which an exported file does not have"
                 + (" (int8)" if quant else "") + ": serve the checkpoint to see where the model looked")
