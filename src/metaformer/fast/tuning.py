@@ -190,17 +190,19 @@ def gemm_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, dict]:
 
 
 def _candidates(role: str, dtype: torch.dtype, act: int, n: int, device: torch.device, configs) -> list:
-    out = [("triton", dict(c)) for c in configs if config_problem(c, n, dtype, device) is None]
+    """The default first (the Triton kernel, its tile heuristic), then each tile that can run here, then
+    cuBLASLt where it computes the same function."""
+    out = [("triton", None)] + [("triton", dict(c)) for c in configs if config_problem(c, n, dtype, device) is None]
     if cublaslt_problem(role, dtype, act) is None:
         out.append(("cublaslt", None))
     return out
 
 
 def tune(model: nn.Module, x: torch.Tensor, configs=None, install: bool = True) -> dict:
-    """Time every candidate (each Triton tile of ``configs``, default
+    """Time every candidate (the default tile, each Triton tile of ``configs``, default
     :data:`~metaformer.fast.triton_ops.GEMM_CONFIGS`, and cuBLASLt where it computes the same function) for
     each GEMM of a Triton-fused ``model`` at input ``x``, on its device, with the model's weights and random
-    activations; keep the fastest whose output matches the default candidate's (to the dtype's rounding).
+    activations; keep the fastest whose output matches the default's (to the dtype's rounding).
     Returns the table (save it with ``json.dump``; pass it to ``fuse(model, gemm=table)``) and, with
     ``install``, makes ``model`` use it."""
     from . import triton_ops as T
@@ -234,9 +236,13 @@ def tune(model: nn.Module, x: torch.Tensor, configs=None, install: bool = True) 
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         times, errors = {}, {}
         best = None
-        for impl, cfg in _candidates(s["role"], dtype, s["act"], s["N"], device, configs):
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        candidates = _candidates(s["role"], dtype, s["act"], s["N"], device, configs)
+        default_label = None
+        for impl, cfg in candidates:
             label = "cublaslt" if impl == "cublaslt" else "triton " + tile_label(
-                T.gemm_config(s["M"], s["N"], s["K"], torch.empty((), dtype=dtype).element_size(), cfg))
+                T.gemm_config(s["M"], s["N"], s["K"], itemsize, cfg))
+            default_label = default_label or label
             if label in times or label in errors:  # two tiles the same once capped at this shape
                 continue
             try:
@@ -251,7 +257,8 @@ def tune(model: nn.Module, x: torch.Tensor, configs=None, install: bool = True) 
             if best is None or ms < best[2]:
                 best = (impl, cfg, ms)
         entries[key] = {"impl": best[0] if best else "triton", "config": best[1] if best else None,
-                        "ms": best[2] if best else None, "M": s["M"], "times_ms": times, "errors": errors}
+                        "ms": best[2] if best else None, "default_ms": times.get(default_label), "M": s["M"],
+                        "times_ms": times, "errors": errors}
     table = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
              "torch": torch.__version__, "triton": _triton_version(), "input": list(x.shape), "entries": entries}
     if install:
