@@ -95,7 +95,9 @@ class Check:
         return m
 
     def fuse_kwargs(self) -> dict:
-        return {"gemm": self.gemm_table} if self.gemm_table else {}
+        """fuse() options of the benchmarks' fused modes: the GEMM table; in the dry run the Triton backend (fuse
+        would pick oneDNN on the CPU), so the dry run goes through the device's path."""
+        return {**({"gemm": self.gemm_table} if self.gemm_table else {}), **({"backend": "triton"} if self.dry else {})}
 
     def left(self, cap: float) -> float:
         """Seconds a subprocess may take: ``cap``, or what is left of the budget if less."""
@@ -468,7 +470,7 @@ def sec_fuse(c: Check) -> dict:
 
 
 def _fuse_compare(c: Check, out: dict, name: str, x32: torch.Tensor) -> None:
-    variants = {"triton": dict(backend="triton", **c.fuse_kwargs()), "aten": dict(backend="aten")}
+    variants = {"triton": {**c.fuse_kwargs(), "backend": "triton"}, "aten": {"backend": "aten"}}
     if c.gemm_table:
         variants["triton-default-gemm"] = dict(backend="triton")
     m = c.model(name).to(c.device)
@@ -761,12 +763,14 @@ def run_sections(c: Check, names: list[str], budget: float | None, sections: dic
     if budget is not None:
         signal.signal(signal.SIGALRM, spent)
         signal.setitimer(signal.ITIMER_REAL, budget)
+    name = None
     try:
         for i, name in enumerate(names):
             left = None if budget is None else budget - (time.time() - t_start)
+            # a skipped section keeps what an earlier run (--only, same --out) measured
             if left is not None and left < cost.get(name, 20):
-                c.results[name] = {"error": f"skipped: {left:.0f}s of the budget left, the section needs "
-                                            f"~{cost.get(name, 20)}s"}
+                c.results.setdefault(name, {"error": f"skipped: {left:.0f}s of the budget left, the section "
+                                                     f"needs ~{cost.get(name, 20)}s"})
                 print(f"[gpu_check] {name}: skipped (budget)", flush=True)
                 c.save()
                 continue
@@ -778,7 +782,7 @@ def run_sections(c: Check, names: list[str], budget: float | None, sections: dic
                 c.results[name] = {"error": f"stopped: the budget of {budget:.0f}s ran out after "
                                             f"{time.time() - t0:.0f}s in this section"}
                 for rest in names[i + 1:]:
-                    c.results[rest] = {"error": "skipped: the budget ran out"}
+                    c.results.setdefault(rest, {"error": "skipped: the budget ran out"})
                 print(f"[gpu_check] {name}: stopped (budget)", flush=True)
                 c.save()
                 break
@@ -791,6 +795,9 @@ def run_sections(c: Check, names: list[str], budget: float | None, sections: dic
             if c.cache is not None and name in COMPILING:
                 c.results.setdefault("cache", {})["saved"] = save_cache(c.cache, c.out / "inductor_cache.tar.gz")
             c.save()
+    except BudgetSpent:  # spent between sections (saving the caches): what ran is kept, the rest skipped
+        for rest in names[names.index(name) + 1:] if name in names else []:
+            c.results.setdefault(rest, {"error": "skipped: the budget ran out"})
     finally:
         if budget is not None:
             signal.setitimer(signal.ITIMER_REAL, 0)

@@ -538,8 +538,9 @@ def set_gemm(model: nn.Module, gemm) -> nn.Module:
 
     if gemm is not None and not (isinstance(gemm, str) and gemm in tuning.MODES):
         if isinstance(gemm, str) and not Path(gemm).exists():
-            raise ValueError(f"gemm must be one of {', '.join(tuning.MODES)}, a table or a table's JSON file; "
-                             f"got {gemm!r}")
+            what = "no such GEMM table file" if gemm.endswith(".json") else \
+                f"gemm must be one of {', '.join(tuning.MODES)}, a table or a table's JSON file; got"
+            raise ValueError(f"{what} {gemm!r}")
         gemm = tuning.load_table(gemm)
     for m in model.modules():
         if isinstance(m, FusedPoolBlock):

@@ -5,21 +5,26 @@ On a GPU these blocks are memory-bound: apart from the two 1x1 convolutions, eve
 pass over the activation. The kernels here move each activation as few times as the algebra
 of ``docs/fast.md`` allows (all channels_last, i.e. ``[tokens, C]`` row-major):
 
-* :func:`sample_sums` - per-sample sum and sum of squares (GroupNorm(1) statistics): one read.
+* :func:`sample_partials` / :func:`finish_stats` - per-sample sum and sum of squares (GroupNorm(1)
+  statistics): one read, then mean and 1/sigma.
 * :func:`pool_mix` - the whole token-mixer half in one read and one write:
   ``y = r x + a (pool(x) - x)`` with ``a = g w / sigma`` per (sample, channel) (the norm never
-  materialised), the 3x3 stencil with ``count_include_pad=False``'s border counts computed
-  from the position; it also emits the per-sample sums of ``y`` (norm2's statistics).
-* :func:`pointwise_conv` - a 1x1 convolution (a GEMM over tokens) with MetaFormer's prologue and
-  epilogue: norm2's affine folded into the weights, its per-sample mean subtracted from each
-  input tile as it is loaded and ``1/sigma`` applied to the accumulator (so the normalised map
-  is never written), bias, GELU / ReLU^2, drop-path keep, ``r2 y +`` residual, and the output's
-  per-sample sums (the next block's norm1 statistics); or the activation applied to the input
-  tile as it is loaded (fc2 in training, where fc1's pre-activation is what is kept).
-* :func:`pool_mix_backward` - the mixer's gradient in two passes (a reduction for the gradients of
-  the per-channel parameters and of ``1/sigma``; then ``dx``), recomputing ``pool(x)``.
+  materialised), the stencil as a rolling window down strips of rows with
+  ``count_include_pad=False``'s border counts computed from the position; it also emits the
+  per-sample sums of ``y`` (norm2's statistics).
+* :func:`pointwise_conv` - a 1x1 convolution (a GEMM over tokens, any tile of :data:`GEMM_CONFIGS`) with
+  MetaFormer's prologue and epilogue: norm2's affine folded into the weights, its per-sample mean
+  subtracted from each input tile as it is loaded and ``1/sigma`` applied to the accumulator (so the
+  normalised map is never written), bias, GELU / ReLU^2, drop-path keep, ``r2 y +`` residual, and
+  the output's per-sample sums (the next block's norm1 statistics); or the activation applied to the
+  input tile as it is loaded (fc2 in training, where fc1's pre-activation is what is kept).
+* :func:`fc1` - fc1 by that kernel or by cuBLASLt after :func:`standardise` (which runs where is
+  :mod:`metaformer.fast.tuning`'s choice).
+* :func:`pool_mix_backward_sums` / :func:`pool_mix_backward_dx` - the mixer's gradient in two passes
+  (a reduction for the gradients of the per-channel parameters and of ``1/sigma``; then ``dx``),
+  recomputing ``pool(x)`` in the same rolling window.
 
-Per-sample statistics are reduced from per-tile partial sums written to a small buffer (no
+Per-sample statistics are reduced from per-program partial sums written to a small buffer (no
 atomics), so results are deterministic. Kernels run on CUDA, or on the CPU under Triton's
 interpreter (``TRITON_INTERPRET=1``), which is how the test suite checks them. The interpreter
 keeps bfloat16 as raw 16-bit integers (numpy has no bfloat16): loads, stores and explicit
