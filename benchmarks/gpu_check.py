@@ -12,9 +12,9 @@ to ``--out`` after every section (a run cut short keeps what it measured) and pr
 ``--budget`` is hard: a section that would not fit (by its usual cost) is skipped, and one still running
 when the budget is spent is stopped; both are marked in the report. ``--inductor-cache FILE.tar.gz`` carries
 the compile caches (inductor's FX-graph and autotuning caches, and Triton's kernels) between runs: read at
-the start when the file exists, written to ``--out`` after each section that compiles. It installs nothing:
-run it where torch (and, for the kernels, Triton) is installed, with this checkout on ``PYTHONPATH``
-(``PYTHONPATH=src``) or our wheel installed (``docs/fast.md``).
+the start when the file exists, written to ``--out`` after the sections with long compiles and at the end.
+It installs nothing: run it where torch (and, for the kernels, Triton) is installed, with this checkout on
+``PYTHONPATH`` (``PYTHONPATH=src``) or our wheel installed (``docs/fast.md``).
 """
 from __future__ import annotations
 
@@ -743,8 +743,9 @@ COST = {"ceilings": 10, "gemm_tune": 75, "bench_infer": 230, "kernels": 40, "ben
         "inductor_traffic": 40}
 COST_CACHED = {"gemm_tune": 20, "bench_infer": 50, "bench_train": 60, "pytest_triton": 60, "bench_train_compile": 60,
                "train_digits": 150, "bench_infer_ours_compiled": 50, "inductor_traffic": 15}
-COMPILING = {"gemm_tune", "bench_infer", "kernels", "bench_train", "fuse", "pytest_triton", "bench_train_compile",
-             "train_digits", "families", "bench_infer_ours_compiled", "inductor_traffic"}
+# after these (inductor's long compiles) the caches are written at once, so a run stopped later keeps them;
+# after the last section they are written again with everything else compiled (our own Triton kernels)
+SAVE_CACHE_AFTER = {"bench_infer", "bench_train", "bench_train_compile", "train_digits", "bench_infer_ours_compiled"}
 
 
 def run_sections(c: Check, names: list[str], budget: float | None, sections: dict | None = None,
@@ -792,7 +793,7 @@ def run_sections(c: Check, names: list[str], budget: float | None, sections: dic
             if c.device.type == "cuda":
                 torch.cuda.empty_cache()
             print(f"[gpu_check] {name}: {time.time() - t0:.0f}s", flush=True)
-            if c.cache is not None and name in COMPILING:
+            if c.cache is not None and name in SAVE_CACHE_AFTER:
                 c.results.setdefault("cache", {})["saved"] = save_cache(c.cache, c.out / "inductor_cache.tar.gz")
             c.save()
     except BudgetSpent:  # spent between sections (saving the caches): what ran is kept, the rest skipped
@@ -802,6 +803,8 @@ def run_sections(c: Check, names: list[str], budget: float | None, sections: dic
         if budget is not None:
             signal.setitimer(signal.ITIMER_REAL, 0)
     c.results.setdefault("run", {})["seconds"] = round(time.time() - t_start, 1)
+    if c.cache is not None:
+        c.results.setdefault("cache", {})["saved"] = save_cache(c.cache, c.out / "inductor_cache.tar.gz")
     c.save()
 
 
