@@ -268,9 +268,11 @@ def _gemm_fn(dtype: torch.dtype, device) -> tuple[Callable, float]:
 
 # ----------------------------------------------------------------------------- inference
 def build_infer_mode(mode: str, model: nn.Module, dtype: torch.dtype, device, x: torch.Tensor,
-                     exported: str | None = None):
+                     exported: str | None = None, fuse_kwargs: dict | None = None):
     """Returns (fn, diff reference) or raises to skip the mode. ``exported``: the file the ``exported`` mode
-    times (from ``metaformer export`` or ``metaformer quantize``; its weights, not ``model``'s)."""
+    times (from ``metaformer export`` or ``metaformer quantize``; its weights, not ``model``'s). ``fuse_kwargs``:
+    options of ``fuse()`` for the ``fused`` modes (e.g. ``gemm``, a measured GEMM table)."""
+    fk = fuse_kwargs or {}
     from ..fast import fuse
 
     if mode == "eager":
@@ -278,11 +280,11 @@ def build_infer_mode(mode: str, model: nn.Module, dtype: torch.dtype, device, x:
     if mode == "eager_cl":
         return _cast(copy.deepcopy(model), dtype, device, True), "eager_fp32"
     if mode == "fused":
-        return fuse(_cast(copy.deepcopy(model), dtype, device, False)), "eager_fp32"
+        return fuse(_cast(copy.deepcopy(model), dtype, device, False), **fk), "eager_fp32"
     if mode == "fused_graph":
         if device.type != "cuda":
             raise RuntimeError("CUDA graphs need a GPU")
-        fused = fuse(_cast(copy.deepcopy(model), dtype, device, False))
+        fused = fuse(_cast(copy.deepcopy(model), dtype, device, False), **fk)
         return cuda_graph(fused, x.contiguous(memory_format=CL)), "eager_fp32"
     if mode == "fused_compile":
         fused = fuse(_cast(copy.deepcopy(model), dtype, device, False), backend="aten")
@@ -349,7 +351,8 @@ def interleaved_timing(fns: dict[str, Callable], x: torch.Tensor, device, repeat
 
 def bench_inference(variant: str, modes: list[str], batch: int, img_size: int, dtype: str = "fp32",
                     device: str = "cpu", repeats: int = 10, warmup: int = 3, model: nn.Module | None = None,
-                    log: Callable[[str], None] = print, exported: str | None = None, **overrides) -> list[Result]:
+                    log: Callable[[str], None] = print, exported: str | None = None, fuse_kwargs: dict | None = None,
+                    **overrides) -> list[Result]:
     device = torch.device(device)
     tdtype = DTYPES[dtype]
     torch.manual_seed(0)
@@ -374,7 +377,7 @@ def bench_inference(variant: str, modes: list[str], batch: int, img_size: int, d
                 fns[mode], gflop[mode] = fn, gemm_gflop
                 continue
             built = time.perf_counter()
-            fn, diff_ref = build_infer_mode(mode, model, tdtype, device, x, exported)
+            fn, diff_ref = build_infer_mode(mode, model, tdtype, device, x, exported, fuse_kwargs)
             with torch.inference_mode():
                 fn(x)  # compile / export happens here, outside the timed loop
             fns[mode], refs[mode] = fn, diff_ref
