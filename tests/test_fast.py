@@ -21,7 +21,7 @@ VARIANTS = ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m3
 def _model(name="poolformer_s12", **kw):
     torch.manual_seed(0)
     m = metaformer.create_model(name, **kw).eval()
-    bench._randomize_affine(m)  # non-trivial affines and layer scales exercise every folded term
+    bench.randomize_affine(m)  # non-trivial affines and layer scales exercise every folded term
     return m
 
 
@@ -273,6 +273,31 @@ def test_harness_smoke(tmp_path):
     table = bench.markdown_table(res + tr)
     assert "fused" in table and "| train |" in table
     bench.save_json(res, str(tmp_path / "r.json"))
+
+
+def test_median_time_times_each_call_after_the_warm_up():
+    """bench.median_time, the timer a script measuring one kernel or copy calls: the warm-up calls are left out and
+    the median of the samples the device's timer reads is returned (not their mean)."""
+    clock = [0.0]
+
+    class Event:  # stands in for torch.cuda.Event: the fake clock read at record()
+        def record(self):
+            self.t = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    durations = iter([1.0, 1.0, 1.0, 1.0, 0.01, 0.09, 0.02, 0.04, 0.03])  # 3 warm-up calls, 1 untimed, 5 samples
+
+    def work():
+        clock[0] += next(durations)
+
+    timer = bench.EventTimer(torch.device("cpu"), event=Event)
+    assert bench.median_time(work, "cpu", repeats=5, warmup=3, timer=timer) == pytest.approx(0.03)
+    assert bench.median_time(lambda: None, "cpu", repeats=3, warmup=0) >= 0  # the host clock on the CPU
 
 
 def test_cli_registers_bench():

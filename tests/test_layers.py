@@ -113,6 +113,37 @@ def test_no_import_cycles():
             visit(node)
 
 
+def test_no_circle_among_the_parts_of_a_package():
+    """The parts of a package (its modules, a subpackage counting as one part) import each other one way, with no
+    circle at module level: ``tasks.detection`` (a training loop) imports ``tasks.dense`` (the networks, data and
+    runs), which never imports it back; the same inside ``tasks.dense`` and ``tools.bench``. (test_no_import_cycles
+    sees single modules, so a circle through a subpackage passes it.)"""
+    edges = {}
+    for path, name in modules():
+        for target, names in imports(path, name, top_level_only=True):
+            for t in names or [target]:
+                for depth in range(3, len(name) + 1):
+                    a, b = tuple(name[:depth]), tuple(t[:depth])
+                    if len(t) >= depth and a[:-1] == b[:-1] and a != b:
+                        edges.setdefault(a, set()).add(b)
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for dep in sorted(edges.get(node, ())):
+            if state.get(dep) == "open":
+                raise AssertionError("circle: " + " -> ".join(".".join(n) for n in stack[stack.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+
+
 def test_import_metaformer_leaves_the_training_stack_alone():
     """`import metaformer` after timm registers the models in timm, and loads no training, detection or plotting
     code; alone it imports neither torch nor timm (names load on first use), and a first use registers them."""

@@ -218,14 +218,14 @@ def test_a_pt2e_int8_file_loads_in_a_process_that_never_quantized(tmp_path):
 
 def test_bench_onnx_runtime_modes_leave_no_scratch_files(tmp_path, monkeypatch):
     """ORT reads the graph when the session opens: bench removes its export (a whole model per run) right after."""
-    from metaformer.tools import bench
+    from metaformer.tools.bench import modes
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     model, x = tiny("poolformer_s12").eval(), images(2)
     with torch.no_grad():
-        fp32, int8 = bench._ort_session(model, x), bench._int8("ort", model, x)
+        fp32, int8 = modes._ort_session(model, x), modes._int8("ort", model, x)
         torch.testing.assert_close(fp32(x), model(x), rtol=1e-4, atol=1e-4)
         assert int8(x).shape == (2, 10)
     assert not list(scratch.iterdir())

@@ -338,7 +338,7 @@ def test_cuda_gelu_epilogue_costs_bf16_a_fraction_of_its_own_rounding(monkeypatc
 def _model(name, **kw):
     torch.manual_seed(0)
     m = metaformer.create_model(name, num_classes=10, img_size=64, **kw).eval()
-    bench._randomize_affine(m)  # non-trivial affines and layer scales exercise every folded term
+    bench.randomize_affine(m)  # non-trivial affines and layer scales exercise every folded term
     return m.to(DEV)
 
 

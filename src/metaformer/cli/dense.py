@@ -133,7 +133,8 @@ def _det_eval(args) -> int:
     from ..engine.checkpoint import load
     from ..engine.runtime import setup
     from ..tasks.dense.data import CocoDetection
-    from ..tasks.detection import build_detector_from_checkpoint, evaluate_detection
+    from ..tasks.dense.models import build_detector_from_checkpoint
+    from ..tasks.detection import evaluate_detection
 
     ckpt = load(args.checkpoint, "detect")
     ds = CocoDetection(args.images, args.ann, masks=ckpt["arch"] == "mask_rcnn")
@@ -211,7 +212,8 @@ def _seg_eval(args) -> int:
     from ..engine.loop import PERCENT, format_row
     from ..engine.runtime import setup
     from ..tasks.dense.data import SegmentationDataset
-    from ..tasks.segmentation import build_segmenter_from_checkpoint, evaluate_segmentation
+    from ..tasks.dense.models import build_segmenter_from_checkpoint
+    from ..tasks.segmentation import evaluate_segmentation
 
     ckpt = load(args.checkpoint, "segment")
     rzl = ckpt["reduce_zero_label"] if args.reduce_zero_label is None else args.reduce_zero_label

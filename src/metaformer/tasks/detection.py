@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from timm.utils import unwrap_model
 from torch.utils.data import Subset
 
 from .. import data as D
@@ -25,7 +24,7 @@ from ..engine.runtime import Runtime, setup
 from ..engine.stop import GracefulStop
 from ..errors import ConfigError, need, require
 from .dense.data import CocoDetection, detection_collate
-from .dense.detection import build_detector
+from .dense.models.detector import build_detector, detect
 from .dense.run import DenseRun
 
 
@@ -71,12 +70,6 @@ def detection_lr(cfg: DetectionConfig, epoch: int, it: int) -> float:
     if it < cfg.warmup_iters:
         lr *= cfg.warmup_ratio + (1 - cfg.warmup_ratio) * it / cfg.warmup_iters
     return lr
-
-
-def build_detector_from_checkpoint(ckpt: dict) -> torch.nn.Module:
-    model = build_detector(ckpt["arch"], **ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    return model
 
 
 def train_detection(cfg: DetectionConfig) -> list[dict]:
@@ -164,15 +157,6 @@ def train_one_epoch(run: DenseRun, dataset: CocoDetection) -> float:
             run.step_in_epoch += 1
             run.end_of_batch()
     return time.time() - t0
-
-
-@torch.no_grad()
-def detect(model: torch.nn.Module, images: list[torch.Tensor], rt: Runtime) -> list[dict]:
-    """Detections (boxes, labels, scores, masks) for ``[0, 1]`` RGB images, on the CPU in float32."""
-    model = unwrap_model(model).eval()  # the model inside DDP / torch.compile
-    with rt.autocast():
-        out = model([im.to(rt.device) for im in images])
-    return [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in out]
 
 
 def evaluate_detection(model: torch.nn.Module, ds: CocoDetection, rt: Runtime | None = None, workers: int = 2,

@@ -25,8 +25,8 @@ from ..engine.stop import GracefulStop
 from ..errors import ConfigError
 from ..models.metaformer import MIN_INPUT
 from .dense.data import IGNORE_INDEX, SegmentationDataset
+from .dense.models.segmenter import build_segmenter, segment_logits
 from .dense.run import DenseRun
-from .dense.segmentation import build_segmenter
 
 
 @dataclass
@@ -62,12 +62,6 @@ class SegmentationConfig:
     log_every: int = 50
     device: str | None = None
     wandb: str | None = None  # a Weights & Biases project
-
-
-def build_segmenter_from_checkpoint(ckpt: dict) -> torch.nn.Module:
-    model = build_segmenter(**ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    return model
 
 
 def train_segmentation(cfg: SegmentationConfig) -> list[dict]:
@@ -169,28 +163,6 @@ def checkpoint_and_evaluate(run: DenseRun, validate, t0: float) -> None:
     if row is not None:
         run.rt.log(f"iteration {it}/{cfg.iters}  " + format_row(row, ("loss", "mIoU", "mAcc", "aAcc", "lr", "time_s",
                                                                       "unreadable", "val_unreadable")))
-
-
-@torch.no_grad()
-def segment_logits(model: torch.nn.Module, x: torch.Tensor, mode: str = "whole", crop: int = 512,
-                   stride: int | None = None) -> torch.Tensor:
-    """Logits ``[B, K, H, W]`` for normalised images: one pass (``whole``) or mmseg's sliding
-    window (``slide``: ``crop`` windows every ``stride`` = 2/3 crop px, overlaps averaged)."""
-    if mode == "whole":
-        return model(x)
-    if mode != "slide":
-        raise ConfigError(f"unknown test mode {mode!r}: use whole or slide")
-    stride = stride or crop * 2 // 3
-    b, _, h, w = x.shape
-    logits = x.new_zeros((b, model.num_classes, h, w))
-    count = x.new_zeros((1, 1, h, w))
-    for gy in range(max(h - crop + stride - 1, 0) // stride + 1):
-        for gx in range(max(w - crop + stride - 1, 0) // stride + 1):
-            y1, x1 = min(gy * stride + crop, h), min(gx * stride + crop, w)
-            y0, x0 = max(y1 - crop, 0), max(x1 - crop, 0)
-            logits[:, :, y0:y1, x0:x1] += model(x[:, :, y0:y1, x0:x1]).float()
-            count[:, :, y0:y1, x0:x1] += 1
-    return logits / count
 
 
 def evaluate_segmentation(model: torch.nn.Module, ds: SegmentationDataset, rt: Runtime | None = None,
