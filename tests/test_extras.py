@@ -111,6 +111,8 @@ def cases(made: Path, out: Path) -> dict[str, tuple[list[str], set[str]]]:
                    "0", "-o", f"{out}/bench.json"], set()),
         "bench ort": (["bench", "--batch-size", "1", "--img-size", "32", "--modes", "eager,ort", "--repeats", "1",
                        "--warmup", "0", "-o", f"{out}/bench-ort.json"], {"export"}),
+        "bench openvino": (["bench", "--batch-size", "1", "--img-size", "32", "--modes", "eager,ov_fp32,ov_int8",
+                            "--repeats", "1", "--warmup", "0", "-o", f"{out}/bench-ov.json"], {"openvino"}),
         "ablate": (["ablate", "--rows", "baseline", "--set", "epochs=1", "--set", "depths=[1,1,1,1]", "--set",
                     "dims=[8,8,16,16]", "--output", f"{out}/ablate"], {"train"}),
         "data export-digits": (["data", "export-digits", f"{out}/digits"], {"train"}),

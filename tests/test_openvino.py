@@ -116,3 +116,13 @@ def test_serve_runs_an_openvino_file(ckpt, tmp_path):
         assert client.get("/info").json()["backend"] == "OpenVINO"
         body = client.post("/predict", files={"file": ("x.png", buf.getvalue(), "image/png")}).json()
         assert body["top1"].startswith("c") and len(body["predictions"]) == 5
+
+
+def test_bench_times_openvino_beside_ours_and_our_fused_graph_in_openvino(tmp_path, capsys):
+    modes = "fused,ov_fp32,ov_bf16,ov_int8,ov_fused_fp32,ov_fused_int8"
+    assert main(["bench", "--img-size", "32", "--batch-size", "2", "--modes", modes, "--repeats", "1", "--warmup",
+                 "0", "--no-memory", "--json", "-o", str(tmp_path / "b.json")]) == 0
+    rows = {r["mode"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert set(rows) == set(modes.split(",")) and all(r["images_per_s"] > 0 for r in rows.values())
+    assert rows["ov_fp32"]["max_abs_diff"] < 1e-4 and rows["ov_fused_fp32"]["max_abs_diff"] < 1e-4
+    assert 0 < rows["ov_bf16"]["max_abs_diff"] < 0.1 and 0 < rows["ov_int8"]["max_abs_diff"]

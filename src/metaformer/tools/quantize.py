@@ -18,8 +18,10 @@ of images on which both predict the same class.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -176,7 +178,7 @@ def import_nncf():
         logger.setLevel(level)
 
 
-def _openvino_quantize(model: nn.Module, calib: torch.Tensor, path: Path, metadata: dict):
+def openvino_int8_model(model: nn.Module, calib: torch.Tensor):
     """The model converted to OpenVINO (dynamic batch) and quantized by NNCF's post-training quantization,
     calibrated on ``calib`` one image at a time (NNCF's statistics assume it); attention models as NNCF's
     transformer type, which keeps the operations attention is sensitive to (softmax, the norms) in float."""
@@ -184,7 +186,12 @@ def _openvino_quantize(model: nn.Module, calib: torch.Tensor, path: Path, metada
     ov_model = openvino_model(model, calib[:2], [-1, *calib.shape[1:]])
     kw = {"model_type": nncf.ModelType.TRANSFORMER} if has_attention(model) else {}
     dataset = nncf.Dataset(list(calib.split(1)), lambda x: x.numpy())
-    quantized = nncf.quantize(ov_model, dataset, subset_size=len(calib), **kw)
+    with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stdout stays the command's (--json)
+        return nncf.quantize(ov_model, dataset, subset_size=len(calib), **kw)
+
+
+def _openvino_quantize(model: nn.Module, calib: torch.Tensor, path: Path, metadata: dict):
+    quantized = openvino_int8_model(model, calib)
     save_openvino(quantized, path, metadata)
     return quantized
 

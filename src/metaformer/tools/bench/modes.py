@@ -22,7 +22,8 @@ from ...zoo import create_model
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CL = torch.channels_last
 
-INFER_MODES = ["eager", "eager_cl", "fused", "fused_graph", "fused_compile", "ort", "int8_ort", "int8_pt2e",
+INFER_MODES = ["eager", "eager_cl", "fused", "fused_bf16", "fused_graph", "fused_compile", "ort", "int8_ort",
+               "int8_pt2e", "ov_fp32", "ov_bf16", "ov_int8", "ov_fused_fp32", "ov_fused_bf16", "ov_fused_int8",
                "timm_eager", "timm_cl", "timm_compile", "timm_ort", "gemm_ceiling"]
 TRAIN_MODES = ["eager", "eager_cl", "fast", "fast_compile", "timm_eager", "timm_cl", "timm_compile"]
 # Fair by default: the strongest peer (timm compiled) is always beside ours.
@@ -158,6 +159,24 @@ def _int8(backend: str, model: nn.Module, x: torch.Tensor):
     return compile_int8(pt2e_program(model, calib, 16).module())
 
 
+def _openvino(model: nn.Module, x: torch.Tensor, precision: str, int8: bool):
+    """``model`` converted to OpenVINO (any batch) and compiled for the CPU as every reader compiles a file
+    (:func:`metaformer.tools.exported.openvino_config`): ``precision`` for what is not int8 (``f32``, ``bf16``);
+    ``int8``: quantized by NNCF first, calibrated on random images like the other int8 modes."""
+    from ...errors import require
+    from ..export import openvino_model
+    from ..exported import openvino_config, openvino_fn
+    from ..quantize import openvino_int8_model
+
+    ov = require("openvino", "openvino", "the OpenVINO benchmark modes")
+    if int8:
+        calib = torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(1))
+        ov_model = openvino_int8_model(model, calib)
+    else:
+        ov_model = openvino_model(model, x[:2], [-1, *x.shape[1:]])
+    return openvino_fn(ov.Core().compile_model(ov_model, "CPU", openvino_config(precision)))
+
+
 def gemm_fn(dtype: torch.dtype, device) -> tuple[Callable, float]:
     """The machine's GEMM throughput, measured beside the models: a 2048 x 1024 x 1024 GEMM.
 
@@ -195,6 +214,9 @@ def build_infer_mode(mode: str, model: nn.Module, dtype: torch.dtype, device, x:
         return _cast(copy.deepcopy(model), dtype, device, True), "eager_fp32"
     if mode == "fused":
         return fuse(_cast(copy.deepcopy(model), dtype, device, False), **fk), "eager_fp32"
+    if mode == "fused_bf16":  # ours in bf16 beside fp32 modes of the same run (the input cast is timed too)
+        fused_bf16 = fuse(_cast(copy.deepcopy(model), torch.bfloat16, device, False), **fk)
+        return (lambda t: fused_bf16(t.to(torch.bfloat16)).float()), "eager_fp32"
     if mode == "fused_graph":
         if device.type != "cuda":
             raise RuntimeError("CUDA graphs need a GPU")
@@ -211,6 +233,16 @@ def build_infer_mode(mode: str, model: nn.Module, dtype: torch.dtype, device, x:
         if device.type != "cpu" or dtype != torch.float32:
             raise RuntimeError("the int8 modes run on the CPU, quantized from the fp32 model")
         return _int8(mode[5:], copy.deepcopy(model).eval(), x), "eager_fp32"
+    if mode.startswith("ov_"):
+        if device.type != "cpu" or dtype != torch.float32:
+            raise RuntimeError("the OpenVINO modes run on the CPU, from the fp32 model (their precision is in "
+                               "the mode's name)")
+        plain = copy.deepcopy(model).eval()
+        # our fused algebra (norms folded into the pointwise convs, the mixer as one affine pooling) in the graph
+        # OpenVINO compiles, against OpenVINO's own graph of the plain model
+        source = fuse(plain, backend="aten") if mode.startswith("ov_fused_") else plain
+        kind = mode.rsplit("_", 1)[1]
+        return _openvino(source, x, "bf16" if kind == "bf16" else "f32", kind == "int8"), "eager_fp32"
     if mode == "exported":
         if device.type != "cpu" or dtype != torch.float32 or exported is None:
             raise RuntimeError("the exported file runs on the CPU, from fp32 inputs (bench --exported FILE)")
