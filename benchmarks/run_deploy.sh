@@ -1,20 +1,23 @@
 #!/usr/bin/env sh
-# The measurements of docs/deploy.md, one after the other (~50 min on 2 cores): int8 against our fused fp32, timm
-# compiled and ONNX Runtime fp32 (PoolFormer-S12 224, batch 32 and 1, interleaved); the digits model's int8 file
+# The measurements of docs/deploy.md, one after the other (~70 min on 2 cores): the int8 and bf16 paths (ONNX
+# Runtime, PT2E, OpenVINO, our fused graph in OpenVINO) against our fused fp32 and timm compiled (PoolFormer-S12 224,
+# batch 32 and 1, interleaved) and their load times; the digits model's int8 file
 # beside its fp32 modes; the server under 1, 8 and 32 clients (the digits model, its int8 file, and PoolFormer-S12
 # 224 with random weights) and under hostile clients. Needs runs/digits/best.pth (bash scripts/demo.sh).
 # Results land in benchmarks/results/ (git-ignored).
 set -eu
 cd "$(dirname "$0")/.."
 M=.venv/bin/metaformer
+mkdir -p benchmarks/results
 test -f runs/digits/best_int8.onnx || $M quantize runs/digits/best.pth
-$M bench --variant poolformer_s12 --batch-size 32,1 --img-size 224 \
-    --modes fused,timm_compile,ort,int8_ort,int8_pt2e --repeats 10 \
+MODES=fused,fused_bf16,timm_compile,int8_ort,int8_pt2e,ov_fp32,ov_bf16,ov_int8,ov_fused_fp32,ov_fused_bf16,ov_fused_int8
+$M bench --variant poolformer_s12 --batch-size 32,1 --img-size 224 --modes $MODES --repeats 10 --no-memory \
     --output benchmarks/results/int8.json --md benchmarks/results/int8.md
 # per core: one thread each, the comparison that other processes' load on the 2 cores does not skew
-OMP_NUM_THREADS=1 $M bench --variant poolformer_s12 --batch-size 32,1 --img-size 224 \
-    --modes fused,timm_compile,ort,int8_ort,int8_pt2e --repeats 10 \
-    --output benchmarks/results/int8_1thread.json --md benchmarks/results/int8_1thread.md
+OMP_NUM_THREADS=1 $M bench --variant poolformer_s12 --batch-size 32,1 --img-size 224 --modes $MODES --repeats 10 \
+    --no-memory --output benchmarks/results/int8_1thread.json --md benchmarks/results/int8_1thread.md
+# the int8 files' load time in a fresh process, per backend
+.venv/bin/python benchmarks/deploy_load.py --img-size 224 > benchmarks/results/int8_load.md
 $M bench --exported runs/digits/best_int8.onnx --modes fused,ort,int8_ort --batch-size 32,1 --repeats 10 \
     --output benchmarks/results/int8_digits.json --md benchmarks/results/int8_digits.md
 .venv/bin/python benchmarks/serve_load.py runs/digits/best.pth runs/digits/best_int8.onnx \
