@@ -41,8 +41,9 @@ def add_parser(sub) -> None:
                                           "pt2e) into (default: CHECKPOINT_int8.onnx beside the checkpoint, or "
                                           "MODEL_int8.onnx here)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file (else refused)")
-    p.add_argument("--backend", choices=list(BACKENDS), default=DEFAULT_BACKEND,
-                   help="ort: ONNX Runtime static quantization (.onnx); pt2e: torchao's X86InductorQuantizer "
+    p.add_argument("--backend", choices=list(BACKENDS), default=None,
+                   help=f"default: the one --output's extension names, else {DEFAULT_BACKEND} (docs/deploy.md says "
+                        "why). ort: ONNX Runtime static quantization (.onnx); pt2e: torchao's X86InductorQuantizer "
                         "(.pt2, compiled by Inductor when loaded); openvino: NNCF's post-training quantization "
                         "(OpenVINO IR .xml + .bin; the openvino extra)")
     p.add_argument("--calib-images", type=whole(1, 1_000_000), default=256, help="training images the activation ranges come from")
@@ -62,9 +63,10 @@ def run(args) -> int:
     from .. import data as D
     from ..tasks.inference import eval_dataset, load_for_inference
     from ..tools.exported import COMPANIONS
-    from ..tools.quantize import EXTRA, FORMAT, check_output, describe_ops, quantize
+    from ..tools.quantize import EXTRA, FORMAT, backend_for, check_output, describe_ops, quantize
 
     model, checkpoint = model_or_checkpoint(args.model, args.checkpoint)
+    args.backend = backend_for(args.output, args.backend)
     # what the chosen backend needs, checked before the model loads (a missing one named with its extra)
     modules = {"ort": ("onnx", "onnxruntime"), "pt2e": ("torchao",), "openvino": ("openvino", "nncf")}
     for module in modules[args.backend]:

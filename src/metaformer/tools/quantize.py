@@ -229,6 +229,22 @@ def _checked_write(model, calib, path: Path, backend: str, metadata: dict, batch
         raise QuantizeError(f"int8 quantization ({backend}) failed: {type(e).__name__}: {first}") from None
 
 
+def backend_for(output: str | os.PathLike | None, backend: str | None) -> str:
+    """``backend``, or the one ``output``'s extension names (``.onnx``: ort, ``.pt2``: pt2e, ``.xml``: openvino),
+    else :data:`DEFAULT_BACKEND`; an extension of another backend than the one named is refused."""
+    text = os.fspath(output) if output else ""
+    is_folder = text.endswith((os.sep, "/")) or (bool(text) and Path(text).is_dir())
+    named = None if is_folder else next((b for b, s in BACKENDS.items() if Path(text).suffix == s), None)
+    if backend is None:
+        return named or DEFAULT_BACKEND
+    if backend not in BACKENDS:
+        raise QuantizeError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if named is not None and named != backend:
+        raise QuantizeError(f"--output {output} names a {BACKENDS[named]} file, which --backend {named} writes, but "
+                            f"--backend {backend} writes {BACKENDS[backend]}: change one of them")
+    return backend
+
+
 def int8_path(output: str | os.PathLike | None, backend: str, default: str = "model_int8") -> Path:
     """The file an int8 export to ``output`` writes: the backend's extension added when it has another;
     ``default`` (plus the extension) inside ``output`` when it names a folder, or alone without ``output``."""
