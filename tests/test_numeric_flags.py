@@ -88,8 +88,9 @@ def base(verb: str, i: dict, out: Path) -> list[str]:
 
 
 def test_every_numeric_flag_declares_its_range():
-    """A flag parsed with plain int/float takes 0, -3, nan or 1e30 and fails somewhere inside (the issue's
-    `bench --train-batch 0`: NaN in the JSON); a Range refuses them as they are parsed and shows them in --help."""
+    """Every numeric flag is parsed by a Range, which refuses 0, -3, nan or 1e30 where they make no sense as the
+    flag is parsed (plain int/float would take them and fail somewhere inside, e.g. `bench --train-batch 0`: NaN in
+    the JSON), and shows its range in --help."""
     plain = [f"{verb} {'/'.join(a.option_strings)}" for verb, flags in NUMERIC.items() for a in flags
              if not isinstance(item_type(a), Range)]
     assert not plain, plain
@@ -136,9 +137,9 @@ def test_the_command_line_bounds_match_the_models():
     (["bench", "--train-only", "--train-batch", "0"], "argument --train-batch: must be 1 to 4096, not 0"),  # NaN
     (["detect", "make-toy-data", "toy", "--num-train", "-1"], "argument --num-train: must be 1 to 100000, not -1"),
 ])
-def test_values_that_used_to_run_as_nonsense_are_refused(argv, expected, tmp_path, monkeypatch, capsys):
-    """Before: each of these ran to the end (exit 0) and produced a wrong result: "wrote -1 training images",
-    0 img/s and NaN in bench's JSON, an EMA that diverged."""
+def test_values_that_would_run_to_a_wrong_result_are_refused(argv, expected, tmp_path, monkeypatch, capsys):
+    """Values that would run to the end with a wrong result ("wrote -1 training images", 0 img/s and NaN in bench's
+    JSON, an EMA that diverges) are refused as the flags are parsed: exit 2, the flag's error, nothing written."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         main(argv)
