@@ -117,7 +117,7 @@ def test_summary_mean_std_and_spearman():
 
 
 def test_help_and_readme_give_the_quick_grid_one_time(capsys):
-    """Before: `ablate --help` said ~20 min, the README ~13."""
+    """`ablate --help` and the README give the quick grid the same time (QUICK_MINUTES)."""
     from pathlib import Path
 
     from metaformer.tools.ablate import QUICK_MINUTES

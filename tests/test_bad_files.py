@@ -1,6 +1,7 @@
-"""Files and options that used to give a silent wrong result, a traceback, or a message pointing the wrong way:
-exported files of other weights, integer "weights", damaged metadata, headless models, EXIF-rotated photos,
-unknown names for the recipe's parts, and each misleading message of issue 19."""
+"""Files and options that could give a silent wrong result, a traceback or a message pointing the wrong way get
+the right result or one line naming the problem: exported files of other weights, integer "weights", damaged
+metadata, headless models, EXIF-rotated photos, unknown names for the recipe's parts, and messages that must point
+the right way (class names, missing extras, unreadable files, output folders, shard names)."""
 import io
 import json
 import shutil
@@ -46,10 +47,11 @@ def image_of(data):
     return str(next((data / "val/0").iterdir()))
 
 
-# ----------------------------------------------------------------------------- 7. exported files
+# ----------------------------------------------------------------------------- exported files
 
 def test_predict_refuses_an_exported_file_of_other_weights(data, runs, tmp_path, capsys):
-    """Before: the same classes and input size passed the check, and the ONNX file's weights ran silently."""
+    """An exported file with --checkpoint's classes and input size but other weights is refused, saying to drop
+    --checkpoint; with its own checkpoint, or alone, it runs."""
     b_onnx = tmp_path / "b.onnx"
     assert main(["export", "--checkpoint", str(runs / "b/best.pth"), "--output", str(b_onnx)]) == 0
     capsys.readouterr()
@@ -142,7 +144,7 @@ def test_an_exported_file_with_missing_or_wrong_metadata_is_one_line(data, runs,
         assert expected in error_line(capsys, argv[0])
 
 
-# ----------------------------------------------------------------------------- 8, 18. weights files
+# ----------------------------------------------------------------------------- weights files
 
 def save_ours_with(path, tensors=None, **metadata):
     from safetensors.torch import save_file
@@ -161,7 +163,7 @@ def save_ours_with(path, tensors=None, **metadata):
 
 @pytest.mark.parametrize("kind", ["int32", "bool"])
 def test_integer_or_boolean_weights_are_refused(data, tmp_path, kind, capsys):
-    """Before: cast to float silently (top-1 at chance)."""
+    """An integer or boolean tensor where a float weight belongs is named and refused, and nothing is loaded."""
     def broken(sd):
         return {k: (v.to(torch.int32) if kind == "int32" else v > 0) for k, v in sd.items()
                 if k == "head.fc.weight"}
@@ -174,16 +176,17 @@ def test_integer_or_boolean_weights_are_refused(data, tmp_path, kind, capsys):
 
 @pytest.mark.parametrize("key", ["config", "class_names"])
 def test_damaged_json_metadata_is_a_one_line_error(data, tmp_path, key, capsys):
-    """Before: JSONDecodeError."""
+    """A weights file whose config or class_names metadata is not valid JSON is one line naming that key."""
     path = save_ours_with(tmp_path / "w.safetensors", **{key: '{"depths": [1, 1'})
     assert main(["eval", "--checkpoint", str(path), "--data", str(data), "--workers", "0"]) == 2
     assert f"its {key!r} metadata is not valid JSON" in error_line(capsys, "eval")
 
 
-# ----------------------------------------------------------------------------- 9. headless models
+# ----------------------------------------------------------------------------- headless models
 
 def test_cam_and_eval_refuse_a_model_without_a_classifier(data, tmp_path, capsys):
-    """Before: cam reported "class 15" of the 32-dim feature vector."""
+    """cam and eval refuse a model without a classifier (num_classes 0), cam leaving no output folder; fine-tuning
+    from it gives it a new classifier."""
     model = metaformer.create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], num_classes=2,
                                     img_size=32)
     model.reset_classifier(0)
@@ -199,7 +202,7 @@ def test_cam_and_eval_refuse_a_model_without_a_classifier(data, tmp_path, capsys
     assert "new classifier" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- 11. EXIF orientation
+# ----------------------------------------------------------------------------- EXIF orientation
 
 def portrait_jpeg(orientation: int = 6) -> bytes:
     """A 64x32 (wide) JPEG whose EXIF says: turn me 90 degrees (a phone's portrait photo)."""
@@ -213,7 +216,8 @@ def portrait_jpeg(orientation: int = 6) -> bytes:
 
 
 def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
-    """Before: orientation 6 loaded as 64x32, not 32x64."""
+    """A photo with EXIF orientation 6 is turned upright (32x64) wherever images are read: files, shard and Hugging
+    Face bytes, class folders."""
     (tmp_path / "p.jpg").write_bytes(portrait_jpeg())
     assert D.open_rgb(tmp_path / "p.jpg").size == (32, 64)
     upright = D.open_rgb(tmp_path / "p.jpg")
@@ -226,7 +230,7 @@ def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
     assert D.SafeImageFolder(root / "train")[0][0].size == (32, 64)  # train, eval
 
 
-# ----------------------------------------------------------------------------- 12, 15. names and sizes
+# ----------------------------------------------------------------------------- names and sizes
 
 @pytest.mark.parametrize("flags,expected", [
     (["--opt", "nosuch"], "--opt 'nosuch': timm has no such optimizer"),
@@ -242,8 +246,8 @@ def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
      "BatchNorm cannot train on a batch of 1 at 32x32"),
 ])
 def test_train_refuses_unknown_parts_and_impossible_batches(data, tmp_path, flags, expected, capsys):
-    """Before: ValueError / AssertionError / KeyError / IndexError tracebacks, and at --batch-size 1 with Mixup an
-    epoch that trained on nothing (loss 0.0000, 0 img/s)."""
+    """Unknown optimizers, schedulers, augmentations, interpolations and erase modes, malformed value pairs, and
+    batches Mixup or BatchNorm cannot train on are refused in one line before training; no checkpoint is written."""
     assert main(["train", "--data", str(data), *NET, "--epochs", "1", "--output", str(tmp_path / "r"), *flags]) == 2
     assert expected in error_line(capsys, "train")
     assert not (tmp_path / "r" / "last.pth").exists()
@@ -275,7 +279,7 @@ def test_bench_info_segment_sizes_and_devices(argv, expected, tmp_path, capsys):
 
 
 def test_bench_runs_a_size_bound_variant_at_another_size(tmp_path, capsys):
-    """Before: randformer at --img-size 32 failed counting its FLOPs at the default 224 token grid."""
+    """bench runs RandFormer (its mixing sized for the token grid) at --img-size 32, counting FLOPs at that size."""
     out = tmp_path / "b.json"
     assert main(["bench", "--variant", "randformer_s12", "--img-size", "32", "--batch-size", "1", "--modes", "eager",
                  "--repeats", "1", "--warmup", "0", "--no-memory", "--output", str(out)]) == 0
@@ -301,7 +305,7 @@ def test_the_nan_hint_names_allow_nonfinite_only_where_it_exists(runs, tmp_path,
 
 
 def test_numbered_class_names_are_not_called_missing(runs, tmp_path, capsys):
-    """Before: "The checkpoint stores no class names" for a checkpoint that stores '0' and '1'."""
+    """A checkpoint whose classes are named '0' and '1' is said to name its classes by number, not to store none."""
     other = write_digits(tmp_path / "d", classes=("0", "1"), per_class=1)
     (other / "val/0").rename(other / "val/zero")
     assert main(["eval", "--checkpoint", str(runs / "a/best.pth"), "--data", str(other / "val")]) == 2
@@ -329,7 +333,7 @@ def test_convert_names_its_own_argument_for_a_folder(tmp_path, capsys):
 
 
 def test_a_missing_matplotlib_stops_training_before_the_first_epoch(data, tmp_path, monkeypatch, capsys):
-    """Before: every epoch trained, then exit 2 without summary.json."""
+    """Without matplotlib, train stops before the first epoch with one line naming the extra, and leaves no folder."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["train", "--data", str(data), *NET, "--epochs", "1", "--output", str(tmp_path / "r")]) == 2
     assert "needs matplotlib, which is not installed: pip install 'metaformer[train]'" in error_line(capsys, "train")
@@ -344,7 +348,8 @@ def test_detect_train_help_lists_only_what_it_writes(capsys):
 
 
 def test_predict_skips_and_lists_an_unreadable_file_in_a_folder(runs, data, tmp_path, capsys):
-    """Before: one unreadable file stopped the whole folder."""
+    """predict on a folder skips an unreadable file, lists it (JSON and stderr) and predicts the others; a folder
+    with no readable image is an error."""
     folder = tmp_path / "imgs"
     shutil.copytree(data / "val/0", folder)
     (folder / "broken.png").write_bytes(b"not a png")
@@ -386,7 +391,7 @@ def test_detect_and_segment_predict_skip_and_list_an_unreadable_file(tmp_path, c
 
 
 def test_pack_refuses_an_output_inside_the_data_it_packs(data, tmp_path, capsys):
-    """Before: `data pack ROOT ROOT/train/zz` failed and left an empty class folder zz behind."""
+    """`data pack ROOT ROOT/train/zz` (an output inside the data it packs) is refused and adds no class folder."""
     root = shutil.copytree(data, tmp_path / "root")
     assert main(["data", "pack", str(root), str(root / "train/zz")]) == 2
     assert "is inside" in error_line(capsys, "data")
@@ -395,7 +400,8 @@ def test_pack_refuses_an_output_inside_the_data_it_packs(data, tmp_path, capsys)
 
 @pytest.mark.parametrize("name", ["../outside.tar", "/tmp/outside.tar"])
 def test_shard_names_in_info_json_stay_inside_the_shard_folder(data, tmp_path, name, capsys):
-    """Before: _info.json names with ../ or an absolute path were read from outside the shard folder."""
+    """A shard named in _info.json with ../ or an absolute path is refused: shards are read from the shard folder
+    only."""
     pytest.importorskip("webdataset")
     shards = tmp_path / "shards"
     assert main(["data", "pack", str(data), str(shards)]) == 0

@@ -356,10 +356,9 @@ sys.exit(main(sys.argv[2:]))
 
 
 def test_sigterm_to_the_process_group_during_an_evaluation_is_a_graceful_stop(tmp_path):
-    """A scheduler's SIGTERM reaches every process of the group, DataLoader workers included. Before: "saving a
-    checkpoint..." then `RuntimeError: DataLoader worker ... killed by signal` (the workers died first). Now the
-    workers leave it to the main process: the evaluation finishes, the run saves, says how to continue, exits 130,
-    and the resumed run completes."""
+    """A scheduler's SIGTERM reaches every process of the group, DataLoader workers included: the workers leave it to
+    the main process, so the evaluation finishes, the run saves, says how to continue and exits 130 (no "killed by
+    signal" traceback), and the resumed run completes."""
     import subprocess
     import sys
 

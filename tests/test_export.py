@@ -230,8 +230,8 @@ def test_cam_on_a_small_input_model_looks_at_a_stage_that_can_localise(tmp_path,
 
 
 def test_exported_fused_model_is_written_without_torch_warnings(tmp_path, capsys):
-    """Before: `export --format exported --fused` printed torch's "No complete tensor found in the group!" (its .pt2
-    writer misreads the fused convs' channels_last weights)."""
+    """`export --format exported --fused` writes the .pt2 file without a warning (torch's .pt2 writer warns "No
+    complete tensor found in the group!" on channels_last weights such as the fused convs')."""
     import warnings
 
     import metaformer

@@ -188,9 +188,9 @@ def test_the_command_line_bounds_match_the_models():
     (["bench", "--train-only", "--train-batch", "0"], "argument --train-batch: must be 1 to 4096, not 0"),  # NaN
     (["detect", "make-toy-data", "toy", "--num-train", "-1"], "argument --num-train: must be 1 to 100000, not -1"),
 ])
-def test_values_that_used_to_run_as_nonsense_are_refused(argv, expected, tmp_path, monkeypatch, capsys):
-    """Before: each of these ran to the end (exit 0) and produced a wrong result: "wrote -1 training images",
-    0 img/s and NaN in bench's JSON, an EMA that diverged."""
+def test_values_that_would_run_to_a_wrong_result_are_refused(argv, expected, tmp_path, monkeypatch, capsys):
+    """Values that would run to the end with a wrong result ("wrote -1 training images", 0 img/s and NaN in bench's
+    JSON, an EMA that diverges) are refused as the flags are parsed: exit 2, the flag's error, nothing written."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         main(argv)

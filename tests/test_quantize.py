@@ -204,7 +204,7 @@ def test_quantize_output_names_a_folder_is_checked_first_and_is_replaced_only_wh
 
 def test_a_pt2e_int8_file_loads_in_a_process_that_never_quantized(tmp_path):
     """Reading a PT2E program needs its quantize/dequantize operators registered: the loader does it, so eval,
-    predict and serve open the file in a fresh process (they said "probably truncated or corrupt")."""
+    predict and serve open the file in a fresh process, where nothing else registered them."""
     import subprocess
     import sys
 

@@ -55,11 +55,12 @@ def snapshot(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
-# ----------------------------------------------------------------------------- 1. --resume auto without last.pth
+# ----------------------------------------------------------------------------- --resume auto without last.pth
 
 @pytest.mark.parametrize("how", ["deleted", "a folder"])
 def test_resume_auto_without_last_pth_never_starts_a_run_over(data, finished, tmp_path, capsys, how):
-    """Before: "starting from scratch", and best.pth (epoch 2) and metrics.csv were replaced by a new epoch 1."""
+    """--resume auto in a folder that holds a run but no last.pth (deleted, or a folder in its place) is refused,
+    leaving the folder as it was and naming the ways on (--resume best.pth, --overwrite); the first works."""
     run = shutil.copytree(finished, tmp_path / "run")
     (run / "last.pth").unlink()
     if how == "a folder":
@@ -143,7 +144,7 @@ def test_a_run_set_aside_by_a_killed_overwrite_is_put_back(data, finished, tmp_p
     assert not aside.exists() and run_files(run).keys() >= before.keys()
 
 
-# ----------------------------------------------------------------------------- 2. one writer per folder
+# ----------------------------------------------------------------------------- one writer per folder
 
 def hold_lock(folder):
     """Another live process holding ``folder``'s lock, as a running `metaformer train` would."""
@@ -246,10 +247,11 @@ def test_two_detection_runs_into_one_folder(tmp_path, capsys):
     assert "is being written by another run" in error_line(capsys, "detect")
 
 
-# ----------------------------------------------------------------------------- 6. NaN weights
+# ----------------------------------------------------------------------------- NaN weights
 
 def test_resume_from_nan_weights_is_refused_at_load(data, finished, tmp_path, capsys):
-    """Before: the run started, stopped with "loss is nan" and called the same file the last good checkpoint."""
+    """Resuming from a last.pth with NaN weights is refused at load; a NaN stop names a checkpoint with finite
+    weights (best.pth) as the last good one."""
     run = shutil.copytree(finished, tmp_path / "run")
     ckpt = torch.load(run / "last.pth", weights_only=True)
     ckpt["model"]["head.fc.weight"][0, 0] = float("nan")
@@ -264,10 +266,10 @@ def test_resume_from_nan_weights_is_refused_at_load(data, finished, tmp_path, ca
         check_finite(float("nan"), "step 9", run, "none")
 
 
-# ----------------------------------------------------------------------------- 16. empty checkpoints
+# ----------------------------------------------------------------------------- empty checkpoints
 
 def test_an_empty_last_pth_is_a_one_line_error_everywhere(data, tmp_path, capsys):
-    """Before: IndexError inside the code that words the error (an empty exception message)."""
+    """An empty last.pth is one line ("is empty (0 bytes)") from train, detect eval and detect train."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "last.pth").write_bytes(b"")
@@ -282,11 +284,11 @@ def test_an_empty_last_pth_is_a_one_line_error_everywhere(data, tmp_path, capsys
     assert "last.pth is empty (0 bytes)" in error_line(capsys, "detect")
 
 
-# ----------------------------------------------------------------------------- 17. full disk
+# ----------------------------------------------------------------------------- full disk
 
 def test_a_full_disk_inside_torch_save_is_named(tmp_path, monkeypatch):
-    """Before: torch's writer turned ENOSPC into "RuntimeError: ... unexpected pos", so the documented "disk full,
-    the previous checkpoint is intact" message never showed."""
+    """A full disk inside torch.save (whose writer turns ENOSPC into "RuntimeError: ... unexpected pos") is reported
+    as a full disk, with the previous checkpoint intact."""
     path = tmp_path / "last.pth"
     ckpt_io.save({"model": {"w": torch.zeros(4)}}, path)
     before = path.read_bytes()
@@ -307,11 +309,11 @@ def test_a_full_disk_inside_torch_save_is_named(tmp_path, monkeypatch):
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
 
 
-# ----------------------------------------------------------------------------- 19. long names
+# ----------------------------------------------------------------------------- long names
 
 def test_names_longer_than_file_systems_allow(data, tmp_path, capsys):
-    """Before: OSError (File name too long) tracebacks from train, detect and export; and export -o with a valid
-    245-character name failed, since its temporary name was 11 characters longer."""
+    """A name longer than file systems allow is one line from train, detect and export; a legal 245-character name
+    works, its temporary file's name staying within 255 bytes."""
     long = tmp_path / ("r" * 300)
     assert train(data, long, "--epochs", "1") == 2
     assert "is 300 bytes long, and file systems allow at most 255 per name" in error_line(capsys)
@@ -329,12 +331,12 @@ def test_names_longer_than_file_systems_allow(data, tmp_path, capsys):
     assert len(atomic.temp_file(tmp_path / ("t" * 255)).name.encode()) <= 255
 
 
-# ----------------------------------------------------------------------------- 14. read-only outputs
+# ----------------------------------------------------------------------------- read-only outputs
 
 @pytest.mark.parametrize("verb", ["export", "quantize", "cam", "data pack", "convert", "ablate", "bench",
                                   "detect predict"])
 def test_an_unwritable_output_is_refused_before_the_work(data, finished, verb, capsys):
-    """Before: PermissionError tracebacks (and bench failed only after the whole benchmark had run)."""
+    """An output in a read-only place is one line from each verb, before any work (bench before benchmarking)."""
     ckpt, image = str(finished / "best.pth"), str(next((data / "val/0").iterdir()))
     argv = {"export": ["export", "--checkpoint", ckpt, "--output", "/sys/mf/m.onnx"],
             "quantize": ["quantize", ckpt, "--data", str(data), "--output", "/sys/mf/q.onnx"],
@@ -352,7 +354,7 @@ def test_an_unwritable_output_is_refused_before_the_work(data, finished, verb, c
     assert len(line) == 1 and "cannot write to" in line[0] and "/sys/mf" in line[0] and "read-only" in line[0]
 
 
-# ----------------------------------------------------------------------------- 7. a failed start leaves nothing
+# ----------------------------------------------------------------------------- a failed start leaves nothing
 
 def test_a_run_that_fails_before_training_leaves_no_folder_and_the_retry_runs(data, tmp_path, capsys):
     """A folder counts as a run only once training has started: a failure before the first step removes what the
@@ -386,7 +388,7 @@ def test_a_detection_run_that_fails_before_its_first_step_leaves_no_folder(tmp_p
 
 
 def test_a_grid_whose_first_row_fails_before_training_leaves_no_grid(tmp_path, capsys):
-    """Before: grid.json stayed, and the corrected command was refused as "a grid run with other settings"."""
+    """An ablation grid whose first row fails before training leaves no grid folder, so the corrected command runs."""
     out = tmp_path / "grid"
     tiny = ["--rows", "baseline", "--output", str(out), "--set", "depths=[1,1,1,1]", "--set", "dims=[8,8,8,8]",
             "--set", "epochs=1"]

@@ -134,8 +134,8 @@ def test_exported_int8_file_is_served_and_says_cam_is_unavailable(ckpt, tmp_path
 
 
 def test_a_file_exported_for_a_fixed_batch_answers_concurrent_requests(ckpt, tmp_path):
-    """The batcher stacks concurrent images; a file exported for batch 1 runs them one per call (it answered
-    every concurrent request with 500)."""
+    """The batcher stacks concurrent images; a file exported for batch 1 runs them one per call, each answer the
+    one the image gets alone."""
     pytest.importorskip("onnxruntime")
     from metaformer.cli import main
 

@@ -131,7 +131,7 @@ def open_rgb(source: str | os.PathLike | bytes, name: str | None = None, *, max_
     except Image.DecompressionBombError as e:
         raise TooManyPixels(f"{name}: refused as a possible decompression bomb ({e}); if you trust the file, "
                             "raise PIL.Image.MAX_IMAGE_PIXELS or resize it") from None
-    except UnidentifiedImageError as e:
+    except UnidentifiedImageError:
         if formats is None:
             raise DataError(f"cannot read image {name}: no image format Pillow reads") from None
         if encoded:
