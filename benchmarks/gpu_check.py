@@ -91,7 +91,7 @@ class Check:
     def model(self, name: str, **kw):
         torch.manual_seed(0)
         m = metaformer.create_model(name, img_size=self.img, **{**self.tiny, **kw}).eval()
-        bench._randomize_affine(m)
+        bench.randomize_affine(m)
         return m
 
     def fuse_kwargs(self) -> dict:
@@ -115,17 +115,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def timed(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> float:
-    """Median seconds per call (device events on CUDA)."""
-    timer = bench.make_timer(device)
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        timer.start()
-        fn()
-        ts.append(timer.stop())
-    ts.sort()
-    return ts[len(ts) // 2]
+    """Median seconds per call (device events on CUDA): the benchmark harness's own timer."""
+    return bench.median_time(fn, device, repeats, warmup)
 
 
 def timed_graph(fn, device: torch.device, calls: int = 10, repeats: int = 10) -> float:

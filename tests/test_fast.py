@@ -318,7 +318,7 @@ def test_cli_registers_bench():
 ])
 def test_fused_baselines_blocks_exact(name, kw):
     """Bias-free GroupNorm(1), ResScale on the skip path (stages 3-4) and StarReLU folded into fc2."""
-    m = _model(name, depths=(1, 1, 2, 1), **kw)  # _randomize_affine also moves res scales and StarReLU's scale/bias off 1 and 0
+    m = _model(name, depths=(1, 1, 2, 1), **kw)  # randomize_affine also moves res scales and StarReLU's scale/bias off 1 and 0
     if not name.startswith("poolformer_"):
         assert [hasattr(s.blocks[0].res_scale1, "scale") for s in m.stages] == [False, False, True, True]
     fused = fuse(m)

@@ -29,7 +29,6 @@ from .modes import (DEFAULT_INFER, DEFAULT_TRAIN, DTYPES, INFER_MODES, TRAIN_MOD
 from .report import Result, markdown_table, save_json
 from .timing import EventTimer, Timer, interleaved_timing, make_timer, median_time, synchronize
 
-_randomize_affine = randomize_affine  # the name benchmarks/gpu_check.py calls
 
 __all__ = ["DEFAULT_INFER", "DEFAULT_TRAIN", "DTYPES", "INFER_MODES", "MALLOC_ENV", "TRAIN_MODES", "EventTimer",
            "Result", "Timer", "bench_inference", "bench_training", "build_infer_mode", "build_train_mode",
