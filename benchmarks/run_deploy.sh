@@ -9,7 +9,8 @@ set -eu
 cd "$(dirname "$0")/.."
 M=.venv/bin/metaformer
 mkdir -p benchmarks/results
-test -f runs/digits/best_int8.onnx || $M quantize runs/digits/best.pth
+test -f runs/digits/best_int8.onnx || $M quantize runs/digits/best.pth -o runs/digits/best_int8.onnx
+test -f runs/digits/best_int8.xml || $M quantize runs/digits/best.pth -o runs/digits/best_int8.xml
 MODES=fused,fused_bf16,timm_compile,int8_ort,int8_pt2e,ov_fp32,ov_bf16,ov_int8,ov_fused_fp32,ov_fused_bf16,ov_fused_int8
 $M bench --variant poolformer_s12 --batch-size 32,1 --img-size 224 --modes $MODES --repeats 10 --no-memory \
     --output benchmarks/results/int8.json --md benchmarks/results/int8.md
@@ -20,7 +21,7 @@ OMP_NUM_THREADS=1 $M bench --variant poolformer_s12 --batch-size 32,1 --img-size
 .venv/bin/python benchmarks/deploy_load.py --img-size 224 > benchmarks/results/int8_load.md
 $M bench --exported runs/digits/best_int8.onnx --modes fused,ort,int8_ort --batch-size 32,1 --repeats 10 \
     --output benchmarks/results/int8_digits.json --md benchmarks/results/int8_digits.md
-.venv/bin/python benchmarks/serve_load.py runs/digits/best.pth runs/digits/best_int8.onnx \
+.venv/bin/python benchmarks/serve_load.py runs/digits/best.pth runs/digits/best_int8.onnx runs/digits/best_int8.xml \
     --md benchmarks/results/serve.md
 test -f runs/s12_random.safetensors || .venv/bin/python -c "import torch, metaformer; torch.manual_seed(0); \
 metaformer.save_weights(metaformer.create_model('poolformer_s12'), 'runs/s12_random.safetensors')"

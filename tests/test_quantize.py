@@ -179,27 +179,37 @@ def test_quantize_output_names_a_folder_is_checked_first_and_is_replaced_only_wh
                                                                                          capsys):
     folder = tmp_path / "out"
     args = ["quantize", str(digits_ckpt), "--calib-images", "8", "--max-drop", "100"]
-    assert main([*args, "-o", f"{folder}/"]) == 0  # a new folder, named with a trailing slash
-    assert (folder / "digits_int8.onnx").is_file() and not (tmp_path / "out.onnx").exists()
+    assert main([*args, "-o", f"{folder}/"]) == 0  # a new folder, named with a trailing slash: the default backend
+    written = ["digits_int8.bin", "digits_int8.xml"]  # OpenVINO's IR and its weights
+    assert sorted(p.name for p in folder.iterdir()) == written and not (tmp_path / "out.xml").exists()
     capsys.readouterr()
     # a killed run's temporary folder for the same file is removed by the next run
-    stale = folder / ".digits_int8.onnx.4194303.abcd1234.tmp"
+    stale = folder / ".digits_int8.xml.4194303.abcd1234.tmp"
     stale.mkdir()
-    (stale / "digits_int8.onnx.fp32.onnx").write_bytes(b"half a file")
+    (stale / "digits_int8.xml").write_bytes(b"half a file")
     assert main([*args, "-o", str(folder)]) == 2  # an existing folder: the same file inside, which exists
     err = capsys.readouterr().err
-    assert "digits_int8.onnx already exists: pass --overwrite" in err and "Traceback" not in err
-    before = (folder / "digits_int8.onnx").stat().st_mtime_ns
+    assert "digits_int8.xml already exists: pass --overwrite" in err and "Traceback" not in err
+    before = (folder / "digits_int8.xml").stat().st_mtime_ns
     assert main([*args, "-o", str(folder), "--overwrite"]) == 0
-    assert (folder / "digits_int8.onnx").stat().st_mtime_ns != before
-    assert sorted(p.name for p in folder.iterdir()) == ["digits_int8.onnx"]  # nothing hidden left behind
+    assert (folder / "digits_int8.xml").stat().st_mtime_ns != before
+    assert sorted(p.name for p in folder.iterdir()) == written  # nothing hidden left behind
     capsys.readouterr()
     (tmp_path / "a_file").write_text("x")
-    for bad, words in ((f"{tmp_path}/a_file/q.onnx", "is a file, so the folder cannot be created"),
-                       (f"{tmp_path}/{'q' * 300}.onnx", "file systems allow at most 255 per name")):
-        assert main([*args, "-o", bad]) == 2
+    for bad, words in ((f"{tmp_path}/a_file/q.xml", "is a file, so the folder cannot be created"),
+                       (f"{tmp_path}/{'q' * 300}.xml", "file systems allow at most 255 per name"),
+                       (f"{tmp_path}/q.onnx --backend openvino", "names a .onnx file, which --backend ort writes")):
+        assert main([*args, "-o", *bad.split()]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_backend_follows_the_output_name():
+    from metaformer.tools.quantize import DEFAULT_BACKEND, backend_for
+
+    assert [backend_for(name, None) for name in ("a.onnx", "a.pt2", "a.xml", "a", None, "dir/")] == \
+        ["ort", "pt2e", "openvino", DEFAULT_BACKEND, DEFAULT_BACKEND, DEFAULT_BACKEND]
+    assert backend_for("a.onnx", "ort") == "ort" and backend_for("a", "pt2e") == "pt2e"
 
 
 def test_a_pt2e_int8_file_loads_in_a_process_that_never_quantized(tmp_path):

@@ -26,9 +26,9 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser(
         "quantize",
-        description="Calibrate on --calib-images images of --data's training split, write the int8 model (ONNX "
-                    "Runtime's static quantization of our ONNX export, or PyTorch's PT2E flow with the x86 "
-                    "Inductor quantizer), then run the written file on the validation split beside the fp32 model "
+        description="Calibrate on --calib-images images of --data's training split, write the int8 model "
+                    "(OpenVINO IR quantized by NNCF, ONNX Runtime's static quantization of our ONNX export, or "
+                    "PyTorch's PT2E flow with the x86 Inductor quantizer), then run the written file on the validation split beside the fp32 model "
                     "and report fp32 top-1, int8 top-1, their difference and the share of images on which both "
                     "predict the same class. Over --max-drop points the file is not written unless --force. "
                     "`eval`, `predict`, `bench` and `serve` run the file (--exported FILE).")
@@ -37,9 +37,9 @@ def add_parser(sub) -> None:
     add_checkpoint(p, what="weights in any layout metaformer loads, when MODEL is a variant name")
     p.add_argument("--data", help="where the calibration (train split) and validation images come from: the "
                                   "sources `eval --data` takes; 'builtin' or omitted: the built-in digits")
-    p.add_argument("--output", "-o", help="the int8 file, or a folder to write NAME_int8.onnx (.pt2 for --backend "
-                                          "pt2e) into (default: CHECKPOINT_int8.onnx beside the checkpoint, or "
-                                          "MODEL_int8.onnx here)")
+    p.add_argument("--output", "-o", help="the int8 file, or a folder to write NAME_int8.xml into (.onnx for "
+                                          "--backend ort, .pt2 for pt2e); default: CHECKPOINT_int8.xml beside the "
+                                          "checkpoint, or MODEL_int8.xml here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file (else refused)")
     p.add_argument("--backend", choices=list(BACKENDS), default=None,
                    help=f"default: the one --output's extension names, else {DEFAULT_BACKEND} (docs/deploy.md says "
