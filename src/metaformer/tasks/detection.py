@@ -82,10 +82,7 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
     if cfg.val_ann or cfg.arch == "mask_rcnn":
         need("pycocotools", "dense", "COCO evaluation" if cfg.val_ann else "decoding COCO masks")
     rt = setup(cfg.device, cfg.amp)
-    with DenseRun.folder_of(cfg, rt) as folder:
-        history = _train(cfg, rt, folder)
-    rt.close()
-    return history
+    return DenseRun.train_in_folder(cfg, rt, lambda folder: _train(cfg, rt, folder))
 
 
 def _train(cfg, rt, folder) -> list[dict]:

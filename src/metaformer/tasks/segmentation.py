@@ -77,10 +77,7 @@ def train_segmentation(cfg: SegmentationConfig) -> list[dict]:
     if not 0 < cfg.ratio_range[0] <= cfg.ratio_range[1]:
         raise ConfigError(f"--ratio-range takes MIN MAX with 0 < MIN <= MAX, got {cfg.ratio_range}")
     rt = setup(cfg.device, cfg.amp)
-    with DenseRun.folder_of(cfg, rt) as folder:
-        history = _train(cfg, rt, folder)
-    rt.close()
-    return history
+    return DenseRun.train_in_folder(cfg, rt, lambda folder: _train(cfg, rt, folder))
 
 
 def _train(cfg, rt, folder) -> list[dict]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import MetaFormerError, installed, require
+from ..weights.io import file_sha256
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2", "openvino": ".xml"}
 COMPANIONS = {"openvino": (".bin",)}  # files written beside the named one (OpenVINO's weights)
@@ -292,14 +293,6 @@ def _load_onnx(path: Path) -> tuple[Runtime, Callable[[], list]]:
         return tensors_sha256(onnx_tensors(onnx.load(str(path))))
 
     return Runtime(run, meta, "onnx", path, batch, shape), digest
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def openvino_config(precision: str = "f32", threads: int | None = None) -> dict:

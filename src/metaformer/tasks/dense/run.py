@@ -73,13 +73,16 @@ class DenseRun:
         self.stop: GracefulStop | None = None
 
     @staticmethod
-    def folder_of(cfg: Any, rt: Runtime) -> RunDir:
-        """The run's folder (:class:`~metaformer.engine.run.RunDir`), checked with the loggers' packages before any
-        work."""
+    def train_in_folder(cfg: Any, rt: Runtime, train: Callable[[RunDir], list[dict]]) -> list[dict]:
+        """``train(folder)`` inside the run's folder (:class:`~metaformer.engine.run.RunDir`, checked with the
+        loggers' packages before any work); the process's runtime closed after; the history ``train`` returns."""
         check_loggers("dense", cfg.wandb)
         folder = RunDir(cfg.output, cfg.resume, cfg.overwrite, rt)
         folder.check()
-        return folder
+        with folder:
+            history = train(folder)
+        rt.close()
+        return history
 
     # ------------------------------------------------------------------------------------ the loop's parts
 
