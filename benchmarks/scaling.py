@@ -16,7 +16,8 @@ import statistics
 
 import torch
 
-from metaformer import bench, create_model, fuse
+from metaformer import create_model, fuse
+from metaformer.tools import bench
 
 MODELS = {
     # label: (variant, overrides, fused)

@@ -9,7 +9,8 @@ well-written kernel achieves; the 3x3 stencil's neighbours come from cache). Cou
   write), pool, subtract, LayerScale, residual add; again GroupNorm, fc1, GELU, fc2, LayerScale, add.
 * ``ours`` (``fuse(backend="triton")``): the mixer kernel (read x, write y), fc1 (read y, write the
   hidden map), fc2 (read it and y, write z); the statistics come from the previous kernel's
-  epilogue, except for a stage's first block (one more read). Plus the small partial-sum buffers.
+  epilogue, except for a stage's first block (one more read). Plus fc2's partial-sum buffer (a float32
+  pair per token and 128-channel block); the mixer's partial sums, one pair per program, are negligible.
 * ``inductor`` is not modelled here: ``gpu_check.py`` reads what inductor's generated kernels
   declare they move, on the device.
 
@@ -55,10 +56,9 @@ def per_image_bytes(img_size: int = 224, depths=S12["depths"], dims=S12["dims"],
         shared += t * elem  # the stem / downsampling output
         prev = t
         plain += depth * sum(PLAIN_BLOCK.values()) * t * elem
-        # partial sums (a float32 pair per token and 128-channel block) from the mixer and from fc2,
-        # each written once and read once
+        # fc2's partial sums (a float32 pair per token and 128-channel block), written once and read once
         blocks = -(-c // _pow2(c, 16, 128))
-        partial = 2 * blocks * size * size * 8 * 2
+        partial = blocks * size * size * 8 * 2
         ours += depth * (sum(OURS_BLOCK.values()) * t * elem + partial) + t * elem  # + first block's stats
     shared += 2 * prev * elem  # head: GroupNorm statistics, then the normalised mean
     return {"plain": plain, "ours": ours, "shared": shared}

@@ -343,6 +343,7 @@ def test_bad_rows_and_budget_give_clear_errors(tmp_path, capsys):
 
 
 def test_help_and_readme_give_the_quick_grid_one_time(capsys):
+    """`ablate --help` and the README give the quick grid the same time (QUICK_MINUTES)."""
     from metaformer.tools.ablate import QUICK_MINUTES
 
     with pytest.raises(SystemExit):

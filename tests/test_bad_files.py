@@ -1,6 +1,7 @@
-"""Files and options that used to give a silent wrong result, a traceback, or a message pointing the wrong way:
-exported files of other weights, integer "weights", damaged metadata, headless models, EXIF-rotated photos,
-unknown names for the recipe's parts, and each misleading message of issue 19."""
+"""Files and options that could give a silent wrong result, a traceback or a message pointing the wrong way get
+the right result or one line naming the problem: exported files of other weights, integer "weights", damaged
+metadata, headless models, EXIF-rotated photos, unknown names for the recipe's parts, and messages that must point
+the right way (class names, missing extras, unreadable files, output folders, shard names)."""
 import io
 import json
 import shutil
@@ -46,10 +47,11 @@ def image_of(data):
     return str(next((data / "val/0").iterdir()))
 
 
-# ----------------------------------------------------------------------------- 7. exported files
+# ----------------------------------------------------------------------------- exported files
 
 def test_predict_refuses_an_exported_file_of_other_weights(data, runs, tmp_path, capsys):
-    """Before: the same classes and input size passed the check, and the ONNX file's weights ran silently."""
+    """An exported file with --checkpoint's classes and input size but other weights is refused, saying to drop
+    --checkpoint; with its own checkpoint, or alone, it runs."""
     b_onnx = tmp_path / "b.onnx"
     assert main(["export", "--checkpoint", str(runs / "b/best.pth"), "--output", str(b_onnx)]) == 0
     capsys.readouterr()
@@ -69,10 +71,80 @@ def test_an_exported_file_without_a_weights_record_is_not_matched_to_a_checkpoin
     export(loaded.model, tmp_path / "old.onnx", "onnx", metadata=meta)
     assert main(["predict", "--checkpoint", str(runs / "a/best.pth"), "--exported", str(tmp_path / "old.onnx"),
                  image_of(data)]) == 2
-    assert "does not record which weights it was exported from" in error_line(capsys, "predict")
+    assert "does not record which weights it holds" in error_line(capsys, "predict")
 
 
-# ----------------------------------------------------------------------------- 8, 18. weights files
+def edit_onnx(src, dst, edit_tensors=None, edit_meta=None):
+    """A copy of the ONNX file ``src`` at ``dst`` with its initializers and/or its metadata changed by hand."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(src))
+    if edit_tensors:
+        for i, t in enumerate(proto.graph.initializer):
+            a = edit_tensors(t.name, numpy_helper.to_array(t).copy())
+            if a is not None:
+                proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(a, t.name))
+    if edit_meta:
+        for prop in proto.metadata_props:
+            if prop.key == "metaformer":
+                prop.value = json.dumps(edit_meta(json.loads(prop.value)))
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("edit", ["two head rows swapped", "bytes flipped"])
+def test_an_exported_file_whose_weights_were_changed_is_refused(data, runs, tmp_path, capsys, edit):
+    a_onnx = tmp_path / "a.onnx"
+    assert main(["export", "--checkpoint", str(runs / "a/best.pth"), "--output", str(a_onnx)]) == 0
+    capsys.readouterr()
+
+    def change(name, a):
+        if edit == "two head rows swapped" and a.ndim == 2 and a.shape[0] == 2:  # the classifier [2, C]
+            return a[::-1].copy()
+        if edit == "bytes flipped" and a.ndim == 4 and a.size > 100:  # one conv weight, a few values
+            a.reshape(-1)[:3] = -a.reshape(-1)[:3]
+            return a
+        return None
+
+    edited = edit_onnx(a_onnx, tmp_path / "edited.onnx", edit_tensors=change)
+    for argv in (["predict", "--checkpoint", str(runs / "a/best.pth"), "--exported", str(edited), image_of(data)],
+                 ["predict", "--exported", str(edited), image_of(data)],
+                 ["eval", "--exported", str(edited), "--data", str(data)]):
+        assert main(argv) == 2
+        err = error_line(capsys, argv[0])
+        assert "the weights inside the file are not those it was written with" in err, err
+    assert main(["predict", "--checkpoint", str(runs / "a/best.pth"), "--exported", str(a_onnx), image_of(data)]) == 0
+
+
+@pytest.mark.parametrize("meta_edit", ["no preprocessing", "another image size", "a wrong mean", "no class names"])
+def test_an_exported_file_with_missing_or_wrong_metadata_is_one_line(data, runs, tmp_path, capsys, meta_edit):
+    a_onnx = tmp_path / "a.onnx"
+    assert main(["export", "--checkpoint", str(runs / "a/best.pth"), "--output", str(a_onnx)]) == 0
+    capsys.readouterr()
+
+    def change(meta):
+        if meta_edit == "no preprocessing":
+            del meta["preprocessing"]
+        elif meta_edit == "another image size":
+            meta["preprocessing"]["img_size"] = 48
+        elif meta_edit == "a wrong mean":
+            meta["preprocessing"]["mean"] = [0.5]
+        else:
+            del meta["class_names"]
+        return meta
+
+    edited = edit_onnx(a_onnx, tmp_path / "edited.onnx", edit_meta=change)
+    expected = {"no preprocessing": "has no preprocessing", "another image size": "takes 3x32x32 inputs but its "
+                "metadata describes 3x48x48 images", "a wrong mean": "has no usable mean",
+                "no class names": "has no list of class names"}[meta_edit]
+    for argv in (["predict", "--exported", str(edited), image_of(data)],
+                 ["eval", "--exported", str(edited), "--data", str(data)]):
+        assert main(argv) == 2
+        assert expected in error_line(capsys, argv[0])
+
+
+# ----------------------------------------------------------------------------- weights files
 
 def save_ours_with(path, tensors=None, **metadata):
     from safetensors.torch import save_file
@@ -91,7 +163,7 @@ def save_ours_with(path, tensors=None, **metadata):
 
 @pytest.mark.parametrize("kind", ["int32", "bool"])
 def test_integer_or_boolean_weights_are_refused(data, tmp_path, kind, capsys):
-    """Before: cast to float silently (top-1 at chance)."""
+    """An integer or boolean tensor where a float weight belongs is named and refused, and nothing is loaded."""
     def broken(sd):
         return {k: (v.to(torch.int32) if kind == "int32" else v > 0) for k, v in sd.items()
                 if k == "head.fc.weight"}
@@ -104,16 +176,17 @@ def test_integer_or_boolean_weights_are_refused(data, tmp_path, kind, capsys):
 
 @pytest.mark.parametrize("key", ["config", "class_names"])
 def test_damaged_json_metadata_is_a_one_line_error(data, tmp_path, key, capsys):
-    """Before: JSONDecodeError."""
+    """A weights file whose config or class_names metadata is not valid JSON is one line naming that key."""
     path = save_ours_with(tmp_path / "w.safetensors", **{key: '{"depths": [1, 1'})
     assert main(["eval", "--checkpoint", str(path), "--data", str(data), "--workers", "0"]) == 2
     assert f"its {key!r} metadata is not valid JSON" in error_line(capsys, "eval")
 
 
-# ----------------------------------------------------------------------------- 9. headless models
+# ----------------------------------------------------------------------------- headless models
 
 def test_cam_and_eval_refuse_a_model_without_a_classifier(data, tmp_path, capsys):
-    """Before: cam reported "class 15" of the 32-dim feature vector."""
+    """cam and eval refuse a model without a classifier (num_classes 0), cam leaving no output folder; fine-tuning
+    from it gives it a new classifier."""
     model = metaformer.create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], num_classes=2,
                                     img_size=32)
     model.reset_classifier(0)
@@ -129,7 +202,7 @@ def test_cam_and_eval_refuse_a_model_without_a_classifier(data, tmp_path, capsys
     assert "new classifier" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- 11. EXIF orientation
+# ----------------------------------------------------------------------------- EXIF orientation
 
 def portrait_jpeg(orientation: int = 6) -> bytes:
     """A 64x32 (wide) JPEG whose EXIF says: turn me 90 degrees (a phone's portrait photo)."""
@@ -143,14 +216,13 @@ def portrait_jpeg(orientation: int = 6) -> bytes:
 
 
 def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
-    """Before: orientation 6 loaded as 64x32, not 32x64."""
-    from metaformer.data.shards import read_image_bytes
-
+    """A photo with EXIF orientation 6 is turned upright (32x64) wherever images are read: files, shard and Hugging
+    Face bytes, class folders."""
     (tmp_path / "p.jpg").write_bytes(portrait_jpeg())
     assert D.open_rgb(tmp_path / "p.jpg").size == (32, 64)
     upright = D.open_rgb(tmp_path / "p.jpg")
     assert upright.getpixel((16, 2))[2] > 150  # the strip is on top after the turn
-    assert read_image_bytes(portrait_jpeg(), "p.jpg").size == (32, 64)  # shards, Hugging Face rows
+    assert D.open_rgb(portrait_jpeg(), "p.jpg").size == (32, 64)  # from bytes: shards, Hugging Face rows, serve
     root = tmp_path / "root"
     for split in ("train", "val"):
         (root / split / "a").mkdir(parents=True)
@@ -158,7 +230,7 @@ def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
     assert D.SafeImageFolder(root / "train")[0][0].size == (32, 64)  # train, eval
 
 
-# ----------------------------------------------------------------------------- 12, 15. names and sizes
+# ----------------------------------------------------------------------------- names and sizes
 
 @pytest.mark.parametrize("flags,expected", [
     (["--opt", "nosuch"], "--opt 'nosuch': timm has no such optimizer"),
@@ -174,8 +246,8 @@ def test_exif_orientation_is_applied_wherever_images_are_read(tmp_path):
      "BatchNorm cannot train on a batch of 1 at 32x32"),
 ])
 def test_train_refuses_unknown_parts_and_impossible_batches(data, tmp_path, flags, expected, capsys):
-    """Before: ValueError / AssertionError / KeyError / IndexError tracebacks, and at --batch-size 1 with Mixup an
-    epoch that trained on nothing (loss 0.0000, 0 img/s)."""
+    """Unknown optimizers, schedulers, augmentations, interpolations and erase modes, malformed value pairs, and
+    batches Mixup or BatchNorm cannot train on are refused in one line before training; no checkpoint is written."""
     assert main(["train", "--data", str(data), *NET, "--epochs", "1", "--output", str(tmp_path / "r"), *flags]) == 2
     assert expected in error_line(capsys, "train")
     assert not (tmp_path / "r" / "last.pth").exists()
@@ -207,7 +279,7 @@ def test_bench_info_segment_sizes_and_devices(argv, expected, tmp_path, capsys):
 
 
 def test_bench_runs_a_size_bound_variant_at_another_size(tmp_path, capsys):
-    """Before: randformer at --img-size 32 failed counting its FLOPs at the default 224 token grid."""
+    """bench runs RandFormer (its mixing sized for the token grid) at --img-size 32, counting FLOPs at that size."""
     out = tmp_path / "b.json"
     assert main(["bench", "--variant", "randformer_s12", "--img-size", "32", "--batch-size", "1", "--modes", "eager",
                  "--repeats", "1", "--warmup", "0", "--no-memory", "--output", str(out)]) == 0
@@ -233,7 +305,7 @@ def test_the_nan_hint_names_allow_nonfinite_only_where_it_exists(runs, tmp_path,
 
 
 def test_numbered_class_names_are_not_called_missing(runs, tmp_path, capsys):
-    """Before: "The checkpoint stores no class names" for a checkpoint that stores '0' and '1'."""
+    """A checkpoint whose classes are named '0' and '1' is said to name its classes by number, not to store none."""
     other = write_digits(tmp_path / "d", classes=("0", "1"), per_class=1)
     (other / "val/0").rename(other / "val/zero")
     assert main(["eval", "--checkpoint", str(runs / "a/best.pth"), "--data", str(other / "val")]) == 2
@@ -261,7 +333,7 @@ def test_convert_names_its_own_argument_for_a_folder(tmp_path, capsys):
 
 
 def test_a_missing_matplotlib_stops_training_before_the_first_epoch(data, tmp_path, monkeypatch, capsys):
-    """Before: every epoch trained, then exit 2 without summary.json."""
+    """Without matplotlib, train stops before the first epoch with one line naming the extra, and leaves no folder."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["train", "--data", str(data), *NET, "--epochs", "1", "--output", str(tmp_path / "r")]) == 2
     assert "needs matplotlib, which is not installed: pip install 'metaformer[train]'" in error_line(capsys, "train")
@@ -276,7 +348,8 @@ def test_detect_train_help_lists_only_what_it_writes(capsys):
 
 
 def test_predict_skips_and_lists_an_unreadable_file_in_a_folder(runs, data, tmp_path, capsys):
-    """Before: one unreadable file stopped the whole folder."""
+    """predict on a folder skips an unreadable file, lists it (JSON and stderr) and predicts the others; a folder
+    with no readable image is an error."""
     folder = tmp_path / "imgs"
     shutil.copytree(data / "val/0", folder)
     (folder / "broken.png").write_bytes(b"not a png")
@@ -318,7 +391,7 @@ def test_detect_and_segment_predict_skip_and_list_an_unreadable_file(tmp_path, c
 
 
 def test_pack_refuses_an_output_inside_the_data_it_packs(data, tmp_path, capsys):
-    """Before: `data pack ROOT ROOT/train/zz` failed and left an empty class folder zz behind."""
+    """`data pack ROOT ROOT/train/zz` (an output inside the data it packs) is refused and adds no class folder."""
     root = shutil.copytree(data, tmp_path / "root")
     assert main(["data", "pack", str(root), str(root / "train/zz")]) == 2
     assert "is inside" in error_line(capsys, "data")
@@ -327,7 +400,8 @@ def test_pack_refuses_an_output_inside_the_data_it_packs(data, tmp_path, capsys)
 
 @pytest.mark.parametrize("name", ["../outside.tar", "/tmp/outside.tar"])
 def test_shard_names_in_info_json_stay_inside_the_shard_folder(data, tmp_path, name, capsys):
-    """Before: _info.json names with ../ or an absolute path were read from outside the shard folder."""
+    """A shard named in _info.json with ../ or an absolute path is refused: shards are read from the shard folder
+    only."""
     pytest.importorskip("webdataset")
     shards = tmp_path / "shards"
     assert main(["data", "pack", str(data), str(shards)]) == 0
@@ -338,3 +412,36 @@ def test_shard_names_in_info_json_stay_inside_the_shard_folder(data, tmp_path, n
     assert main(["data", "check", str(shards)]) == 2
     err = error_line(capsys, "data")
     assert f"names shard {name!r}, which is not inside {shards}" in err
+
+
+# ----------------------------------------------------------------------------- weights that record their model
+
+def test_create_model_with_a_file_of_another_architecture_names_load_model(runs, tmp_path):
+    """``create_model(name, pretrained=FILE)`` of a file recording another network: one error naming the
+    differences and the call that rebuilds it (a training checkpoint or a save_weights file alike)."""
+    small = tmp_path / "small.safetensors"
+    metaformer.save_weights(metaformer.create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 16, 24, 32],
+                                                    num_classes=2, img_size=32), small, class_names=["0", "1"])
+    for path in (small, runs / "a/best.pth"):
+        with pytest.raises(metaformer.WeightsError, match=r"depths \[1, 1, 1, 1\] \(not \[2, 2, 6, 2\]\), dims \[8, "
+                           r"16, 24, 32\] \(not \[64, 128, 320, 512\]\).*metaformer.load_model\("):
+            metaformer.create_model("poolformer_s12", pretrained=str(path))
+        model = metaformer.load_model(path)  # as the message says
+        assert model.config["depths"] == [1, 1, 1, 1] and model.class_names == ["0", "1"]
+    same = metaformer.create_model("poolformer_s12", pretrained=str(small), depths=[1, 1, 1, 1],
+                                   dims=[8, 16, 24, 32], num_classes=2, img_size=32)
+    torch.testing.assert_close(same.state_dict(), metaformer.load_model(small).state_dict())
+
+
+def test_features_only_from_classifier_weights_says_its_maps_are_normed(tmp_path):
+    small = tmp_path / "small.safetensors"
+    kw = dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], num_classes=2, img_size=32)
+    metaformer.save_weights(metaformer.create_model("poolformer_s12", **kw), small)
+    with pytest.warns(UserWarning, match="new norm .* not the network's raw stage outputs .*feature_cls='list'"):
+        metaformer.create_model("poolformer_s12", pretrained=str(small), features_only=True, **kw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # timm's raw maps, and a backbone built without weights: nothing to say
+        metaformer.create_model("poolformer_s12", pretrained=str(small), features_only=True, feature_cls="list", **kw)
+        metaformer.create_model("poolformer_s12", features_only=True, **kw)

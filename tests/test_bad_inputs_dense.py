@@ -53,10 +53,11 @@ def corrupt(path):
     path.write_bytes(b"\xff\xd8 not really a jpeg")
 
 
-# ----------------------------------------------------------------------------- 10. evaluate after saving
+# ----------------------------------------------------------------------------- evaluate after saving
 
 def test_detection_saves_before_evaluating_and_a_dead_evaluation_is_redone(toy, tmp_path, monkeypatch):
-    """Before: evaluation ran before the epoch's checkpoint, so a crash in it lost the epoch."""
+    """The epoch's checkpoint is written before its evaluation: an evaluation that dies keeps the epoch, marked
+    pending, and the resumed run evaluates it."""
     real = detection.evaluate_detection
 
     def dies(*a, **k):
@@ -103,7 +104,7 @@ def test_segmentation_saves_before_evaluating_and_skips_bad_labels(toy, tmp_path
     assert "validation_0000.jpg" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- 11. Ctrl-C, bad training images
+# ----------------------------------------------------------------------------- Ctrl-C, bad training images
 
 def interrupt_after(monkeypatch, calls):
     count = {"n": 0}
@@ -116,7 +117,8 @@ def interrupt_after(monkeypatch, calls):
 
 
 def test_ctrl_c_in_detection_saves_mid_epoch_and_resumes_exactly(toy, tmp_path, monkeypatch):
-    """Before: Ctrl-C lost the running epoch."""
+    """Ctrl-C in a detection run saves mid-epoch, and the resumed run ends with the weights and losses of an
+    uninterrupted one."""
     train_detection(det_cfg(toy, tmp_path / "a", val=False))
     interrupt_after(monkeypatch, 3)  # after the 3rd of 4 steps (2 epochs x 2 batches)
     with pytest.raises(Interrupted, match="saved .*last.pth. Continue with the same command plus --resume auto"):
@@ -151,10 +153,11 @@ def test_a_corrupt_training_image_is_skipped_and_listed(toy, tmp_path, capsys):
     assert history[0]["unreadable"] == 1 and np.isfinite(history[0]["loss"])
 
 
-# ----------------------------------------------------------------------------- 12. re-runs into one folder
+# ----------------------------------------------------------------------------- re-runs into one folder
 
 def test_a_second_run_into_the_same_folder_is_refused_and_resume_never_duplicates_rows(toy, tmp_path):
-    """Before: re-running with the same --output appended to metrics.jsonl as if it were one run."""
+    """A second run into a folder that holds one is refused; --resume auto continues it with one metrics row per
+    epoch, and --overwrite starts it over."""
     train_detection(det_cfg(toy, tmp_path / "run", epochs=1, val=False))
     with pytest.raises(ValueError, match="already holds a run .* --resume auto, replace it with --overwrite"):
         train_detection(det_cfg(toy, tmp_path / "run", epochs=2, val=False))
@@ -176,7 +179,8 @@ def _coco(toy, tmp_path, edit):
 
 
 def test_nan_boxes_and_bad_polygons_are_named_at_load(toy, tmp_path, capsys):
-    """Before: a NaN box surfaced as a NaN loss ('try a lower --lr'); a bad polygon as a pycocotools traceback."""
+    """A NaN box, a bad polygon or a bad RLE mask is named (annotation, image) when the annotations are loaded, in
+    one line, before any training."""
     def nan_box(ann):
         ann["annotations"][0]["bbox"][2] = float("nan")
 

@@ -1,5 +1,5 @@
-"""Ordinary and hostile inputs to eval, predict, export, cam and the weight loader (issue: no silent wrong
-results). Each test asserts the right number, or a one-line error naming the problem and the fix."""
+"""Ordinary and hostile inputs to eval, predict, export, cam and the weight loader give no silent wrong result:
+each test asserts the right number, or a one-line error naming the problem and the fix."""
 import json
 import os
 
@@ -50,10 +50,10 @@ def predictions(model, folder, classes):
     return 100 * hits / total, total
 
 
-# ----------------------------------------------------------------------------- 1. class folders
+# ----------------------------------------------------------------------------- class folders
 
 def test_eval_maps_a_subset_of_classes_by_name(trained, tmp_path, capsys):
-    """Before: a folder with classes 3, 5, 7 was scored as classes 0, 1, 2 (0.9% for a 70% model)."""
+    """eval on a folder with only classes 3, 5 and 7 scores them as the model's classes 3, 5 and 7 (by name)."""
     for c in ("3", "5", "7"):
         os.symlink(trained / "val" / c, tmp_path / c)
     expected, n = predictions(trained / "run/best.pth", trained / "val", ["3", "5", "7"])
@@ -107,10 +107,11 @@ def test_imagenet_wordnet_folders_map_to_a_1000_class_model(tmp_path):
     assert class_targets(tmp_path, [wnids[5], wnids[2]], names, wnids) == [5, 2]
 
 
-# ----------------------------------------------------------------------------- 6. symlink loops
+# ----------------------------------------------------------------------------- symlink loops
 
 def test_a_directory_link_back_into_the_tree_is_not_followed(tmp_path):
-    """Before: a link to train/ inside train/a/ listed 33 images as 1,353, mislabelled."""
+    """Directory links back into the tree (a loop, a second way to a class) are skipped with a warning; a link out
+    of the tree is followed: each image is listed once, with its class."""
     for c in ("a", "b"):
         (tmp_path / "train" / c).mkdir(parents=True)
         for i in range(3):
@@ -126,10 +127,11 @@ def test_a_directory_link_back_into_the_tree_is_not_followed(tmp_path):
         [(f"{i}.png", 0) for i in range(3)] + [("extra.png", 0)] + [(f"{i}.png", 1) for i in range(3)])
 
 
-# ----------------------------------------------------------------------------- 7. 16-bit and float images
+# ----------------------------------------------------------------------------- 16-bit and float images
 
 def test_16_bit_png_and_float_tiff_decode_by_their_real_range(tmp_path):
-    """Before: a 16-bit PNG decoded to saturated white, a float TIFF to black."""
+    """A 16-bit PNG and float TIFFs (0-1 and 0-255) decode by their real range; values of no known range are
+    refused."""
     ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
     Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.png")
     Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "f.tif")
@@ -158,10 +160,11 @@ def test_eval_on_16_bit_pngs_scores_as_on_8_bit(trained, tmp_path, capsys):
     assert (r16["top1"], r16["loss"], r16["images"]) == (r8["top1"], r8["loss"], r8["images"]) and r8["top1"] > 40
 
 
-# ----------------------------------------------------------------------------- 4. 5. weights
+# ----------------------------------------------------------------------------- weights
 
 def test_saved_config_follows_reset_classifier(tmp_path):
-    """Before: save_weights after reset_classifier(5) stored 1000 classes; load_model re-initialised the head."""
+    """save_weights after reset_classifier(5) stores 5 classes, and load_model rebuilds the same outputs; a MetaFormer
+    built directly saves and rebuilds too."""
     model = metaformer.create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], img_size=64)
     model.reset_classifier(5)
     torch.nn.init.normal_(model.head.fc.weight)
@@ -190,10 +193,11 @@ def test_weights_with_nan_or_inf_are_refused_naming_the_tensors(trained, tmp_pat
     assert not metaformer.load_model(tmp_path / "nan.safetensors", allow_nonfinite=True).head.fc.bias.isfinite().all()
 
 
-# ----------------------------------------------------------------------------- 8. exported files
+# ----------------------------------------------------------------------------- exported files
 
 def test_predict_with_another_models_exported_file_refuses(trained, tmp_path, capsys):
-    """Before: another model's ONNX ran and printed wrong labels (or an IndexError)."""
+    """predict refuses an ONNX file exported from another model than --checkpoint (its classes named); alone, the
+    file runs with its own class names."""
     other = metaformer.create_model("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], img_size=32,
                                     num_classes=3)
     metaformer.save_weights(other, tmp_path / "other.safetensors", class_names=["cat", "dog", "fox"])

@@ -46,10 +46,11 @@ def copy_run(src, dst):
     return dst
 
 
-# ----------------------------------------------------------------------------- 2. changed options on resume
+# ----------------------------------------------------------------------------- changed options on resume
 
 def test_a_changed_lr_on_resume_is_applied_and_logged(after_epoch_1, tmp_path, capsys):
-    """Before: --lr on resume was logged and written to config.yaml, yet the weights were bit-identical."""
+    """--lr given on resume changes the weights from there on, is logged as a change, and goes into config.yaml (the
+    first run's config kept as config.1.yaml)."""
     same = copy_run(after_epoch_1, tmp_path / "same")
     changed = copy_run(after_epoch_1, tmp_path / "changed")
     assert train("--epochs", "2", "--output", str(same), "--resume", "auto") == 0
@@ -86,15 +87,15 @@ def test_a_changed_batch_size_or_class_list_on_resume_is_refused(after_epoch_1, 
     assert (run / "last.pth").read_bytes() == before  # nothing was touched
 
 
-# ----------------------------------------------------------------------------- 9. best/last and temp files
+# ----------------------------------------------------------------------------- best/last and temp files
 
 def test_a_kill_between_last_and_best_is_reconciled_on_resume(after_epoch_1, tmp_path, capsys):
-    """Before: last.pth was written first; a kill before best.pth left best older than a better last,
-    and resume refused as 'finished'. Now best.pth is written first, and resume repairs older folders."""
+    """A folder whose best.pth is missing though last.pth is the best epoch (a kill between the two writes; best.pth
+    is written first) has best.pth brought up to date on resume."""
     run = copy_run(after_epoch_1, tmp_path / "run")
     ckpt = torch.load(run / "last.pth", weights_only=True)
     assert ckpt["best_epoch"] == ckpt["epoch"] == 1
-    (run / "best.pth").unlink()  # as if killed after last.pth, before best.pth (the old order)
+    (run / "best.pth").unlink()  # best.pth missing beside the best epoch's last.pth: a kill between the two writes
     assert train("--epochs", "1", "--output", str(run), "--resume", "auto") == 2
     err = capsys.readouterr()
     assert "already finished 1 of 1 epochs" in err.err

@@ -96,7 +96,7 @@ def test_bench_prints_each_configuration_as_it_finishes(tmp_path, capsys):
 
 
 def test_bench_results_go_to_the_run_folder_and_it_says_where(tmp_path, monkeypatch, capsys):
-    """Before: bench wrote benchmarks/results/ under whatever folder it ran in, silently."""
+    """bench without --output writes runs/bench/bench-DATE-TIME.json under the current folder and says where."""
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "--batch-size", "1", "--img-size", "32", "--modes", "eager", "--repeats", "1",
                  "--warmup", "0"]) == 0

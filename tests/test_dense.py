@@ -258,6 +258,8 @@ def test_segment_train_eval_predict_cli(toy, tmp_path, capsys):
                  "--log-every", "10", "--eval-every", "40", "--ckpt-every", "20"]) == 0
     rows = _rows(run / "metrics.jsonl")
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"], [r["loss"] for r in rows]
+    trained = capsys.readouterr().out  # the scores as percentages, like segment eval's
+    assert f"done: iteration 40  loss {rows[-1]['loss']:.4g}  mIoU {100 * rows[-1]['mIoU']:.2f}%" in trained, trained
 
     def beats_trivial(res):
         return (res["mIoU"] > trivial["mIoU"] + 0.2 and res["mAcc"] > trivial["mAcc"] + 0.25
@@ -273,7 +275,9 @@ def test_segment_train_eval_predict_cli(toy, tmp_path, capsys):
         assert len(res["IoU_per_class"]) == 4 and res["images"] == 4
     assert main(["segment", "eval", "--checkpoint", str(run / "last.pth"), "--data-root", str(toy), "--split",
                  "validation"]) == 0
-    assert re.search(r"mIoU \d+\.\d\d  mAcc \d+\.\d\d  aAcc \d+\.\d\d  \(4 images", capsys.readouterr().out)
+    text = capsys.readouterr().out
+    assert f"mIoU {100 * rows[-1]['mIoU']:.2f}%  mAcc {100 * rows[-1]['mAcc']:.2f}%  aAcc " in text, text
+    assert re.search(r"mIoU \d+\.\d\d%  mAcc \d+\.\d\d%  aAcc \d+\.\d\d%  \(4 images", text)
     assert main(["segment", "predict", str(toy / "images/validation/validation_0000.jpg"), "--checkpoint",
                  str(run / "last.pth"), "--output", str(tmp_path / "pred")]) == 0
     out = np.asarray(Image.open(tmp_path / "pred/validation_0000.png"))
@@ -352,10 +356,9 @@ sys.exit(main(sys.argv[2:]))
 
 
 def test_sigterm_to_the_process_group_during_an_evaluation_is_a_graceful_stop(tmp_path):
-    """A scheduler's SIGTERM reaches every process of the group, DataLoader workers included. Before: "saving a
-    checkpoint..." then `RuntimeError: DataLoader worker ... killed by signal` (the workers died first). Now the
-    workers leave it to the main process: the evaluation finishes, the run saves, says how to continue, exits 130,
-    and the resumed run completes."""
+    """A scheduler's SIGTERM reaches every process of the group, DataLoader workers included: the workers leave it to
+    the main process, so the evaluation finishes, the run saves, says how to continue and exits 130 (no "killed by
+    signal" traceback), and the resumed run completes."""
     import subprocess
     import sys
 

@@ -79,7 +79,7 @@ def test_imagenet_class_names():
 
 
 def test_fused_bf16_agrees_with_fp32_on_real_digits(demo):
-    """Issue 4's bf16 condition: top-1 of the fused bf16 model agrees with fp32 on >= 99% of real images."""
+    """Top-1 of the fused bf16 model agrees with fp32 on at least 99% of the real digits."""
     import metaformer
     from metaformer.tasks.inference import load_for_inference
 

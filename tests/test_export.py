@@ -9,7 +9,8 @@ from PIL import Image
 
 import metaformer
 from metaformer.cli import main
-from metaformer.tools.export import ExportError, export, load_runtime, sample_image
+from metaformer.tools.export import ExportError, export, sample_image
+from metaformer.tools.exported import load_runtime
 from metaformer.tools.hub import from_pretrained, save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +75,48 @@ def test_export_cli_verifies_and_writes(tmp_path, capsys):
     assert main(["export", "poolformer_s12", "--checkpoint", str(ckpt), "--format", "onnx", "--dtype", "bf16",
                  "-o", str(tmp_path / "x.onnx")]) == 2
     assert "bfloat16" in capsys.readouterr().err
+
+
+def test_export_writes_any_batch_by_default_and_a_fixed_batch_file_still_runs_any_batch(tmp_path, capsys):
+    ckpt = tmp_path / "s12.safetensors"
+    model = model64("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 8, 16, 16])
+    metaformer.save_weights(model, ckpt, class_names=[f"c{i}" for i in range(10)])
+    photos = []
+    for i in range(3):
+        photos.append(tmp_path / f"p{i}.png")
+        Image.fromarray((np.random.default_rng(i).random((64, 64, 3)) * 255).astype("uint8")).save(photos[-1])
+    for fmt in ("onnx", "exported"):
+        dynamic, fixed = tmp_path / f"any.{fmt}", tmp_path / f"one.{fmt}"
+        assert main(["export", "--checkpoint", str(ckpt), "--format", fmt, "-o", str(dynamic)]) == 0
+        assert main(["export", "--checkpoint", str(ckpt), "--format", fmt, "--no-dynamic-batch",
+                     "-o", str(fixed)]) == 0
+        capsys.readouterr()
+        assert load_runtime(next(tmp_path.glob(f"any.{fmt}*"))).fixed_batch is None
+        one = load_runtime(next(tmp_path.glob(f"one.{fmt}*")))
+        assert one.fixed_batch == 1 and "images run 1 per call" in one.batching
+        x = torch.randn(3, 3, 64, 64)
+        with torch.no_grad():
+            assert (one(x) - model(x)).abs().max() < 1e-4
+        answers = []
+        for path in (dynamic, fixed):
+            path = next(tmp_path.glob(f"{path.name}*"))
+            assert main(["predict", "--exported", str(path), *map(str, photos), "--json"]) == 0
+            answers.append(json.loads(capsys.readouterr().out))
+        for a, b in zip(*answers):
+            assert [n for n, _ in a["predictions"]] == [n for n, _ in b["predictions"]]
+            assert max(abs(p - q) for (_, p), (_, q) in zip(a["predictions"], b["predictions"])) < 1e-5
+
+
+def test_export_output_naming_a_folder_writes_inside_it(tmp_path, capsys):
+    ckpt = tmp_path / "s12.safetensors"
+    metaformer.save_weights(model64("poolformer_s12", depths=[1, 1, 1, 1], dims=[8, 8, 16, 16]), ckpt)
+    (tmp_path / "existing").mkdir()
+    for out, written in ((tmp_path / "existing", tmp_path / "existing" / "model.onnx"),
+                         (f"{tmp_path / 'new'}/", tmp_path / "new" / "poolformer_s12.pt")):
+        fmt = ["--format", "torchscript", "poolformer_s12"] if str(out).endswith("/") else []
+        assert main(["export", "--checkpoint", str(ckpt), *fmt, "-o", str(out)]) == 0
+        assert f"wrote {written} " in capsys.readouterr().out and written.is_file()
+    assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob("*.pt"))
 
 
 def test_save_and_from_pretrained_folder_round_trip(tmp_path):
@@ -164,19 +207,31 @@ def test_predict_with_exported_onnx_matches_pytorch_and_fused(tmp_path, capsys):
         assert max(abs(p - q) for (_, p), (_, q) in zip(other, plain)) < 1e-5
 
 
-def test_cam_says_when_the_last_map_is_too_small_to_localise(tmp_path, capsys):
+def test_cam_on_a_small_input_model_looks_at_a_stage_that_can_localise(tmp_path, capsys):
+    """At 32 px the last stage's map is 1x1 (a flat overlay): cam takes the deepest stage of at least 4x4, and says
+    so, as serve does."""
+    from metaformer.tools.cam import cam_stage_for, grad_cam
+
     ckpt = tmp_path / "tiny.safetensors"
     torch.manual_seed(0)
-    metaformer.save_weights(metaformer.create_model("poolformer_s12", img_size=32, num_classes=3), ckpt)
+    model = metaformer.create_model("poolformer_s12", img_size=32, num_classes=3)
+    metaformer.save_weights(model, ckpt)
     photo = tmp_path / "x.png"
     Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8")).save(photo)
-    assert main(["cam", "poolformer_s12", str(photo), "--checkpoint", str(ckpt), "--output", str(tmp_path)]) == 0
-    assert "cannot localise" in capsys.readouterr().err
+    assert main(["cam", "poolformer_s12", str(photo), "--checkpoint", str(ckpt), "--output", str(tmp_path),
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "Grad-CAM on stage 2 (4x4 map): at 32 px the last stage's map is 1x1" in err
+    assert cam_stage_for(model)[0] == 1
+    transform = metaformer.get_model_info("poolformer_s12").transforms(32)
+    with Image.open(photo) as im:
+        heat = grad_cam(model.eval(), im.convert("RGB"), transform, stage=1).heatmap
+    assert heat.std() > 0.01  # the 4x4 map localises; the 1x1 map gave a constant
 
 
 def test_exported_fused_model_is_written_without_torch_warnings(tmp_path, capsys):
-    """Before: `export --format exported --fused` printed torch's "No complete tensor found in the group!" (its .pt2
-    writer misreads the fused convs' channels_last weights)."""
+    """`export --format exported --fused` writes the .pt2 file without a warning (torch's .pt2 writer warns "No
+    complete tensor found in the group!" on channels_last weights such as the fused convs')."""
     import warnings
 
     import metaformer

@@ -319,7 +319,8 @@ def test_caformer_backbone_through_toy_detection_and_segmentation(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "exported"])
 def test_caformer_exports_with_parity(tmp_path, fmt):
-    from metaformer.tools.export import export, load_runtime
+    from metaformer.tools.export import export
+    from metaformer.tools.exported import load_runtime
 
     torch.manual_seed(0)
     model = perturbed(create_model("caformer_s18", img_size=64, num_classes=10, depths=[1, 1, 1, 1]))

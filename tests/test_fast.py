@@ -21,7 +21,7 @@ VARIANTS = ["poolformer_s12", "poolformer_s24", "poolformer_s36", "poolformer_m3
 def _model(name="poolformer_s12", **kw):
     torch.manual_seed(0)
     m = metaformer.create_model(name, **kw).eval()
-    bench._randomize_affine(m)  # non-trivial affines and layer scales exercise every folded term
+    bench.randomize_affine(m)  # non-trivial affines and layer scales exercise every folded term
     return m
 
 
@@ -276,6 +276,31 @@ def test_harness_smoke(tmp_path):
     bench.save_json(res, str(tmp_path / "r.json"))
 
 
+def test_median_time_times_each_call_after_the_warm_up():
+    """bench.median_time, the timer a script measuring one kernel or copy calls: the warm-up calls are left out and
+    the median of the samples the device's timer reads is returned (not their mean)."""
+    clock = [0.0]
+
+    class Event:  # stands in for torch.cuda.Event: the fake clock read at record()
+        def record(self):
+            self.t = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    durations = iter([1.0, 1.0, 1.0, 1.0, 0.01, 0.09, 0.02, 0.04, 0.03])  # 3 warm-up calls, 1 untimed, 5 samples
+
+    def work():
+        clock[0] += next(durations)
+
+    timer = bench.EventTimer(torch.device("cpu"), event=Event)
+    assert bench.median_time(work, "cpu", repeats=5, warmup=3, timer=timer) == pytest.approx(0.03)
+    assert bench.median_time(lambda: None, "cpu", repeats=3, warmup=0) >= 0  # the host clock on the CPU
+
+
 def test_cli_registers_bench():
     from metaformer.cli import build_parser
 
@@ -294,7 +319,7 @@ def test_cli_registers_bench():
 ])
 def test_fused_baselines_blocks_exact(name, kw):
     """Bias-free GroupNorm(1), ResScale on the skip path (stages 3-4) and StarReLU folded into fc2."""
-    m = _model(name, depths=(1, 1, 2, 1), **kw)  # _randomize_affine also moves res scales and StarReLU's scale/bias off 1 and 0
+    m = _model(name, depths=(1, 1, 2, 1), **kw)  # randomize_affine also moves res scales and StarReLU's scale/bias off 1 and 0
     if not name.startswith("poolformer_"):
         assert [hasattr(s.blocks[0].res_scale1, "scale") for s in m.stages] == [False, False, True, True]
     fused = fuse(m)

@@ -76,7 +76,8 @@ def test_info_of_one_model_lists_every_weight_tag_and_says_what_a_21k_head_is(ca
 
 
 def test_at_another_size_the_paper_columns_hold_that_size_figures_or_nothing(capsys):
-    """Before: `info 'caformer_*' --img-size 384` showed the 224 paper GMACs and top-1 beside MACs counted at 384."""
+    """At --img-size 384 the paper columns hold the authors' 384 figures where they published some (CAFormer-S18),
+    else nothing; at 224 the 224 figures."""
     import json
 
     from metaformer.cli import main

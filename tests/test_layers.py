@@ -56,7 +56,7 @@ def package_of(target: list[str]) -> str | None:
 
 def test_every_package_has_a_layer():
     top = {p.stem if p.is_file() else p.name for p in SRC.iterdir() if p.name != "__pycache__" and
-           (p.suffix == ".py" or p.is_dir())}
+           (p.suffix == ".py" or (p.is_dir() and any(p.glob("*.py"))))}  # configs/: data (the recipes)
     assert top - {"__init__", "__main__"} == set(LEVEL), "add new packages to LAYERS"
 
 
@@ -109,6 +109,37 @@ def test_no_import_cycles():
         state[node] = "done"
 
     for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_no_circle_among_the_parts_of_a_package():
+    """The parts of a package (its modules, a subpackage counting as one part) import each other one way, with no
+    circle at module level: ``tasks.detection`` (a training loop) imports ``tasks.dense`` (the networks, data and
+    runs), which never imports it back; the same inside ``tasks.dense`` and ``tools.bench``. (test_no_import_cycles
+    sees single modules, so a circle through a subpackage passes it.)"""
+    edges = {}
+    for path, name in modules():
+        for target, names in imports(path, name, top_level_only=True):
+            for t in names or [target]:
+                for depth in range(3, len(name) + 1):
+                    a, b = tuple(name[:depth]), tuple(t[:depth])
+                    if len(t) >= depth and a[:-1] == b[:-1] and a != b:
+                        edges.setdefault(a, set()).add(b)
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for dep in sorted(edges.get(node, ())):
+            if state.get(dep) == "open":
+                raise AssertionError("circle: " + " -> ".join(".".join(n) for n in stack[stack.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(edges):
         if node not in state:
             visit(node)
 

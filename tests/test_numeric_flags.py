@@ -87,12 +87,65 @@ def base(verb: str, i: dict, out: Path) -> list[str]:
     }[verb]
 
 
+# Every numeric flag and the values it accepts, written out: a bound loosened (or tightened) in the code fails
+# test_every_numeric_flag_declares_its_range until it is changed here too, on purpose.
+RANGES = {
+    "ablate": {"--seeds": "1 to 100"},
+    "bench": {"--batch-size": "1 to 4096", "--img-size": "32 to 4096", "--train-batch": "1 to 4096",
+        "--repeats": "1 to 10000", "--warmup": "0 to 1000"},
+    "cam": {"--num-classes": "1 to 1000000"},
+    "convert": {"--img-size": "32 to 4096"},
+    "data export-digits": {"--img-size": "32 to 4096"},
+    "data pack": {"--shard-size": ">= 1", "--seed": "0 to 9223372036854775807"},
+    "detect eval": {"--workers": "0 to 1024"},
+    "detect make-toy-data": {"--num-train": "1 to 100000", "--num-val": "1 to 100000", "--size": "32 to 4096",
+        "--seed": "0 to 9223372036854775807"},
+    "detect predict": {"--score-thresh": "0 to 1"},
+    "detect train": {"--frozen-stages": "-1 to 16", "--fpn-channels": "1 to 4096", "--lr": "> 0",
+        "--weight-decay": ">= 0", "--batch-size": "1 to 65536", "--workers": "0 to 1024",
+        "--seed": "0 to 9223372036854775807", "--log-every": ">= 1", "--min-size": "32 to 4096",
+        "--max-size": "32 to 4096", "--epochs": "1 to 100000", "--lr-steps": "1 to 100000",
+        "--warmup-iters": "0 to 10000000"},
+    "eval": {"--num-classes": "1 to 1000000", "--batch-size": "1 to 65536", "--workers": "0 to 1024"},
+    "export": {"--num-classes": "1 to 1000000"},
+    "info": {"--img-size": "32 to 4096"},
+    "predict": {"--num-classes": "1 to 1000000", "--topk": ">= 1", "--batch-size": "1 to 65536"},
+    "quantize": {"--calib-images": "1 to 1000000", "--max-drop": "-100 to 100", "--num-classes": "1 to 1000000",
+        "--batch-size": "1 to 65536", "--workers": "0 to 1024"},
+    "segment eval": {"--crop-size": "32 to 4096", "--img-scale": "32 to 4096"},
+    "segment make-toy-data": {"--num-train": "1 to 100000", "--num-val": "1 to 100000", "--size": "32 to 4096",
+        "--seed": "0 to 9223372036854775807"},
+    "segment predict": {"--opacity": "0 to 1"},
+    "segment train": {"--num-classes": "1 to 255", "--frozen-stages": "-1 to 16", "--fpn-channels": "1 to 4096",
+        "--lr": "> 0", "--weight-decay": ">= 0", "--batch-size": "1 to 65536", "--workers": "0 to 1024",
+        "--seed": "0 to 9223372036854775807", "--log-every": ">= 1", "--img-scale": "32 to 4096",
+        "--crop-size": "32 to 4096", "--ratio-range": "> 0 and <= 16", "--iters": "1 to 10000000",
+        "--power": "0 to 100", "--ckpt-every": ">= 1", "--eval-every": ">= 1"},
+    "serve": {"--port": "1 to 65535", "--max-batch": "1 to 4096", "--max-wait-ms": "0 to 10000",
+        "--max-queue": "1 to 1000000", "--max-mb": "> 0 and <= 4096", "--max-pixels": "1 to 178956970",
+        "--max-decodes": "1 to 256", "--read-timeout": "> 0 and <= 3600"},
+    "train": {"--depths": "1 to 100", "--dims": "1 to 8192", "--drop-path": ">= 0 and < 1",
+        "--layer-decay": "> 0 and <= 1", "--frozen-stages": "-1 to 16", "--head-warmup-epochs": "0 to 100000",
+        "--img-size": "32 to 4096", "--workers": "0 to 1024", "--epochs": "1 to 100000", "--batch-size": "1 to 65536",
+        "--accum-steps": "1 to 65536", "--base-lr": "> 0", "--lr": "> 0", "--min-lr": ">= 0", "--warmup-lr": ">= 0",
+        "--warmup-epochs": "0 to 100000", "--opt-eps": "> 0", "--opt-betas": ">= 0 and < 1", "--weight-decay": ">= 0",
+        "--clip-grad": "> 0", "--smoothing": ">= 0 and < 1", "--mixup": ">= 0", "--cutmix": ">= 0",
+        "--mixup-prob": "0 to 1", "--mixup-switch-prob": "0 to 1", "--color-jitter": ">= 0",
+        "--scale": "> 0 and <= 1", "--hflip": "0 to 1", "--reprob": "0 to 1", "--recount": "1 to 100",
+        "--ema-decay": ">= 0 and < 1", "--seed": "0 to 9223372036854775807", "--log-interval": ">= 1"},
+}
+
+
 def test_every_numeric_flag_declares_its_range():
-    """A flag parsed with plain int/float takes 0, -3, nan or 1e30 and fails somewhere inside (the issue's
-    `bench --train-batch 0`: NaN in the JSON); a Range refuses them as they are parsed and shows them in --help."""
+    """A flag parsed with plain int/float takes 0, -3, nan or 1e30 and fails somewhere inside (`bench --train-batch
+    0` gave NaN in the JSON); a Range refuses them as they are parsed, shows them in --help, and is the one
+    written out in RANGES (the sweep below runs whatever a range admits, so only this comparison notices a bound
+    that was loosened)."""
     plain = [f"{verb} {'/'.join(a.option_strings)}" for verb, flags in NUMERIC.items() for a in flags
              if not isinstance(item_type(a), Range)]
     assert not plain, plain
+    declared = {verb: {a.option_strings[0]: item_type(a).describe() for a in flags} for verb, flags in NUMERIC.items()}
+    assert declared == RANGES
     for verb, parser in leaves(build_parser()):
         text = parser.format_help()
         for a in NUMERIC.get(verb, []):
@@ -136,9 +189,9 @@ def test_the_command_line_bounds_match_the_models():
     (["bench", "--train-only", "--train-batch", "0"], "argument --train-batch: must be 1 to 4096, not 0"),  # NaN
     (["detect", "make-toy-data", "toy", "--num-train", "-1"], "argument --num-train: must be 1 to 100000, not -1"),
 ])
-def test_values_that_used_to_run_as_nonsense_are_refused(argv, expected, tmp_path, monkeypatch, capsys):
-    """Before: each of these ran to the end (exit 0) and produced a wrong result: "wrote -1 training images",
-    0 img/s and NaN in bench's JSON, an EMA that diverged."""
+def test_values_that_would_run_to_a_wrong_result_are_refused(argv, expected, tmp_path, monkeypatch, capsys):
+    """Values that would run to the end with a wrong result ("wrote -1 training images", 0 img/s and NaN in bench's
+    JSON, an EMA that diverges) are refused as the flags are parsed: exit 2, the flag's error, nothing written."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         main(argv)

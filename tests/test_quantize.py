@@ -10,7 +10,7 @@ import metaformer
 from metaformer.cli import main
 
 pytest.importorskip("onnxruntime")
-from metaformer.tools.export import load_runtime  # noqa: E402
+from metaformer.tools.exported import load_runtime  # noqa: E402
 from metaformer.tools.quantize import onnx_ops, quantize_to_file  # noqa: E402
 
 TINY = dict(depths=[1, 1, 1, 1], dims=[32, 32, 64, 64], img_size=64, num_classes=10)
@@ -124,16 +124,118 @@ def test_quantize_refuses_a_drop_over_max_drop_unless_forced(digits_ckpt, tmp_pa
     assert out.is_file() and "wrote" in capsys.readouterr().out
 
 
+def test_quantize_measures_the_file_it_wrote(digits_ckpt, tmp_path, monkeypatch):
+    """The int8 column is the written file's own answer: a file whose runtime answers the opposite of the fp32
+    model (its logits negated) agrees with it on no image."""
+    from metaformer.data import Digits
+    from metaformer.tasks.inference import load_for_inference
+    from metaformer.tools import quantize as Q
+
+    load = Q.load_runtime
+
+    def negated(path):
+        run = load(path)
+        fn = run.fn
+        run.fn = lambda x: -fn(x)
+        return run
+
+    monkeypatch.setattr(Q, "load_runtime", negated)
+    loaded = load_for_inference(None, str(digits_ckpt))
+    result = Q.quantize(loaded, Digits("train", 32, loaded.transform), Digits("val", 32, loaded.transform),
+                        tmp_path / "neg.onnx", calib_images=16, force=True)
+    assert result.written and result.accuracy.agreement == 0 and result.accuracy.int8_top1 < 20
+
+
+def test_every_count_and_label_list_breaks_ties_by_class_index(tmp_path):
+    """Scores that tie (int8 logits often do) rank the lower class index first in eval, quantize's comparison,
+    predict and the ranking helper alike, so two counts of one file never disagree."""
+    from metaformer.engine.metrics import ranked, top_hits
+    from metaformer.tasks.inference import Loaded, evaluate, predict
+    from metaformer.tools.quantize import compare
+
+    tied = torch.zeros(6, 10)
+    tied[:, 3] = tied[:, 7] = 1.0  # classes 3 and 7 tie on top; the other eight tie below them
+    assert ranked(tied, 4).tolist() == [[3, 7, 0, 1]] * 6
+
+    class Tied(torch.nn.Module):
+        def forward(self, x):
+            return tied[: len(x)].clone()
+
+    y = torch.tensor([3, 7, 3, 0, 7, 3])
+    loader = [(torch.zeros(6, 3, 8, 8), y, [])]
+    assert {k: int(v) for k, v in top_hits(tied, y, (1, 2)).items()} == {1: 3, 2: 5}
+    result = evaluate(Tied(), loader, torch.device("cpu"))
+    assert result["top1"] == 50.0 and result["top5"] == 100.0
+    acc = compare(Tied(), lambda x: tied[: len(x)].flip(0), loader)  # the same rows: identical answers
+    assert acc.fp32_top1 == acc.int8_top1 == 50.0 and acc.agreement == 100.0
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    loaded = Loaded(Tied(), [str(i) for i in range(10)], 8, lambda im: torch.zeros(3, 8, 8), "tied")
+    assert [name for name, _ in predict(loaded, [tmp_path / "x.png"], 3)[0]["predictions"]] == ["3", "7", "0"]
+
+
+def test_quantize_output_names_a_folder_is_checked_first_and_is_replaced_only_when_asked(digits_ckpt, tmp_path,
+                                                                                         capsys):
+    folder = tmp_path / "out"
+    args = ["quantize", str(digits_ckpt), "--calib-images", "8", "--max-drop", "100"]
+    assert main([*args, "-o", f"{folder}/"]) == 0  # a new folder, named with a trailing slash: the default backend
+    written = ["digits_int8.bin", "digits_int8.xml"]  # OpenVINO's IR and its weights
+    assert sorted(p.name for p in folder.iterdir()) == written and not (tmp_path / "out.xml").exists()
+    capsys.readouterr()
+    # a killed run's temporary folder for the same file is removed by the next run
+    stale = folder / ".digits_int8.xml.4194303.abcd1234.tmp"
+    stale.mkdir()
+    (stale / "digits_int8.xml").write_bytes(b"half a file")
+    assert main([*args, "-o", str(folder)]) == 2  # an existing folder: the same file inside, which exists
+    err = capsys.readouterr().err
+    assert "digits_int8.xml already exists: pass --overwrite" in err and "Traceback" not in err
+    before = (folder / "digits_int8.xml").stat().st_mtime_ns
+    assert main([*args, "-o", str(folder), "--overwrite"]) == 0
+    assert (folder / "digits_int8.xml").stat().st_mtime_ns != before
+    assert sorted(p.name for p in folder.iterdir()) == written  # nothing hidden left behind
+    capsys.readouterr()
+    (tmp_path / "a_file").write_text("x")
+    for bad, words in ((f"{tmp_path}/a_file/q.xml", "is a file, so the folder cannot be created"),
+                       (f"{tmp_path}/{'q' * 300}.xml", "file systems allow at most 255 per name"),
+                       (f"{tmp_path}/q.onnx --backend openvino", "names a .onnx file, which --backend ort writes")):
+        assert main([*args, "-o", *bad.split()]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_backend_follows_the_output_name():
+    from metaformer.tools.quantize import DEFAULT_BACKEND, backend_for
+
+    assert [backend_for(name, None) for name in ("a.onnx", "a.pt2", "a.xml", "a", None, "dir/")] == \
+        ["ort", "pt2e", "openvino", DEFAULT_BACKEND, DEFAULT_BACKEND, DEFAULT_BACKEND]
+    assert backend_for("a.onnx", "ort") == "ort" and backend_for("a", "pt2e") == "pt2e"
+
+
+def test_a_pt2e_int8_file_loads_in_a_process_that_never_quantized(tmp_path):
+    """Reading a PT2E program needs its quantize/dequantize operators registered: the loader does it, so eval,
+    predict and serve open the file in a fresh process, where nothing else registered them."""
+    import subprocess
+    import sys
+
+    model = tiny("poolformer_s12").eval()
+    path = quantize_to_file(model, images(4), tmp_path / "tiny.pt2", "pt2e", {})
+    code = ("import sys; from metaformer.tools.exported import load_runtime; r = load_runtime(sys.argv[1]); "
+            "print(r.format, r.fixed_batch, r.input_shape)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["exported", "None", "(3,", "64,", "64)"], done.stderr
+
+
 def test_bench_onnx_runtime_modes_leave_no_scratch_files(tmp_path, monkeypatch):
     """ORT reads the graph when the session opens: bench removes its export (a whole model per run) right after."""
-    from metaformer.tools import bench
+    from metaformer.tools.bench import modes
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     model, x = tiny("poolformer_s12").eval(), images(2)
     with torch.no_grad():
-        fp32, int8 = bench._ort_session(model, x), bench._int8("ort", model, x)
+        fp32, int8 = modes._ort_session(model, x), modes._int8("ort", model, x)
         torch.testing.assert_close(fp32(x), model(x), rtol=1e-4, atol=1e-4)
         assert int8(x).shape == (2, 10)
     assert not list(scratch.iterdir())

@@ -66,9 +66,9 @@ def reference(digits, tmp_path_factory):
 @pytest.mark.parametrize("kind,workers", [("folder", 2), ("folder", 0), ("shards", 2)])
 def test_a_run_resumed_mid_epoch_with_workers_repeats_the_uninterrupted_one(digits, reference, kind, workers,
                                                                             tmp_path, monkeypatch):
-    """Before: each DataLoader worker kept one random stream, restarted on resume, so the resumed batches were
-    cropped and erased differently (and the epoch's train_loss covered only the resumed steps). A sample's
-    augmentation is now seeded by the sample, so on folders even another number of workers repeats the run."""
+    """A run stopped mid-epoch and resumed repeats the uninterrupted one: each sample's augmentation is seeded by the
+    sample, not by a DataLoader worker's stream, so on folders even another number of workers gives the same
+    crops and erasing (and the epoch's train_loss covers the whole epoch)."""
     stop_at_step(monkeypatch, 2)
     assert train(digits[kind], tmp_path, 2) == 130
     monkeypatch.undo()
@@ -79,8 +79,9 @@ def test_a_run_resumed_mid_epoch_with_workers_repeats_the_uninterrupted_one(digi
 
 
 def test_a_shard_run_stopped_mid_epoch_refuses_another_worker_count(digits, tmp_path, monkeypatch, capsys):
-    """Before: resumed with --workers 0 after 2 workers, 69 of 300 samples went unseen that epoch and 53 were seen
-    twice, and the log only said "workers 2 -> 0"."""
+    """Shards are split among the readers, so a shard run stopped mid-epoch with 2 workers refuses to resume with
+    another worker count (which would skip some samples that epoch and repeat others), says which to use, and leaves
+    last.pth as it was; with 2 workers it resumes."""
     stop_at_step(monkeypatch, 2)
     assert train(digits["shards"], tmp_path / "b", 2) == 130
     monkeypatch.undo()
@@ -96,7 +97,7 @@ def test_a_shard_run_stopped_mid_epoch_refuses_another_worker_count(digits, tmp_
 
 
 def test_a_mid_epoch_resume_logs_the_whole_epochs_train_loss(digits, tmp_path, monkeypatch):
-    """Before: the epoch's train_loss was the mean over the steps after the resume (1.923 instead of 1.966)."""
+    """An epoch resumed mid-way logs the train_loss of the whole epoch, as the uninterrupted run does."""
     assert train(digits["folder"], tmp_path / "ref", 0, "--epochs", "1") == 0
     stop_at_step(monkeypatch, 1)
     assert train(digits["folder"], tmp_path / "b", 0, "--epochs", "1") == 130
@@ -149,8 +150,8 @@ def seg_cfg(toy, out, workers, resume=None):
 
 @pytest.mark.parametrize("task", ["detect", "segment"])
 def test_a_dense_run_resumed_mid_pass_with_workers_repeats_the_uninterrupted_one(task, toy, tmp_path, monkeypatch):
-    """Before: with the default 2 workers a detection resumed after Ctrl-C ended with other weights and losses
-    (epoch 2 loss 2.7833 vs 2.7951): the workers' flips and crops restarted. Resumed with 2 workers and with 0."""
+    """A detection or segmentation run stopped mid-pass and resumed, with 2 workers and with 0, ends with the weights
+    and losses of the uninterrupted run: the workers' flips and crops do not restart."""
     cfg, run = (det_cfg, train_detection) if task == "detect" else (seg_cfg, train_segmentation)
     run(cfg(toy, tmp_path / "ref", 2))
     for workers in (2, 0):

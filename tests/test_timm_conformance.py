@@ -242,3 +242,21 @@ def test_timm_data_config_reproduces_our_eval_transform(name):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (300, 420, 3), dtype=np.uint8))
     assert torch.equal(tf(img), ours(img))
+
+
+@pytest.mark.parametrize("imports", ["import metaformer, timm", "import timm, metaformer", "import metaformer.models, timm",
+                                     "import metaformer; metaformer.list_models(); import timm"])
+def test_registration_does_not_depend_on_import_order(imports):
+    """Our models are in timm's registry whichever of timm and metaformer is imported first (isort writes
+    ``import metaformer, timm``), also when one of our modules imports timm first; the finder that waits for timm
+    leaves ``sys.meta_path`` once they are."""
+    import subprocess
+    import sys
+
+    code = (f"{imports}\nimport sys, torch\nwith torch.device('meta'):\n"
+            "    model = timm.create_model('metaformer_poolformer_s12')\n"
+            "print(type(model).__name__, model.variant, [type(f).__name__ for f in sys.meta_path if "
+            "type(f).__module__ == 'metaformer'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["MetaFormer", "poolformer_s12", "[]"]

@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -120,10 +119,9 @@ def test_torchrun_two_ranks_disjoint_samples_identical_weights(tmp_path):
 
 
 def test_an_error_under_torchrun_is_one_line_from_rank_0_and_every_rank_exits_cleanly(reference):
-    """Before: both ranks printed the refusal, rank 0 then could abort ("terminate called without an active
-    exception", SIGABRT; torchrun's report said only "Signal 6"). Now rank 0 prints the line once, every rank leaves
-    the process group and exits 2, and torchrun's own failure report (its traceback is torchrun's) gives the line as
-    the cause."""
+    """A refusal under torchrun is printed once, by rank 0; every rank leaves the process group and exits 2 (no
+    "terminate called" abort), torchrun's own failure report gives the line as the cause, and the folder is left
+    as it was."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "metaformer", "train", "--epochs", "4", "--output", str(reference), *TINY]
     before = {p.name: p.stat().st_mtime for p in reference.iterdir()}
@@ -228,24 +226,25 @@ def test_fp16_autocast_with_grad_scaler_on_the_cpu(tmp_path):
 
 
 def test_the_first_line_names_the_recipe_and_a_small_folder_gets_a_hint(tmp_path, capsys, monkeypatch):
-    """Before: `train --data ROOT` on a small folder silently ran the ImageNet recipe (300 epochs, 224 px, 8 workers,
-    which warned on 2 cores)."""
+    """The first line names the recipe and what was changed, the second the model as built (its depths and dims when
+    they are not the variant's); `train --data ROOT` on a small folder, which runs the ImageNet recipe (300 epochs at
+    224 px), adds a hint of what suits that many images."""
     from digits import write_digits
 
-    from metaformer.engine.checkpoint import RunLock
+    from metaformer.engine.run import RunLock
 
     root = write_digits(tmp_path / "digits", classes=("0", "1"))
     n = len(list((root / "train").rglob("*.png")))
     assert main(["train", "--epochs", "1", "--output", str(tmp_path / "demo"), *TINY]) == 0
     first, second = capsys.readouterr().out.splitlines()[:2]
-    # not "model: poolformer_s12" alone for a network at a fraction of its size (item 13)
+    # not "model: poolformer_s12" alone for a network at a fraction of its size
     assert "| model: poolformer_s12 with depths [1, 1, 1, 1], dims [8, 16, 24, 32], 0." in second, second
     assert first.startswith("recipe: the built-in digits' demo recipe, poolformer_s12, 1 epochs at 32px"), first
     assert "changed: depths [1, 1, 1, 1], dims [8, 16, 24, 32]" in first and "epochs 1" in first, first
     out = tmp_path / "run"
     out.mkdir()
-    (out / RunLock.NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": None}))
-    assert main(["train", "--data", str(root), "--output", str(out)]) == 2  # stops at the lock, after the hint
+    with RunLock(out):  # held, as by another run
+        assert main(["train", "--data", str(root), "--output", str(out)]) == 2  # stops at the lock, after the hint
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("recipe: the papers' ImageNet recipe, poolformer_s12, 300 epochs at 224px, batch 128 "
                                f"per process, base lr 0.001, {default_workers()} worker(s); unchanged"), lines

@@ -448,10 +448,10 @@ def offline(tmp_path, monkeypatch):
 
 
 def test_offline_download_says_where_to_put_the_file_on_every_path(offline, tmp_path, capsys):
-    """Offline, timm's and metaformer's pretrained=True and the command line each fail at once with one line naming
-    the cache file to copy in and their own way to pass a file; no empty cache folder is left. (Before: timm fetched
-    its Hub copy with ten retry lines for ~45 s, and the command line's hint was Python's.) The file copied into the
-    cache is what both paths then load, with no network."""
+    """Offline, timm's and metaformer's pretrained=True and the command line each fail at once (timm does not retry
+    its Hub copy) with one line naming the cache file to copy in and their own way to pass a file (the command line
+    its flag); no empty cache folder is left. The file copied into the cache is what both paths then load, with no
+    network."""
     import time
 
     import timm
@@ -478,7 +478,7 @@ def test_offline_download_says_where_to_put_the_file_on_every_path(offline, tmp_
                  "--img-size", "32"]) == 2
     err = capsys.readouterr().err
     assert "pass its path: --pretrained /path/to/poolformer_s12.pth.tar" in err, err
-    assert not (tmp_path / "run").exists()  # the run never started: no folder left (item 3)
+    assert not (tmp_path / "run").exists()  # the run never started: no folder left
 
     s12 = metaformer.create_model("poolformer_s12")
     offline.mkdir(parents=True)

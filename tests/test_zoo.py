@@ -67,6 +67,44 @@ def test_pretrained_downloads_once_records_its_sha256_and_redownloads_a_changed_
     assert file_sha256(cached) == record["sha256"]
 
 
+def test_every_architecture_and_tag_is_described_alike_by_both_entry_points():
+    """One pretrained_cfg per architecture and tag (ModelInfo.pretrained_cfg): timm's registry holds it, and a model
+    built for it by metaformer.create_model carries the same entries (timm names the architecture with its prefix)."""
+    import timm
+
+    names = metaformer.list_pretrained() + [n for n in metaformer.list_models()
+                                            if not metaformer.get_model_info(n).weights]
+    for name in names:
+        with torch.device("meta"):
+            ours = dict(metaformer.create_model(name).pretrained_cfg)
+        registered = timm.models.get_pretrained_cfg(metaformer.zoo.timm_name(name)).to_dict()
+        assert registered.pop("architecture") == metaformer.zoo.timm_name(ours.pop("architecture")), name
+        assert registered.pop("tag", None) == ours.pop("tag", None), name
+        registered.pop("custom_load")  # timm's own field, False
+        assert ours == registered, name
+    with torch.device("meta"):  # timm's entry point: the registered cfg
+        for name in ("metaformer_caformer_s18.sail_in22k_ft_in1k_384", "metaformer_ppaa_s12"):
+            model = timm.create_model(name)
+            assert model.pretrained_cfg == timm.models.get_pretrained_cfg(name).to_dict(), name
+
+
+def test_both_entry_points_download_the_release_file_into_cache_dir(published, tmp_path):
+    """pretrained=True with cache_dir: the authors' release file is kept in cache_dir, through timm's entry point
+    as through metaformer's (both read timm's creation arguments with the same functions)."""
+    import timm
+
+    source, _, default_cache = published
+    for entry, build in {"metaformer": lambda d: metaformer.create_model("poolformer_s12", pretrained=True,
+                                                                         cache_dir=str(d)),
+                         "timm": lambda d: timm.create_model("metaformer_poolformer_s12", pretrained=True,
+                                                             cache_dir=str(d))}.items():
+        cache = tmp_path / f"cache-{entry}"
+        model = build(cache)
+        assert (cache / "poolformer_s12.pth.tar").is_file(), entry
+        assert torch.equal(model.stem.conv.weight, source.stem.conv.weight), entry
+    assert not default_cache.exists()
+
+
 def test_a_published_checksum_that_does_not_match_keeps_nothing(published, monkeypatch):
     _, _, cache = published
     info = registry._REGISTRY["poolformer_s12"]

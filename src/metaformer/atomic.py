@@ -64,6 +64,22 @@ class _Recording:
         return getattr(self.f, name)
 
 
+def output_file(output: str | os.PathLike | None, default: str, suffix: str = "") -> Path:
+    """The file an ``--output`` option names: ``default`` when there is none, and ``default``'s name inside it when
+    it names a folder (one that exists, or a path ending in a separator), as ``cp`` and ``mv`` read a folder;
+    ``suffix`` added when the name has another."""
+    if output is None or str(output) == "":
+        path = Path(default)
+    else:
+        text = os.fspath(output)
+        try:
+            folder = text.endswith((os.sep, "/")) or Path(text).is_dir()
+        except OSError:  # a name the file system refuses (too long): check_writable says so
+            folder = False
+        path = Path(text) / Path(default).name if folder else Path(text)
+    return path if not suffix or path.suffix == suffix else path.with_name(path.name + suffix)
+
+
 def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> Path:
     """Refuse an output before any work is done, leaving no trace: a name longer than file systems allow, a
     file where a folder is wanted (or the reverse), a read-only place. ``what`` names it for the user
@@ -125,20 +141,22 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, companions: tuple[str, ...] = ()) -> Iterator[Path]:
     """``with atomic_path(p) as tmp:`` write ``tmp`` (a file or a folder, by any writer; it has ``p``'s own
     name, inside a temporary folder beside ``p``); it becomes ``p`` when the block ends without an error,
-    and is removed otherwise (raise inside the block to refuse a result that failed its check)."""
+    and is removed otherwise (raise inside the block to refuse a result that failed its check).
+    ``companions``: suffixes of files the writer puts beside ``tmp`` (OpenVINO's ``.bin``), moved first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     holder = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path, f"{os.getpid()}.", ".tmp"), suffix=".tmp"))
     try:
         tmp = holder / path.name
         yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for src, dst in [*((tmp.with_suffix(s), path.with_suffix(s)) for s in companions), (tmp, path)]:
+            if src.is_file():
+                with open(src, "rb") as f:
+                    os.fsync(f.fileno())
+            os.replace(src, dst)
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(holder, ignore_errors=True)
@@ -151,6 +169,11 @@ def atomic_save(obj, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def _temp_of(m: re.Match, name: str) -> bool:
+    """Whether the temp name matched by ``m`` was made for the file ``name`` (cut short when ``name`` is long)."""
+    return m["name"] == name or (name.startswith(m["name"]) and len(os.fsencode(m["name"])) > NAME_MAX - 64)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -161,14 +184,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temp files and folders of this module's writers in ``directory`` whose writer process is gone;
-    returns them."""
+def clean_stale_temps(directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete the temp files and folders of this module's writers in ``directory`` whose writer process is gone
+    (only those for the file ``name``, when given); returns them."""
     removed = []
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in os.scandir(directory):
             m = _TEMP.match(entry.name)
-            if m and int(m["pid"]) != os.getpid() and not pid_alive(int(m["pid"])):
+            if m and (name is None or _temp_of(m, name)) and int(m["pid"]) != os.getpid() \
+                    and not pid_alive(int(m["pid"])):
                 if entry.is_dir(follow_symlinks=False):  # atomic_path's folder
                     shutil.rmtree(entry.path, ignore_errors=True)
                     removed.append(Path(entry.path))

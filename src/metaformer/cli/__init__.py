@@ -26,7 +26,7 @@ VERBS = {
     "predict": ("evaluate", "top-k labels with probabilities for images"),
     "data": ("data", "write the built-in digits or tar shards; check a --data source"),
     "export": ("export", "export to ONNX / TorchScript / torch.export, then verify the file"),
-    "cam": ("export", "Grad-CAM heatmaps over images (last stage, as the authors did)"),
+    "cam": ("cam", "Grad-CAM heatmaps over images (last stage, as the authors did)"),
     "quantize": ("quantize", "static int8 with calibration, its top-1 cost measured; refused over --max-drop"),
     "serve": ("serve", "HTTP server: JSON API (/predict, /health, /info) and a web page with top-5 and Grad-CAM"),
     "convert": ("convert", "write a checkpoint in another layout (ours, the authors', timm's, Hugging Face's)"),
@@ -142,12 +142,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
 
 
+# Verbs that run until stopped. Keeping every freed block makes a long-lived process hold its largest burst
+# forever (a server after 16 concurrent 40 M pixel uploads: its peak, not its working set), so they keep
+# glibc's defaults and give memory back themselves.
+LONG_LIVED = {"serve"}
+
+
 def program() -> None:
     """The ``metaformer`` executable (and ``python -m metaformer``): a process of its own, so it may set up
     the process for the work it does. Large activations are reused instead of being page-faulted in on
     every step (:func:`metaformer.fast.alloc.keep_freed_memory`; ``METAFORMER_MALLOC=default`` keeps
-    glibc's defaults). ``main()`` called from Python changes no process-wide setting."""
-    if verb_of(sys.argv[1:]):  # not for --help or --version, which import neither torch nor the fast paths
+    glibc's defaults), except by the verbs of :data:`LONG_LIVED`. ``main()`` called from Python changes no
+    process-wide setting."""
+    verb = verb_of(sys.argv[1:])
+    if verb and verb not in LONG_LIVED:  # not for --help or --version, which import neither torch nor the fast paths
         from ..fast.alloc import keep_freed_memory
 
         keep_freed_memory()

@@ -97,6 +97,10 @@ def check(args) -> str:
     if ort and not args.train_only:  # asked for by name: refused now, not reported as skipped after the run
         for module in ("onnx", "onnxruntime"):  # an ONNX export, run in ONNX Runtime
             need(module, "export", f"--modes {','.join(ort)}")
+    ov = sorted(m for m in args.modes if m.startswith("ov_"))
+    if ov and not args.train_only:
+        for module in ("openvino", *(("nncf",) if any(m.endswith("int8") for m in ov) else ())):
+            need(module, "openvino", f"--modes {','.join(ov)}")
     path = args.output or f"runs/bench/bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     check_writable(path, f"--output {path}")
     if args.md:

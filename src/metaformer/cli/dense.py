@@ -133,7 +133,8 @@ def _det_eval(args) -> int:
     from ..engine.checkpoint import load
     from ..engine.runtime import setup
     from ..tasks.dense.data import CocoDetection
-    from ..tasks.detection import build_detector_from_checkpoint, evaluate_detection
+    from ..tasks.dense.models import build_detector_from_checkpoint
+    from ..tasks.detection import evaluate_detection
 
     ckpt = load(args.checkpoint, "detect")
     ds = CocoDetection(args.images, args.ann, masks=ckpt["arch"] == "mask_rcnn")
@@ -208,9 +209,11 @@ def _seg_train(args) -> int:
 @_one_line
 def _seg_eval(args) -> int:
     from ..engine.checkpoint import load
+    from ..engine.loop import PERCENT, format_row
     from ..engine.runtime import setup
     from ..tasks.dense.data import SegmentationDataset
-    from ..tasks.segmentation import build_segmenter_from_checkpoint, evaluate_segmentation
+    from ..tasks.dense.models import build_segmenter_from_checkpoint
+    from ..tasks.segmentation import evaluate_segmentation
 
     ckpt = load(args.checkpoint, "segment")
     rzl = ckpt["reduce_zero_label"] if args.reduce_zero_label is None else args.reduce_zero_label
@@ -224,9 +227,8 @@ def _seg_eval(args) -> int:
         if args.json:
             print_json({**res, "images": len(ds) - len(bad), "unreadable": len(bad)})
         else:
-            print(f"{args.checkpoint} on {args.data_root} ({args.split}, {args.mode}): mIoU {100 * res['mIoU']:.2f}  "
-                  f"mAcc {100 * res['mAcc']:.2f}  aAcc {100 * res['aAcc']:.2f}  ({len(ds) - len(bad)} images; "
-                  "--json adds the per-class IoU)")
+            print(f"{args.checkpoint} on {args.data_root} ({args.split}, {args.mode}): "
+                  f"{format_row(res, PERCENT)}  ({len(ds) - len(bad)} images; --json adds the per-class IoU)")
         _print_skipped(bad)
     rt.close()
     return 0

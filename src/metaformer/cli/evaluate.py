@@ -74,12 +74,11 @@ def add_parser(subparsers) -> None:
 def run_eval(args) -> int:
     from .. import data as D
     from ..engine.runtime import setup
-    from ..tasks.classification import eval_loader, evaluate
-    from ..tasks.inference import eval_dataset, load_for_inference, prepare
+    from ..tasks.inference import eval_dataset, eval_loader, evaluate, load_for_inference, prepare
 
     if args.exported:
         from . import UserError
-        from ..tools.export import load_exported
+        from ..tools.exported import load_exported
 
         if args.ema or args.tta != "none" or args.amp not in ("auto", "none"):
             raise UserError("--exported runs the file as written: --ema, --tta and --amp apply to PyTorch models")
@@ -148,7 +147,7 @@ def run_predict(args) -> int:
     if args.exported:
         if args.ema:
             raise UserError("--ema applies to a training checkpoint; export the EMA weights instead")
-        from ..tools.export import load_exported
+        from ..tools.exported import load_exported
 
         loaded, device, amp_dtype, channels_last = load_exported(args.exported, model, args.checkpoint), "cpu", None, False
     else:

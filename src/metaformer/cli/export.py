@@ -1,15 +1,14 @@
-"""``metaformer export`` (ONNX / TorchScript / torch.export, verified) and ``metaformer cam`` (Grad-CAM)."""
+"""``metaformer export``: ONNX / TorchScript / torch.export, verified in its own runtime."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
 
 from ..ranges import NUM_CLASSES
 from . import UserError
-from .common import add_checkpoint, add_json, add_output, print_json
+from .common import add_checkpoint, add_json, print_json
 
 
-def _load(args):
+def load(args):
     from ..tasks.inference import load_for_inference
 
     return load_for_inference(args.model, args.checkpoint, num_classes=getattr(args, "num_classes", None),
@@ -18,14 +17,13 @@ def _load(args):
 
 def run_export(args) -> int:
     from ..atomic import check_writable
-    from ..tools.export import (FORMATS, ExportError, check_runtime, export, export_metadata, export_path,
-                                sample_image)
+    from ..tools.export import ExportError, check_runtime, export, export_metadata, export_path, sample_image
+    from ..tools.exported import COMPANIONS
 
-    out = export_path(args.output or f"{args.model or 'model'}{'_fused' if args.fused else ''}{FORMATS[args.format]}",
-                      args.format)
+    out = export_path(args.output, args.format, f"{args.model or 'model'}{'_fused' if args.fused else ''}")
     check_runtime(args.format)  # before the model is loaded and exported
     check_writable(out, f"--output {out}")
-    loaded = _load(args)
+    loaded = load(args)
     model = loaded.model
     if args.fused:
         from ..fast import fuse
@@ -39,7 +37,8 @@ def run_export(args) -> int:
                         metadata=export_metadata(loaded))
     except ExportError as e:
         raise UserError(str(e)) from None
-    size_mb = result.path.stat().st_size / 2**20
+    size_mb = sum(p.stat().st_size for p in (result.path, *(result.path.with_suffix(s) for s in
+                                                            COMPANIONS.get(result.format, ())))) / 2**20
     if args.json:
         print_json({"path": str(result.path), "format": result.format, "dtype": result.dtype, "size_mib": size_mb,
                     "max_diff_random": result.max_diff_random, "max_diff_image": result.max_diff_image,
@@ -53,39 +52,7 @@ def run_export(args) -> int:
     return 0
 
 
-def run_cam(args) -> int:
-    from ..atomic import check_writable
-    from ..data import open_rgb
-    from ..errors import need
-    from ..tools.cam import grad_cam, resolve_target, save_overlay
-
-    from .evaluate import split_model_and_images
-
-    need("pytorch_grad_cam", "cam", "Grad-CAM")
-    args.model, images = split_model_and_images(args.inputs, args.checkpoint, "cam")
-    check_writable(args.output, f"--output {args.output}", folder=True)  # before the model is loaded
-    loaded = _load(args)
-    target = resolve_target(args.target, loaded.class_names)
-    grid = getattr(loaded.model, "token_grid", None)
-    if grid is not None and min(grid) < 2:
-        print(f"note: at {loaded.img_size}px the last stage's map is {grid[0]}x{grid[1]}, so Grad-CAM cannot "
-              "localise (the heatmap is flat); use a model built for larger images (e.g. 224)", file=sys.stderr)
-    out_dir, done = Path(args.output), []
-    for image in images:
-        pil = open_rgb(image)
-        result = grad_cam(loaded.model, pil, loaded.transform, target, loaded.class_names, name=image)
-        path = save_overlay(result, out_dir)
-        done.append({"image": str(image), "output": str(path), "target": result.target,
-                     "target_name": result.target_name, "probability": result.probability, "peak": result.peak})
-        if not args.json:
-            print(f"{image}: class {result.target} ({result.target_name}, p={result.probability:.3f}), "
-                  f"peak at (row, col) {result.peak} of {result.heatmap.shape} -> {path}")
-    if args.json:
-        print_json(done)
-    return 0
-
-
-def _common(p, model_positional: bool = True):
+def add_weights(p, model_positional: bool = True):
     if model_positional:
         p.add_argument("model", nargs="?", help="variant name, e.g. poolformer_s12 (optional with a checkpoint "
                        "saved by metaformer, which stores its config)")
@@ -99,22 +66,17 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", description="Write the model in a deployable format, run the file in its own runtime on a "
                                    "random input and a real image, and fail if it differs from PyTorch by more "
                                    "than 1e-4 (fp32).")
-    _common(p)
-    p.add_argument("--format", choices=["onnx", "torchscript", "exported"], default="onnx",
-                   help="ONNX (run in ONNX Runtime), TorchScript, or torch.export's .pt2")
-    p.add_argument("--output", "-o", help="output file (default: MODEL[_fused].onnx|.pt|.pt2)")
+    add_weights(p)
+    p.add_argument("--format", choices=["onnx", "torchscript", "exported", "openvino"], default="onnx",
+                   help="ONNX (run in ONNX Runtime), TorchScript, torch.export's .pt2, or OpenVINO IR (.xml with "
+                        "its .bin; the openvino extra)")
+    p.add_argument("--output", "-o", help="output file, or a folder to write MODEL[_fused].onnx|.pt|.pt2|.xml into "
+                                          "(default: that name in the current folder)")
     p.add_argument("--fused", action="store_true", help="export the fused inference model (metaformer.fuse)")
-    p.add_argument("--dynamic-batch", action="store_true", help="any batch size at run time")
+    p.add_argument("--dynamic-batch", action=argparse.BooleanOptionalAction, default=True,
+                   help="any batch size at run time (the default); --no-dynamic-batch fixes the batch at 1, and "
+                        "readers then run such a file one image per call")
     p.add_argument("--dynamic-size", action="store_true", help="any image size at run time (pooling models only)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights and input precision")
     add_json(p, "print the written file and its check as JSON")
     p.set_defaults(func=run_export)
-
-    c = sub.add_parser("cam", description="Grad-CAM heatmaps over images: the last stage's, as the authors did")
-    c.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE", help="variant name (optional with a checkpoint "
-                   "of ours) followed by image files")
-    _common(c, model_positional=False)
-    c.add_argument("--target", help="class index or name (default: the predicted class)")
-    add_output(c, "cam", "folder for the PNG overlays")
-    add_json(c, "print each image's target, probability, peak and overlay path as JSON")
-    c.set_defaults(func=run_cam)

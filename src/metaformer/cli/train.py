@@ -38,7 +38,9 @@ def add_parser(subparsers) -> None:
                     "random erasing, label smoothing). Without --data: the built-in digits with scaled-down "
                     "defaults (" + ", ".join(f"{k}={v}" for k, v in DEMO.items()) + "). "
                     "Distributed: torchrun --nproc_per_node=N -m metaformer train ... Recipes: docs/training.md.")
-    p.add_argument("--config", metavar="FILE", help="YAML file of options (flags override it)")
+    p.add_argument("--config", metavar="FILE", help="YAML file of options (flags override it), or the name of a "
+                   "recipe shipped with metaformer: digits_demo, poolformer_s12_imagenet, caformer_s18_imagenet, ... "
+                   "(the clone's configs/ folder)")
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = f.metadata["help"]

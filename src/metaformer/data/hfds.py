@@ -18,7 +18,6 @@ from torch.utils.data import Dataset
 
 from ..errors import require
 from .images import DataError, Unreadable, open_rgb
-from .shards import read_image_bytes
 
 VAL_SPLITS = ("validation", "val", "valid")
 OPTIONS = ("image", "label", "train", "val")
@@ -133,7 +132,7 @@ class HFImageDataset(Dataset):
                 raise DataError(f"{where}: the row has no label")
             if img is None or not (img.get("bytes") or img.get("path")):
                 raise DataError(f"{where}: the row has no image")
-            pil = read_image_bytes(img["bytes"], where) if img.get("bytes") else open_rgb(img["path"])
+            pil = open_rgb(img["bytes"], where) if img.get("bytes") else open_rgb(img["path"])
         except DataError as e:
             return Unreadable(where, str(e))
         if self.target_transform is not None:

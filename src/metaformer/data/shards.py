@@ -16,7 +16,6 @@ every epoch; the collate drops them, and no real sample is repeated or lost.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import multiprocessing
@@ -28,13 +27,12 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..atomic import atomic_write, check_writable, clean_stale_temps
 from ..errors import require
-from .images import DataError, Padding, Unreadable, upright_rgb
+from .images import DataError, Padding, Unreadable, open_rgb
 from .loaders import seeded
 
 INFO, CLASSES = "_info.json", "classes.json"
@@ -47,21 +45,6 @@ PADDING_WARN = 0.10  # warn when more than this share of a training epoch's item
 
 def _wds():
     return require("webdataset", "data", "reading tar shards")
-
-
-def read_image_bytes(data: bytes, name: str) -> Image.Image:
-    """Decode an encoded image (PNG, JPEG, ...) into upright 8-bit RGB (:func:`upright_rgb`); :class:`DataError`
-    names it."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return upright_rgb(img, name)
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{name}: refused as a possible decompression bomb ({e}); if you trust the file, raise "
-                        "PIL.Image.MAX_IMAGE_PIXELS or resize it") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"cannot read image {name}: {type(e).__name__}: {e}") from None
 
 
 # ----- finding shards -----
@@ -412,7 +395,7 @@ class ShardStream(IterableDataset):
                 raise DataError(f"{key}: its .cls holds {sample['cls'][:20]!r}, not a class index") from None
             if not 0 <= label < self.num_classes:
                 raise DataError(f"{key}: class index {label} is outside the {self.num_classes} classes")
-            img = read_image_bytes(sample[ext], f"{key}.{ext}")
+            img = open_rgb(sample[ext], f"{key}.{ext}")
         except DataError as e:
             return Unreadable(key, str(e))
         if self.target_transform is not None:

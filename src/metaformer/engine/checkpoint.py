@@ -1,9 +1,10 @@
 """Run folders and checkpoints that never lose work.
 
-- :func:`prepare_output` checks the output folder before anything runs: it must be a folder
+- :func:`check_output` checks the output folder before anything runs: it must be a folder
   we can write to, and an earlier run in it is continued only with ``--resume`` and replaced
   only with ``--overwrite`` (a re-run never appends to another run's logs, and ``--resume auto``
-  without a ``last.pth`` never starts a run's folder over); :class:`RunLock` keeps a second run out.
+  without a ``last.pth`` never starts a run's folder over). The lifecycle built on these (lock,
+  set-aside, undo) is :class:`metaformer.engine.run.RunDir`.
 - :func:`load` refuses a checkpoint it cannot read or whose weights are NaN or inf, in one line.
 - :func:`save` writes atomically and turns a full disk into a message that says the previous
   checkpoint is intact.
@@ -15,17 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
-import socket
-import time
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
-from ..atomic import atomic_save, atomic_write, check_writable, clean_stale_temps, pid_alive
+from ..atomic import atomic_save, atomic_write, check_writable
 from ..errors import ConfigError, MetaFormerError
 
 # What a run writes into its folder (a new run replaces these only with --overwrite).
@@ -103,9 +101,10 @@ class RunFolder:
         self.before = {p.name for p in self.out.iterdir()}
         self.started = continuing
 
-    def undo(self) -> list[str]:
-        """Remove what the run created, unless its training started; returns the names removed."""
-        if self.started or self.before is None:
+    def undo(self, force: bool = False, folders: bool = True) -> list[str]:
+        """Remove what the run created, unless its training started (or ``force``); returns the names removed.
+        ``folders``: the folders it created too (else :meth:`remove_created` does, later)."""
+        if (self.started and not force) or self.before is None:
             return []
         removed = []
         for path in sorted(self.out.iterdir()):
@@ -113,117 +112,15 @@ class RunFolder:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else \
                     path.unlink(missing_ok=True)
                 removed.append(path.name)
+        if folders:
+            self.remove_created()
+        return removed
+
+    def remove_created(self) -> None:
+        """Remove the folders :meth:`create` made, when they are empty."""
         for folder in self.created:
             with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
                 folder.rmdir()
-        return removed
-
-
-def prepare_output(out: str | os.PathLike, resume: str | None = None, overwrite: bool = False,
-                   lock: "RunLock | None" = None, folder: RunFolder | None = None) -> Path:
-    """The run folder ``out``, checked (:func:`check_output`), created, taken by ``lock`` (one writer per
-    folder), cleared of an earlier run's files when ``overwrite`` and not continuing it, and of temp files
-    left by killed writers. ``folder`` records what was there, so that a run failing before its training
-    starts leaves the folder as it found it (:class:`RunFolder`)."""
-    out = check_output(out, resume, overwrite)
-    folder = folder or RunFolder(out)
-    try:
-        folder.create()
-    except OSError as e:
-        raise ConfigError(f"cannot create --output {out} ({e.strerror or e})") from None
-    if lock is not None:
-        lock.acquire()
-    continuing = resume_path(resume, out) is not None
-    if overwrite and not continuing:
-        for name in existing_run_files(out):
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-    clean_stale_temps(out)
-    folder.opened(continuing)
-    return out
-
-
-def _process_start(pid: int) -> str | None:
-    """When process ``pid`` started (Linux: clock ticks since boot), to tell it from a later process that
-    reuses its id; None where unknown."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-class RunLock:
-    """One writer per run folder: ``OUTPUT/.metaformer.lock`` names the process that holds it (pid, host,
-    start). Another run into the folder is refused while that process lives; a lock whose process is gone
-    (killed, crashed, a reboot) is stale and taken over. Only rank 0 writes, so only rank 0 locks."""
-
-    NAME = ".metaformer.lock"
-
-    def __init__(self, out: str | os.PathLike, log=None):
-        self.path, self.log, self.held = Path(out) / self.NAME, log, False
-
-    def _me(self) -> dict:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid()),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-    def _owner(self) -> dict | None:
-        try:
-            owner = json.loads(self.path.read_text())
-            return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
-        except (OSError, ValueError):
-            return None
-
-    def _stale(self, owner: dict | None) -> bool:
-        if owner is None:  # unreadable: a writer between creating and filling it, or garbage left by a crash
-            try:
-                return time.time() - self.path.stat().st_mtime > 10
-            except FileNotFoundError:
-                return True
-        if owner.get("host") != socket.gethostname():
-            return False  # another machine's process: we cannot tell whether it still runs
-        if not pid_alive(owner["pid"]):
-            return True
-        start = _process_start(owner["pid"])
-        return owner.get("start") is not None and start is not None and start != owner["start"]
-
-    def acquire(self) -> None:
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if not self._stale(owner):
-                    who = (f"process {owner['pid']} on {owner.get('host')}, since {owner.get('since')}" if owner
-                           else "another process")
-                    raise CheckpointError(f"{self.path.parent} is being written by another run ({who}): one run per "
-                                          "folder. Wait for it to end or stop it, or choose another --output; if "
-                                          f"that run is gone, delete {self.path}")
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()
-                if self.log is not None:
-                    self.log(f"{self.path}: taken over from a run that is gone"
-                             + (f" (process {owner['pid']} on {owner.get('host')})" if owner else ""))
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._me(), f)
-            self.held = True
-            return
-        raise CheckpointError(f"could not lock {self.path.parent}: another run keeps taking it")
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            owner = self._owner()
-            if owner is None or (owner["pid"] == os.getpid() and owner.get("host") == socket.gethostname()):
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()
-
-    def __enter__(self) -> "RunLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def save(state: dict, path: str | os.PathLike) -> Path:

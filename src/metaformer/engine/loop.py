@@ -97,13 +97,21 @@ def progress_bar(iterable=None, *, main: bool = True, **kw):
     return tqdm(iterable, disable=None if main else True, leave=False, dynamic_ncols=True, mininterval=0.5, **kw)
 
 
+# Fractions in the metrics files and JSON (as the evaluators return them) that a reader expects as percentages
+# (mmseg's logs, `metaformer segment eval`).
+PERCENT = ("mIoU", "mAcc", "aAcc")
+
+
 def format_row(row: dict, keys: Iterable[str]) -> str:
-    """The ``keys`` of a metrics row that it has, as one readable line (``key value``, 4 significant digits);
-    the whole row is in the metrics files."""
+    """The ``keys`` of a metrics row that it has, as one readable line (``key value``, 4 significant digits; the
+    :data:`PERCENT` scores as percentages); the whole row is in the metrics files."""
     parts = []
     for k in keys:
         v = row.get(k)
         if v is None or isinstance(v, (bool, list, dict)):
             continue
-        parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+        if k in PERCENT and isinstance(v, (int, float)):
+            parts.append(f"{k} {100 * v:.2f}%")
+        else:
+            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
     return "  ".join(parts)

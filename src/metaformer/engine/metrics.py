@@ -13,6 +13,21 @@ from ..atomic import atomic_write
 from ..errors import need, require
 
 
+def ranked(scores, k: int):
+    """The indices of the ``k`` highest ``scores`` per row ``[B, C] -> [B, k]``, best first; equal scores rank by
+    class index, lowest first (the rule of ``argmax``). Every top-1/top-k count and every label list goes through
+    this one rule: int8 files give exactly equal logits often enough that ``topk``'s unspecified order among ties
+    made two counts of the same file disagree."""
+    return scores.sort(dim=1, descending=True, stable=True).indices[:, :k]
+
+
+def top_hits(logits, targets, ks=(1, 5)) -> dict:
+    """``{k: number of rows whose target is among the k best}`` (see :func:`ranked`; k at most the classes)."""
+    best = ranked(logits, min(max(ks), logits.shape[1]))
+    hits = best.eq(targets[:, None])
+    return {k: hits[:, :k].any(1).sum() for k in ks}
+
+
 def _scalars(row: dict) -> dict:
     return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -88,3 +103,31 @@ class MetricsLog:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss, accuracy and learning rate per epoch of a classification run's ``history``, as a PNG at ``path``."""
+    matplotlib = require("matplotlib", "train", "plotting the training curves")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    ax[0].plot(ep, [h["train_loss"] for h in history], label="train")
+    ax[0].plot(ep, [h["val_loss"] for h in history], label="val")
+    ax[0].set_title("loss")
+    ax[1].plot(ep, [h["val_top1"] for h in history], label="top-1")
+    ax[1].plot(ep, [h["val_top5"] for h in history], label="top-5")
+    if "ema_top1" in history[0]:
+        ax[1].plot(ep, [h["ema_top1"] for h in history], label="EMA top-1")
+    ax[1].set_title("val accuracy (%)")
+    ax[2].plot(ep, [h["lr"] for h in history])
+    ax[2].set_title("learning rate (end of epoch)")
+    for a in ax:
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+    ax[0].legend()
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -10,7 +10,9 @@ given tensor pays this depends on the allocator's history, so the same model ran
 
 Raising the mmap and trim thresholds keeps those blocks in glibc's heap for reuse (what
 jemalloc and tcmalloc do by default). The cost: the process keeps its peak heap until it
-exits. The ``metaformer`` command line applies this at start-up; library users call
+exits, right for a benchmark or a training run, not for a server (``metaformer serve`` leaves glibc's
+defaults and calls :func:`release_freed_memory` after bursts). The ``metaformer`` command line applies
+this at start-up for its other verbs; library users call
 :func:`keep_freed_memory` themselves, or set ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` in the environment. ``METAFORMER_MALLOC=default`` turns it off.
 """
@@ -49,6 +51,33 @@ def keep_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
     ok = mallopt(M_MMAP_THRESHOLD, threshold) == 1 and mallopt(M_TRIM_THRESHOLD, threshold) == 1
     _state["applied"] = _state["applied"] or ok
     return ok
+
+
+def release_freed_memory() -> bool:
+    """Hand the free pages of every glibc arena back to the OS (``malloc_trim(0)``); True if it did.
+
+    For a long-lived process (``metaformer serve``) after a burst of large allocations: glibc returns only
+    the top of each heap on its own, so memory freed by threads that decoded large images stays counted
+    against the process until it exits. Does nothing (False) off Linux/glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim(0) == 1
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory in bytes (Linux's ``/proc/self/statm``), or None where there is none."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def malloc_mode() -> str:

@@ -55,6 +55,7 @@ import copy
 import dataclasses
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -388,6 +389,22 @@ class FusedPoolBlock(FusedModule):
             return T.ACT_GELU
         return {nn.ReLU: T.ACT_RELU, nn.SiLU: T.ACT_SILU}.get(kind)
 
+    # How the GEMMs run under the triton backend: a mode or a measured table (metaformer.fast.tuning), set by
+    # fuse(gemm=...), set_gemm or tuning.tune; the plans per (dtype, device) follow from it.
+    gemm = None
+
+    def gemm_plan(self, role: str, dtype: torch.dtype, device: torch.device):
+        """The :class:`~metaformer.fast.tuning.GemmPlan` of fc1 or fc2 for inputs of ``dtype`` on ``device``."""
+        from . import tuning
+
+        key = (role, dtype, device.type)
+        plans = self.__dict__.setdefault("_plans", {})
+        if key not in plans:
+            weight = self.fc1_weight if role == "fc1" else self.fc2_weight  # [N, K, 1, 1]
+            act = self._triton_act() if role == "fc1" else 0
+            plans[key] = tuning.plan(role, weight.shape[1], weight.shape[0], dtype, act, device, self.gemm)
+        return plans[key]
+
     def forward_triton(self, x: torch.Tensor, stats: torch.Tensor | None = None):
         """This block as Triton kernels; ``stats``: partial sums of ``x`` from the block before (or None).
         Returns the output and its partial sums, for the next block."""
@@ -401,9 +418,11 @@ class FusedPoolBlock(FusedModule):
         if not self.use_mlp:
             return y, ys
         mu2, rstd2 = T.finish_stats(ys, n, self.eps2)
-        hid, _ = T.pointwise_conv(y, self.fc1_weight, self.fc1_bias, norm=(mu2, rstd2),
-                                  act_out=self._triton_act())
-        return T.pointwise_conv(hid, self.fc2_weight, self.fc2_bias, skip=y, res=self.res2, stats=True)
+        p1 = self.gemm_plan("fc1", y.dtype, y.device)
+        hid = T.fc1(y, self.fc1_weight, self.fc1_bias, mu2, rstd2, self._triton_act(), p1.impl, p1.config)
+        p2 = self.gemm_plan("fc2", y.dtype, y.device)
+        return T.pointwise_conv(hid, self.fc2_weight, self.fc2_bias, skip=y, res=self.res2, stats=True,
+                                config=p2.config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton" and self.triton_ready() and eager():
@@ -513,7 +532,27 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     return model
 
 
-def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict: bool = False) -> nn.Module:
+def set_gemm(model: nn.Module, gemm) -> nn.Module:
+    """How the fused blocks' GEMMs run under the ``triton`` backend: ``None``/``"default"``, ``"triton"``,
+    ``"cublaslt"`` (where it computes the same function), or a table measured by
+    :func:`metaformer.fast.tuning.tune` (a dict or the path of its JSON file); see :mod:`metaformer.fast.tuning`."""
+    from . import tuning
+
+    if gemm is not None and not (isinstance(gemm, str) and gemm in tuning.MODES):
+        if isinstance(gemm, str) and not Path(gemm).exists():
+            what = "no such GEMM table file" if gemm.endswith(".json") else \
+                f"gemm must be one of {', '.join(tuning.MODES)}, a table or a table's JSON file; got"
+            raise ValueError(f"{what} {gemm!r}")
+        gemm = tuning.load_table(gemm)
+    for m in model.modules():
+        if isinstance(m, FusedPoolBlock):
+            m.gemm = gemm
+            m.__dict__.pop("_plans", None)
+    return model
+
+
+def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict: bool = False,
+         gemm=None) -> nn.Module:
     """An eval-only copy of a MetaFormer whose PoolFormer blocks are fused (same outputs).
 
     Works for every PoolFormer variant and for the pooling stages of hybrids (attention and
@@ -522,6 +561,7 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict:
     ``backend='auto'`` picks oneDNN fused convs on CPU, Triton kernels on a CUDA GPU that Triton
     supports, and portable ops elsewhere. :func:`fusion_report` says what was fused and why any block
     was kept; ``strict=True`` raises :class:`FusionError` naming each block that cannot be fused.
+    ``gemm``: how the Triton blocks' 1x1 convolutions run (:func:`set_gemm`; default: the Triton GEMM).
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -552,6 +592,7 @@ def fuse(model: nn.Module, backend: str = "auto", inplace: bool = False, strict:
         convert(model)
     model = model.to(device=device, dtype=dtype).to(memory_format=CL)
     set_backend(model, backend)
+    set_gemm(model, gemm)
     model.requires_grad_(False)
     if strict:
         report = fusion_report(model)
@@ -574,23 +615,34 @@ class FusionReport:
     kept: dict[str, str]
     kernels: list[str]  # fused blocks that run as Triton kernels (the ``triton`` backend)
     convs: str  # how the fused convolutions run
+    # the ``triton`` backend's GEMMs: shape key (metaformer.fast.tuning.gemm_key) -> how it runs, and why
+    gemms: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> str:
         total = len(self.fused) + len(self.kept)
         text = f"{len(self.fused)}/{total} blocks fused, backend {self.backend}"
         if self.backend == "triton":
             text += f" ({len(self.kernels)} as Triton kernels)"
-        return f"{text}; convs: {self.convs}"
+        text += f"; convs: {self.convs}"
+        for role in ("fc1", "fc2"):  # e.g. "fc1: cublaslt x2, triton x2 [table]"
+            hows = [how for key, how in self.gemms.items() if key.startswith(role + " ")]
+            if hows:
+                impls = [how.split()[0].lower() for how in hows]
+                sources = sorted({how.rsplit("[", 1)[-1].split()[0].rstrip("]") for how in hows})
+                text += f"; {role}: " + ", ".join(f"{i} x{impls.count(i)}" for i in dict.fromkeys(impls)) + \
+                    f" [{', '.join(sources)}]"
+        return text
 
     def __str__(self) -> str:
-        return self.summary() + "".join(f"\n  kept {name}: {why}" for name, why in self.kept.items())
+        return (self.summary() + "".join(f"\n  kept {name}: {why}" for name, why in self.kept.items())
+                + "".join(f"\n  {key}: {how}" for key, how in self.gemms.items()))
 
 
 def fusion_report(model: nn.Module) -> FusionReport:
     """Count what a fused model runs: its fused blocks, the blocks kept as they were with the reason, the
     blocks on Triton kernels, and the convolution path (oneDNN packed weights or aten's conv2d, which
     this CPU's oneDNN decides for bf16)."""
-    fused, kept, kernels = [], {}, []
+    fused, kept, kernels, gemms = [], {}, [], {}
     backends = {m.backend for m in _fused_modules(model)}
     backend = backends.pop() if len(backends) == 1 else ("mixed" if backends else "none")
     for name, m in model.named_modules():
@@ -598,6 +650,8 @@ def fusion_report(model: nn.Module) -> FusionReport:
             fused.append(name)
             if backend == "triton" and m.triton_ready():
                 kernels.append(name)
+                if m.use_mlp:
+                    gemms.update(_gemm_lines(m))
         elif isinstance(m, MetaFormerBlock):
             kept[name] = unfusable_reason(m) or "not converted"
     params = [t for t in model.buffers() if t.is_floating_point()]
@@ -609,7 +663,21 @@ def fusion_report(model: nn.Module) -> FusionReport:
     else:
         convs = (f"aten conv2d ({str(dtype)[6:]}: this CPU's oneDNN cannot pack {str(dtype)[6:]} weights; "
                  f"{cpu_capabilities().describe()})")
-    return FusionReport(backend, fused, kept, kernels, convs)
+    return FusionReport(backend, fused, kept, kernels, convs, gemms)
+
+
+def _gemm_lines(block: FusedPoolBlock) -> dict[str, str]:
+    """{shape key: plan} of a Triton block's two GEMMs, for its buffers' dtype and device."""
+    from .tuning import gemm_key
+
+    w = block.fc1_weight
+    out = {}
+    for role in ("fc1", "fc2"):
+        plan = block.gemm_plan(role, w.dtype, w.device)
+        weight = block.fc1_weight if role == "fc1" else block.fc2_weight
+        act = block._triton_act() if role == "fc1" else 0
+        out[gemm_key(role, weight.shape[1], weight.shape[0], w.dtype, act)] = plan.describe()
+    return out
 
 
 def compile_fused(model: nn.Module, mode: str | None = "max-autotune-no-cudagraphs", dynamic: bool = False):

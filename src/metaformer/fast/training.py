@@ -382,11 +382,3 @@ def enable_fast_training(model: nn.Module, backend: str = "auto") -> nn.Module:
             m.forward = types.MethodType(functools.partial(_fast_forward, backend=backend), m)
             m.fast_training = True
     return model.to(memory_format=CL)
-
-
-def disable_fast_training(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if getattr(m, "fast_training", False):
-            del m.forward
-            m.fast_training = False
-    return model

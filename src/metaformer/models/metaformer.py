@@ -42,6 +42,7 @@ PER_STAGE = ("token_mixers", "norm", "act", "mlp_ratios", "layer_scale", "layer_
              "res_scale_init_value", "pool_size", "pos_embed")
 
 MIN_INPUT = 32  # the network downsamples by 32: smaller inputs leave no token in the last stage
+SIZE_BOUND = (RandomMixing, SpatialMlp)  # token mixers sized for one token grid: they fix the input size
 HEAD_STYLES = ("norm_pool", "pool_norm")
 
 
@@ -55,6 +56,50 @@ def per_stage(value: Any, num_stages: int, name: str) -> list:
 
 def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
+
+
+def token_grids(img_size: Union[int, Sequence[int]], num_stages: int) -> List[Tuple[int, int]]:
+    """Each stage's token grid (height, width) for an input of ``img_size``: the stem's 7x7 stride-4 conv (padding
+    2), then a 3x3 stride-2 downsampling (padding 1) before every later stage."""
+    size = tuple(conv_out(s, 7, 4, 2) for s in to_2tuple(img_size))
+    grids = [size]
+    for _ in range(num_stages - 1):
+        size = tuple(conv_out(s, 3, 2, 1) for s in size)
+        grids.append(size)
+    return grids
+
+
+def make_pretrained_cfg(in_chans: int, img_size: Union[int, Sequence[int]], num_classes: int,
+                        token_grid: Sequence[int], fixed_input_size: bool, classifier: str, v1_head: bool,
+                        weights: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """timm's ``pretrained_cfg`` of a MetaFormer, the one place it is written (for a model as built, see
+    :meth:`MetaFormer.describe`, and for timm's registry, see :func:`describe_config`): the network's input size,
+    smallest input, last token grid, classes, first conv and classifier; the ImageNet eval preprocessing of the
+    authors' heads (crop 0.9 for PoolFormer v1's, 1.0 for the Baselines'); then ``weights``, the entries of the
+    weights it is described with (their tag and sources, preprocessing, license, paper), replacing those."""
+    cfg = {
+        "input_size": (in_chans, *to_2tuple(img_size)), "fixed_input_size": fixed_input_size,
+        "min_input_size": (in_chans, MIN_INPUT, MIN_INPUT), "pool_size": tuple(token_grid),
+        "crop_pct": 0.9 if v1_head else 1.0, "crop_mode": "center",
+        "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "num_classes": num_classes, "first_conv": "stem.conv", "classifier": classifier,
+    }
+    cfg.update(weights or {})
+    return cfg
+
+
+def describe_config(config: Dict[str, Any], weights: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """What :meth:`MetaFormer.describe` says of the network ``config`` builds, read off the config without
+    building it (timm's registry holds one per architecture and tag; building each would cost seconds)."""
+    n = len(config["depths"])
+    mixers = [resolve_token_mixer(m) for m in per_stage(config.get("token_mixers", "pooling"), n, "token_mixers")]
+    img_size = config.get("img_size", 224)
+    num_classes = config.get("num_classes", 1000)
+    v1_head = config.get("head_style", "norm_pool") == "norm_pool"
+    mlp_head = not v1_head and config.get("mlp_head") and num_classes > 0  # as PoolNormHead.classifier builds it
+    return make_pretrained_cfg(config.get("in_chans", 3), img_size, num_classes, token_grids(img_size, n)[-1],
+                               any(isinstance(m, type) and issubclass(m, SIZE_BOUND) for m in mixers),
+                               "head.fc.fc2" if mlp_head else "head.fc", v1_head, weights)
 
 
 def _is_int(v: Any) -> bool:
@@ -316,7 +361,7 @@ class MetaFormer(nn.Module):
                               None)
             pos = [i == first_attn for i in range(n)]
 
-        size = [conv_out(s, 7, 4, 2) for s in self.img_size]
+        grids = token_grids(self.img_size, n)
         self.stem = Stem(in_chans, dims[0], norm_layer=norm_factory(stem_norm) if stem_norm else None)
         total = sum(depths)
         dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear over ALL blocks
@@ -325,27 +370,27 @@ class MetaFormer(nn.Module):
             if i > 0:
                 downsample = Downsampling(dims[i - 1], dims[i], 3, 2, 1,
                                           norm_layer=norm_factory(downsample_norm) if downsample_norm else None)
-                size = [conv_out(s, 3, 2, 1) for s in size]
                 reduction *= 2
             else:
                 downsample = nn.Identity()
+            size = grids[i]
             norm_layer = norm_factory(opts["norm"][i], norm_eps)
             ls_init = opts["layer_scale_init_value"][i] if opts["layer_scale"][i] else None
             blocks = []
             for j in range(depths[i]):
-                mixer = build_token_mixer(mixers[i], dims[i], size=tuple(size), pool_size=opts["pool_size"][i],
+                mixer = build_token_mixer(mixers[i], dims[i], size=size, pool_size=opts["pool_size"][i],
                                           subtract=pool_subtract, head_dim=head_dim, **(mixer_kwargs or {}))
                 blocks.append(MetaFormerBlock(
                     dims[i], mixer, norm_layer, resolve_act(opts["act"][i]), opts["mlp_ratios"][i], mlp_bias,
                     ls_init, opts["res_scale_init_value"][i], dpr[cursor + j], residual=residual, use_mlp=use_mlp,
                     drop=drop_rate, mixer_residual=mixer_residual))
             cursor += depths[i]
-            pe = PositionEmbedding(dims[i], tuple(size)) if pos[i] else nn.Identity()
+            pe = PositionEmbedding(dims[i], size) if pos[i] else nn.Identity()
             stages.append(MetaFormerStage(downsample, pe, blocks))
             feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.feature_info = feature_info
-        self.token_grid = tuple(size)  # the last stage's grid at img_size
+        self.token_grid = grids[-1]  # the last stage's grid at img_size
 
         if head_style == "norm_pool":
             last_norm = norm_factory(head_norm if head_norm is not None else opts["norm"][-1],
@@ -371,21 +416,18 @@ class MetaFormer(nn.Module):
     @property
     def fixed_input_size(self) -> bool:
         """Parts sized for one token grid (random mixing, spatial MLP) tie the model to ``img_size``."""
-        return any(isinstance(m, (RandomMixing, SpatialMlp)) for m in self.modules())
+        return any(isinstance(m, SIZE_BOUND) for m in self.modules())
 
     @property
     def classifier_name(self) -> str:
         return "head.fc.fc2" if isinstance(self.head.fc, MlpHead) else "head.fc"
 
-    def describe(self) -> Dict[str, Any]:
-        """A timm-style ``pretrained_cfg`` for this model as built (the zoo adds its weights' entries)."""
-        return {
-            "input_size": (self.in_chans, *self.img_size), "fixed_input_size": self.fixed_input_size,
-            "min_input_size": (self.in_chans, MIN_INPUT, MIN_INPUT), "pool_size": self.token_grid,
-            "crop_pct": 0.9 if isinstance(self.head, NormPoolHead) else 1.0, "crop_mode": "center",
-            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-            "num_classes": self.num_classes, "first_conv": "stem.conv", "classifier": self.classifier_name,
-        }
+    def describe(self, weights: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """timm's ``pretrained_cfg`` for this model as built (:func:`make_pretrained_cfg`); ``weights``: the entries
+        of the weights it is described with (the zoo's tag, sources and preprocessing)."""
+        return make_pretrained_cfg(self.in_chans, self.img_size, self.num_classes, self.token_grid,
+                                   self.fixed_input_size, self.classifier_name, isinstance(self.head, NormPoolHead),
+                                   weights)
 
     # ----- the timm-style surface -----
     @torch.jit.ignore

@@ -6,8 +6,8 @@ The recipe is timm's, not rewritten: ``create_optimizer_v2`` (AdamW or LAMB, no 
 ``SoftTargetCrossEntropy``, ``LabelSmoothingCrossEntropy``, ``create_transform`` (RandAugment,
 random erasing) and ``ModelEmaV3``. What every task shares (devices, torchrun, mixed precision,
 checkpoints, metrics, Ctrl-C) is :mod:`metaformer.engine`; this file is what is particular to
-classification: :func:`train` wires ``build_data``, ``build_model``, ``build_recipe`` and
-:func:`train_one_epoch` / :func:`evaluate` together, as nanoGPT's and torchvision's references do.
+classification training: :func:`train` wires ``build_data``, ``build_model``, ``build_recipe`` and
+:func:`train_one_epoch` / :func:`~metaformer.tasks.inference.evaluate` together, as nanoGPT's and torchvision's references do.
 
 Exact resume: every epoch re-seeds python/numpy/torch and the loader generator from
 ``(seed, epoch, rank)`` and the sampler shuffles by epoch, so an epoch's data order,
@@ -29,20 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import data as D
 from ..engine import checkpoint as ckpt_io
 from ..engine.loop import (check_finite, check_weights_finite, freeze, optimizer_step, progress_bar, report_unreadable,
                            wrap_ddp)
-from ..engine.metrics import MetricsLog, check_loggers
-from ..engine.runtime import Runtime, epoch_seed, on_main, rng_state, seed_everything, set_rng_state, setup
+from ..engine.metrics import MetricsLog, check_loggers, plot_curves
+from ..engine.run import RunDir
+from ..engine.runtime import Runtime, epoch_seed, rng_state, seed_everything, set_rng_state, setup
 from ..engine.stop import GracefulStop, Interrupted
-from ..errors import ConfigError, need, require
+from ..errors import ConfigError, need
 from ..fast.training import enable_fast_training, fast_training_report
 from ..weights.io import state_dict_sha256
 from ..zoo import create_model, eval_transform, get_model_info, get_weights, list_models, split_name
+from .inference import eval_loader, evaluate
 from .train_config import (TrainConfig, check_config, describe_recipe, keep_previous_config, resume_changes,
                            small_data_hint)
 
@@ -111,15 +112,6 @@ def build_data(cfg: TrainConfig, rt: Runtime) -> Data:
     return Data(loader, val_loader, list(class_names), steps, description, len(train_set), sampler, stream, gen)
 
 
-def eval_loader(dataset, rt: Runtime, batch_size: int, workers: int):
-    """This rank's share of an evaluation set: disjoint and unpadded, so the all-reduced counts are exact."""
-    pin = rt.device.type == "cuda"
-    if isinstance(dataset, D.ShardStream):
-        dataset.configure(rt.rank, rt.world, batch_size, seed=0, drop_last=False, workers=workers)
-        return D.make_loader(dataset, batch_size, None, workers, pin_memory=pin)
-    return D.make_loader(dataset, batch_size, list(range(rt.rank, len(dataset), rt.world)), workers, pin_memory=pin)
-
-
 @dataclass
 class Pretrained:
     """What ``--pretrained`` names: the weights, and for a checkpoint of ours its architecture and classes."""
@@ -139,7 +131,8 @@ def pretrained_source(cfg: TrainConfig) -> Pretrained | None:
             return Pretrained(get_weights(cfg.pretrained).url, arch)
         raise ConfigError(f"--pretrained {cfg.pretrained}: no such file, and not a model or tag "
                           "(`metaformer info` lists them)")
-    from .inference import resolve_checkpoint, stored_metadata
+    from ..weights.save import stored_metadata
+    from .inference import resolve_checkpoint
 
     meta = stored_metadata(resolve_checkpoint(cfg.pretrained))
     if meta is None:
@@ -361,50 +354,17 @@ def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
                           "bn") from None
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
-             channels_last: bool = False, unreadable=None, progress: bool = False, tta: str | None = None) -> dict:
-    """Top-1/top-5 (%) and mean cross-entropy; counts are summed over ranks when distributed.
-
-    ``tta='flip'`` averages the softmax of each image and its mirror image.
-    """
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
-    for x, y, bad in progress_bar(loader, main=progress, desc="eval"):
-        if unreadable is not None:
-            unreadable.add(bad, len(x))
-        if not len(x):
-            continue
-        x, y = x.to(device), y.to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x).float()
-            if tta == "flip":
-                probs = (logits.softmax(1) + model(x.flip(-1)).float().softmax(1)) / 2
-                logits = probs.clamp_min(1e-12).log()  # cross-entropy of the averaged prediction
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top.eq(y[:, None])
-        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hits[:, 0].sum().double(),
-                               hits.any(1).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=device)])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
-    loss, top1, top5, n = totals.tolist()
-    n = max(n, 1)
-    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n, "images": int(totals[3].item())}
-
-
 # ----------------------------------------------------------------------------------------- resume
 
-def resume(cfg: TrainConfig, rt: Runtime, raw: nn.Module, recipe: Recipe, data: Data) -> tuple:
+def resume(cfg: TrainConfig, rt: Runtime, run: RunDir, raw: nn.Module, recipe: Recipe, data: Data) -> tuple:
     """``(RunState, changed options)`` from ``--resume`` (see :mod:`.train_config` for what may change)."""
     out, class_names = Path(cfg.output), data.class_names
-    path = ckpt_io.resume_path(cfg.resume, out)
+    path = run.resume_path()
     if path is None:
         if cfg.resume == "auto":
             rt.log(f"--resume auto: no {out / 'last.pth'} yet, starting from scratch")
         return RunState(), {}
-    ckpt = ckpt_io.load(path, "train")
+    ckpt = run.load("train")
     if list(ckpt.get("class_names") or class_names) != list(class_names):
         raise ConfigError(f"--resume: {path} was trained on other classes ({len(ckpt['class_names'])}: "
                           f"{', '.join(ckpt['class_names'][:5])}...) than --data has ({len(class_names)}: "
@@ -453,7 +413,8 @@ def resume(cfg: TrainConfig, rt: Runtime, raw: nn.Module, recipe: Recipe, data: 
     return state, changed
 
 
-def save_checkpoint(cfg, rt, raw, recipe, state: RunState, class_names, is_best: bool = False) -> Path | None:
+def save_checkpoint(cfg, rt, run: RunDir, raw, recipe, state: RunState, class_names,
+                    is_best: bool = False) -> Path | None:
     """Save on rank 0 (collective: every rank must call it, for the RNG gather)."""
     check_weights_finite(raw, f"step {state.step}", Path(cfg.output), " or --clip-grad 1.0")
     rngs = rt.gather(rng_state())
@@ -466,7 +427,7 @@ def save_checkpoint(cfg, rt, raw, recipe, state: RunState, class_names, is_best:
             "best_top1": state.best_top1, "best_epoch": state.best_epoch, "history": state.history,
             "class_names": list(class_names), "model_config": raw.config, "variant": raw.variant,
             "train_config": dataclasses.asdict(cfg), "world_size": rt.world, "epoch_sums": state.sums()}
-    return ckpt_io.save_pair(blob, Path(cfg.output), is_best)
+    return run.save(blob, is_best)
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -476,31 +437,25 @@ def train(cfg: TrainConfig) -> dict:
     check_config(cfg)  # resolve_config did for the command line; a TrainConfig built in Python is checked here
     check_extras(cfg)
     rt = setup(cfg.device, cfg.amp)
-    out = Path(cfg.output)
-    on_main(lambda: ckpt_io.check_output(out, cfg.resume, cfg.overwrite), rt.main)  # before any work
+    state = None
+    run = RunDir(cfg.output, cfg.resume, cfg.overwrite, rt, started=lambda: state is not None and state.step > 0)
+    out = run.check()  # before any work
     rt.log(describe_recipe(cfg))
     data = build_data(cfg, rt)
     hint = small_data_hint(cfg, data.train_images)
     if hint:
         rt.log(hint)
     unreadable = D.UnreadableLog(strict=cfg.strict_data)
-    folder, state = ckpt_io.RunFolder(out), None
-    try:
-        with ckpt_io.RunLock(out, rt.log) as lock:  # one run writes into a folder at a time
-            on_main(lambda: ckpt_io.prepare_output(out, cfg.resume, cfg.overwrite, lock, folder), rt.main)
-            raw, model = build_model(cfg, rt, data.class_names)
-            recipe = build_recipe(cfg, rt, raw, len(data.class_names), data.steps_per_epoch)
-            state, changed = resume(cfg, rt, raw, recipe, data)
-            if state.epoch >= cfg.epochs:
-                raise ConfigError(f"{out / 'last.pth'} already finished {state.epoch} of {cfg.epochs} epochs; raise "
-                                  "--epochs to continue")
-            if rt.main:
-                write_config(cfg, rt, recipe, out, changed)
-            summary = run_epochs(cfg, rt, data, raw, model, recipe, state, unreadable)
-    except BaseException:
-        if rt.main and not (state is not None and state.step):  # training never started: no run to keep
-            folder.undo()
-        raise
+    with run:  # one run writes into a folder at a time; a run failing before its first step leaves nothing
+        raw, model = build_model(cfg, rt, data.class_names)
+        recipe = build_recipe(cfg, rt, raw, len(data.class_names), data.steps_per_epoch)
+        state, changed = resume(cfg, rt, run, raw, recipe, data)
+        if state.epoch >= cfg.epochs:
+            raise ConfigError(f"{out / 'last.pth'} already finished {state.epoch} of {cfg.epochs} epochs; raise "
+                              "--epochs to continue")
+        if rt.main:
+            write_config(cfg, rt, recipe, out, changed)
+        summary = run_epochs(cfg, rt, run, data, raw, model, recipe, state, unreadable)
     rt.close()
     return summary
 
@@ -514,8 +469,8 @@ def check_extras(cfg: TrainConfig) -> None:
     need("matplotlib", "train", "plotting the training curves")
 
 
-def run_epochs(cfg: TrainConfig, rt: Runtime, data: Data, raw: nn.Module, model: nn.Module, recipe: Recipe,
-               state: RunState, unreadable) -> dict:
+def run_epochs(cfg: TrainConfig, rt: Runtime, run: RunDir, data: Data, raw: nn.Module, model: nn.Module,
+               recipe: Recipe, state: RunState, unreadable) -> dict:
     """Train from ``state`` to ``cfg.epochs``, evaluating and saving after each epoch; returns the summary."""
     out = Path(cfg.output)
     metrics = MetricsLog(out, rt.main, state.history, "epoch", wandb=cfg.wandb, config=dataclasses.asdict(cfg),
@@ -525,7 +480,7 @@ def run_epochs(cfg: TrainConfig, rt: Runtime, data: Data, raw: nn.Module, model:
            f"x {cfg.accum_steps} accum x {rt.world}), lr {recipe.lr:.3g} | output {out}")
 
     def save(is_best: bool = False):
-        return save_checkpoint(cfg, rt, raw, recipe, state, data.class_names, is_best)
+        return save_checkpoint(cfg, rt, run, raw, recipe, state, data.class_names, is_best)
 
     t_run, images_seen = time.time(), 0
     with GracefulStop(rt.log) as stop:  # Ctrl-C / SIGTERM: the loop saves and stops between steps
@@ -619,30 +574,3 @@ def finish(cfg: TrainConfig, rt: Runtime, raw: nn.Module, state: RunState, wall:
         rt.log(f"done: best top-1 {summary['best_top1']:.2f}% (epoch {summary['best_epoch']}), wall time {wall:.0f}s, "
                f"{summary['images_per_s']} img/s | {out}/best.pth, metrics.csv, tb/, curves.png, summary.json")
     return summary
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
-    matplotlib = require("matplotlib", "train", "plotting the training curves")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
-    ax[0].plot(ep, [h["train_loss"] for h in history], label="train")
-    ax[0].plot(ep, [h["val_loss"] for h in history], label="val")
-    ax[0].set_title("loss")
-    ax[1].plot(ep, [h["val_top1"] for h in history], label="top-1")
-    ax[1].plot(ep, [h["val_top5"] for h in history], label="top-5")
-    if "ema_top1" in history[0]:
-        ax[1].plot(ep, [h["ema_top1"] for h in history], label="EMA top-1")
-    ax[1].set_title("val accuracy (%)")
-    ax[2].plot(ep, [h["lr"] for h in history])
-    ax[2].set_title("learning rate (end of epoch)")
-    for a in ax:
-        a.set_xlabel("epoch")
-        a.grid(alpha=0.3)
-    ax[0].legend()
-    ax[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

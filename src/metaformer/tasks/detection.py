@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from timm.utils import unwrap_model
 from torch.utils.data import Subset
 
 from .. import data as D
@@ -25,7 +24,7 @@ from ..engine.runtime import Runtime, setup
 from ..engine.stop import GracefulStop
 from ..errors import ConfigError, need, require
 from .dense.data import CocoDetection, detection_collate
-from .dense.detection import build_detector
+from .dense.models.detector import build_detector, detect
 from .dense.run import DenseRun
 
 
@@ -73,12 +72,6 @@ def detection_lr(cfg: DetectionConfig, epoch: int, it: int) -> float:
     return lr
 
 
-def build_detector_from_checkpoint(ckpt: dict) -> torch.nn.Module:
-    model = build_detector(ckpt["arch"], **ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
 def train_detection(cfg: DetectionConfig) -> list[dict]:
     """Train a detector; returns one row per epoch (mean losses, and COCO AP when a val set is given)."""
     if (cfg.val_images is None) != (cfg.val_ann is None):
@@ -89,7 +82,12 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
     if cfg.val_ann or cfg.arch == "mask_rcnn":
         need("pycocotools", "dense", "COCO evaluation" if cfg.val_ann else "decoding COCO masks")
     rt = setup(cfg.device, cfg.amp)
-    ckpt = DenseRun.open("detect", cfg, rt)
+    return DenseRun.train_in_folder(cfg, rt, lambda folder: _train(cfg, rt, folder))
+
+
+def _train(cfg, rt, folder) -> list[dict]:
+    """The run inside its open folder."""
+    ckpt = folder.load("detect")
     arch = ckpt["arch"] if ckpt else cfg.arch
     train_ds = CocoDetection(cfg.train_images, cfg.train_ann, train=True, masks=arch == "mask_rcnn")
     val_ds = CocoDetection(cfg.val_images, cfg.val_ann, masks=arch == "mask_rcnn") if cfg.val_ann else None
@@ -106,7 +104,7 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
                             **cfg.detector_options)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = build_detector(arch, pretrained_backbone=cfg.pretrained, **model_config)
-    run = DenseRun("detect", cfg, rt, ckpt, model, {"arch": arch, "model_config": model_config,
+    run = DenseRun("detect", cfg, rt, folder, ckpt, model, {"arch": arch, "model_config": model_config,
                                                     "class_names": train_ds.class_names,
                                                     "categories": train_ds.categories}, "epoch")
     validate = None
@@ -128,11 +126,8 @@ def train_detection(cfg: DetectionConfig) -> list[dict]:
                 if validate is not None:
                     run.evaluate_into(row, validate)
                 rt.log(f"epoch {run.epoch}/{cfg.epochs}  " + format_row(row, LOGGED))
-        except BaseException:
-            run.close(failed=True)  # before its first step, the run leaves no folder behind
-            raise
-        history = run.close()
-    rt.close()
+        finally:
+            history = run.close()
     return history
 
 
@@ -159,15 +154,6 @@ def train_one_epoch(run: DenseRun, dataset: CocoDetection) -> float:
             run.step_in_epoch += 1
             run.end_of_batch()
     return time.time() - t0
-
-
-@torch.no_grad()
-def detect(model: torch.nn.Module, images: list[torch.Tensor], rt: Runtime) -> list[dict]:
-    """Detections (boxes, labels, scores, masks) for ``[0, 1]`` RGB images, on the CPU in float32."""
-    model = unwrap_model(model).eval()  # the model inside DDP / torch.compile
-    with rt.autocast():
-        out = model([im.to(rt.device) for im in images])
-    return [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in out]
 
 
 def evaluate_detection(model: torch.nn.Module, ds: CocoDetection, rt: Runtime | None = None, workers: int = 2,

@@ -1,4 +1,4 @@
-"""Evaluation (top-1/top-5 with the variant's eval transform) and prediction.
+"""Evaluation (top-1/top-5 with the variant's eval transform, on one process or many) and prediction.
 
 A checkpoint trained here (``last.pth``/``best.pth`` of ``metaformer train``, or a
 ``save_weights`` safetensors file) carries its model config and class names, so the model
@@ -12,12 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from .. import data as D
 from ..data import DataError
+from ..engine.loop import progress_bar
+from ..engine.metrics import ranked, top_hits
+from ..engine.runtime import Runtime
 from ..weights import WeightsError
+from ..weights.save import stored_metadata
 from ..weights.load import NonFiniteWeights
 from ..zoo import build_from_config, create_model, load_weights
 from ..zoo.imagenet import categories, imagenet_classes
@@ -75,31 +80,6 @@ def resolve_checkpoint(checkpoint: str, flag: str = "--checkpoint") -> Path:
     if not path.exists():
         raise WeightsError(f"checkpoint {checkpoint} does not exist")
     return path
-
-
-def stored_metadata(path: Path) -> dict | None:
-    """``{'config', 'variant', 'class_names'}`` of a checkpoint written by this library, else None."""
-    from ..weights import read_metadata
-    from ..weights.io import read_safetensors_metadata, read_torch
-    from ..weights.layouts import FORMAT_NAME
-
-    if path.name.endswith(".safetensors"):
-        try:
-            ours = read_safetensors_metadata(path).get("format") == FORMAT_NAME
-        except WeightsError:
-            return None  # unreadable: load_weights says precisely why
-        return read_metadata(path) if ours else None  # damaged metadata of ours is an error, not "no metadata"
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        read_torch(path)  # raises the precise error: corrupt, truncated, or refused (pickled code)
-        return None
-    if isinstance(obj, dict) and obj.get("task") in ("detect", "segment"):
-        raise WeightsError(f"{path} is a `metaformer {obj['task']}` checkpoint, not a classifier: evaluate it with "
-                           f"`metaformer {obj['task']} eval --checkpoint {path} ...`")
-    if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict):
-        return {"config": obj["model_config"], "variant": obj.get("variant"), "class_names": obj.get("class_names")}
-    return None
 
 
 def load_for_inference(model_name: str | None, checkpoint: str | None = None, num_classes: int | None = None,
@@ -207,6 +187,49 @@ def eval_dataset(loaded: Loaded, data: str | None, positional: bool = False):
     return ds
 
 
+def eval_loader(dataset, rt: Runtime, batch_size: int, workers: int):
+    """This rank's share of an evaluation set: disjoint and unpadded, so the all-reduced counts are exact."""
+    pin = rt.device.type == "cuda"
+    if isinstance(dataset, D.ShardStream):
+        dataset.configure(rt.rank, rt.world, batch_size, seed=0, drop_last=False, workers=workers)
+        return D.make_loader(dataset, batch_size, None, workers, pin_memory=pin)
+    return D.make_loader(dataset, batch_size, list(range(rt.rank, len(dataset), rt.world)), workers, pin_memory=pin)
+
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
+             channels_last: bool = False, unreadable=None, progress: bool = False, tta: str | None = None) -> dict:
+    """Top-1/top-5 (%) and mean cross-entropy; counts are summed over ranks when distributed. Equal scores rank
+    by class index (:func:`metaformer.engine.metrics.ranked`), as every other count and label list here.
+
+    ``tta='flip'`` averages the softmax of each image and its mirror image.
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    for x, y, bad in progress_bar(loader, main=progress, desc="eval"):
+        if unreadable is not None:
+            unreadable.add(bad, len(x))
+        if not len(x):
+            continue
+        x, y = x.to(device), y.to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x).float()
+            if tta == "flip":
+                probs = (logits.softmax(1) + model(x.flip(-1)).float().softmax(1)) / 2
+                logits = probs.clamp_min(1e-12).log()  # cross-entropy of the averaged prediction
+        hits = top_hits(logits, y, (1, 5))
+        totals += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hits[1].double(),
+                               hits[5].double(), torch.tensor(len(y), dtype=torch.float64, device=device)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    loss, top1, top5, n = totals.tolist()
+    n = max(n, 1)
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "loss": loss / n, "images": int(totals[3].item())}
+
+
 def prepare(loaded: Loaded, device: torch.device, fused: bool = True, channels_last: bool = False) -> list[str]:
     """Put ``loaded.model`` on ``device`` and make it fast: fused (:func:`metaformer.fuse`, the same numbers)
     when the model has blocks ``fuse`` covers, else channels_last when asked. Returns what was applied."""
@@ -232,8 +255,6 @@ def predict(loaded: Loaded, images: list, topk: int = 5, device: str | torch.dev
     """For each image, in order: ``{'image', 'predictions': [(class name, probability), ...]}``, best first; or
     ``{'image', 'error'}`` for a file that cannot be read (skipped: one bad file in a folder does not stop the
     others). Images are read and run ``batch_size`` at a time."""
-    from ..engine.loop import progress_bar
-
     require_classifier(loaded)
     device = torch.device(device)
     k = min(topk, len(loaded.class_names))
@@ -258,7 +279,8 @@ def predict(loaded: Loaded, images: list, topk: int = 5, device: str | torch.dev
         if probs.shape[1] != len(loaded.class_names):
             raise WeightsError(f"{loaded.source} gives {probs.shape[1]} class scores but {len(loaded.class_names)} "
                                "class names were given with it: predict with the checkpoint it was made from")
-        values, indices = probs.topk(k, dim=1)
+        indices = ranked(probs, k)
+        values = probs.gather(1, indices)
         for r, vs, ix in zip([r for r in batch if "error" not in r], values.cpu(), indices.cpu()):
             r["predictions"] = [(loaded.class_names[i], v) for v, i in zip(vs.tolist(), ix.tolist())]
     return results

@@ -25,8 +25,8 @@ from ..engine.stop import GracefulStop
 from ..errors import ConfigError
 from ..models.metaformer import MIN_INPUT
 from .dense.data import IGNORE_INDEX, SegmentationDataset
+from .dense.models.segmenter import build_segmenter, segment_logits
 from .dense.run import DenseRun
-from .dense.segmentation import build_segmenter
 
 
 @dataclass
@@ -64,12 +64,6 @@ class SegmentationConfig:
     wandb: str | None = None  # a Weights & Biases project
 
 
-def build_segmenter_from_checkpoint(ckpt: dict) -> torch.nn.Module:
-    model = build_segmenter(**ckpt["model_config"])
-    model.load_state_dict(ckpt["model"])
-    return model
-
-
 def train_segmentation(cfg: SegmentationConfig) -> list[dict]:
     """Iteration-based training; returns the log rows (mean losses every ``log_every`` and the evaluations).
 
@@ -83,7 +77,12 @@ def train_segmentation(cfg: SegmentationConfig) -> list[dict]:
     if not 0 < cfg.ratio_range[0] <= cfg.ratio_range[1]:
         raise ConfigError(f"--ratio-range takes MIN MAX with 0 < MIN <= MAX, got {cfg.ratio_range}")
     rt = setup(cfg.device, cfg.amp)
-    ckpt = DenseRun.open("segment", cfg, rt)
+    return DenseRun.train_in_folder(cfg, rt, lambda folder: _train(cfg, rt, folder))
+
+
+def _train(cfg, rt, folder) -> list[dict]:
+    """The run inside its open folder."""
+    ckpt = folder.load("segment")
     model_config = ckpt["model_config"] if ckpt else dict(
         backbone_name=cfg.backbone, num_classes=cfg.num_classes, frozen_stages=cfg.frozen_stages,
         fpn_channels=cfg.fpn_channels, head_channels=cfg.head_channels,
@@ -94,7 +93,7 @@ def train_segmentation(cfg: SegmentationConfig) -> list[dict]:
     val_ds = SegmentationDataset(cfg.data_root, cfg.val_split, **data_kw) if cfg.val_split else None
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_segmenter(**model_config, pretrained_backbone=None if ckpt else cfg.pretrained)
-    run = DenseRun("segment", cfg, rt, ckpt, model, {
+    run = DenseRun("segment", cfg, rt, folder, ckpt, model, {
         "model_config": model_config, "reduce_zero_label": cfg.reduce_zero_label, "img_scale": list(cfg.img_scale),
         "crop_size": cfg.crop_size}, "iteration")
     validate = None
@@ -111,11 +110,8 @@ def train_segmentation(cfg: SegmentationConfig) -> list[dict]:
             while run.iteration < cfg.iters:
                 run.epoch, run.step_in_epoch = divmod(run.iteration, per_pass)
                 train_pass(run, train_ds, per_pass, validate, t0)
-        except BaseException:
-            run.close(failed=True)  # before its first step, the run leaves no folder behind
-            raise
-        history = run.close()
-    rt.close()
+        finally:
+            history = run.close()
     return history
 
 
@@ -164,28 +160,6 @@ def checkpoint_and_evaluate(run: DenseRun, validate, t0: float) -> None:
     if row is not None:
         run.rt.log(f"iteration {it}/{cfg.iters}  " + format_row(row, ("loss", "mIoU", "mAcc", "aAcc", "lr", "time_s",
                                                                       "unreadable", "val_unreadable")))
-
-
-@torch.no_grad()
-def segment_logits(model: torch.nn.Module, x: torch.Tensor, mode: str = "whole", crop: int = 512,
-                   stride: int | None = None) -> torch.Tensor:
-    """Logits ``[B, K, H, W]`` for normalised images: one pass (``whole``) or mmseg's sliding
-    window (``slide``: ``crop`` windows every ``stride`` = 2/3 crop px, overlaps averaged)."""
-    if mode == "whole":
-        return model(x)
-    if mode != "slide":
-        raise ConfigError(f"unknown test mode {mode!r}: use whole or slide")
-    stride = stride or crop * 2 // 3
-    b, _, h, w = x.shape
-    logits = x.new_zeros((b, model.num_classes, h, w))
-    count = x.new_zeros((1, 1, h, w))
-    for gy in range(max(h - crop + stride - 1, 0) // stride + 1):
-        for gx in range(max(w - crop + stride - 1, 0) // stride + 1):
-            y1, x1 = min(gy * stride + crop, h), min(gx * stride + crop, w)
-            y0, x0 = max(y1 - crop, 0), max(x1 - crop, 0)
-            logits[:, :, y0:y1, x0:x1] += model(x[:, :, y0:y1, x0:x1]).float()
-            count[:, :, y0:y1, x0:x1] += 1
-    return logits / count
 
 
 def evaluate_segmentation(model: torch.nn.Module, ds: SegmentationDataset, rt: Runtime | None = None,

@@ -266,13 +266,30 @@ def coerce_option(name: str, value, annotation: str, source: str):
                           f"{value!r} ({type(value).__name__})") from None
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the papers' recipes and the demo's, shipped in the package
+
+
+def config_path(name: str) -> str:
+    """``--config``: a YAML file, or a recipe shipped with metaformer by name (``digits_demo``), also under the
+    clone's path (``configs/digits_demo.yaml``) in a folder that has no such file (an installed wheel)."""
+    path = Path(name)
+    if path.exists():
+        return name
+    packaged = CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if packaged.is_file() and (len(path.parts) == 1 or path.parent.name == "configs"):
+        return str(packaged)
+    shipped = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file {name} does not exist; the recipes shipped with metaformer (--config NAME): "
+                      f"{shipped}")
+
+
 def resolve_config(flags: dict | None = None, config_file: str | None = None) -> TrainConfig:
     """Defaults (the paper's, or :data:`DEMO` for the built-in data) < YAML file < flags; every value
     checked against its option's type (so ``lr: 1e-3`` is a number, and ``epochs: ten`` an error)."""
     fields = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
     from_file = {}
     if config_file:
-        from_file = yaml12.load_file(config_file) or {}
+        from_file = yaml12.load_file(config_path(config_file)) or {}
         if not isinstance(from_file, dict):
             raise ConfigError(f"config file {config_file} must be a YAML mapping of option: value")
         from_file = {str(k).replace("-", "_"): v for k, v in from_file.items()}

@@ -51,7 +51,8 @@ def _num_classes(converted: dict) -> int:
 
 def load_source(src: str, model_name: str | None = None, img_size: int | None = None) -> tuple[nn.Module, str]:
     """The model a checkpoint describes, with its weights loaded strictly; and the file's layout."""
-    from ..tasks.inference import resolve_checkpoint, stored_metadata
+    from ..tasks.inference import resolve_checkpoint
+    from ..weights.save import stored_metadata
 
     path = resolve_checkpoint(src, "SRC")
     sd, metadata, path = read_state_dict(path)

@@ -9,25 +9,20 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import atomic_path, check_writable
+from ..atomic import atomic_path, check_writable, clean_stale_temps, output_file
 from ..errors import MetaFormerError, need, require
+from .exported import (COMPANIONS, FORMATS, META_KEY, ExportError, file_sha256, load_runtime, module_tensors,
+                       onnx_tensors, tensors_sha256)
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # max |logit difference| allowed, relative to the largest |logit| for the low-precision dtypes
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 5e-2}
-
-
-class ExportError(MetaFormerError):
-    """An export that cannot be made, or whose file disagrees with the model."""
 
 
 def size_bound_parts(model: nn.Module) -> list[str]:
@@ -43,6 +38,8 @@ def check_runtime(fmt: str) -> None:
     if fmt == "onnx":
         need("onnx", "export", "ONNX export")
         need("onnxruntime", "export", "checking an ONNX export in ONNX Runtime")
+    if fmt == "openvino":
+        need("openvino", "openvino", "OpenVINO export")
 
 
 def check_combination(model: nn.Module, fmt: str, dynamic_size: bool, dtype: str) -> None:
@@ -60,7 +57,10 @@ def check_combination(model: nn.Module, fmt: str, dynamic_size: bool, dtype: str
                 f"{model.img_size[0]}x{model.img_size[1]} images (--dynamic-batch still works)")
     if fmt == "onnx" and dtype == "bf16":
         raise ExportError("ONNX Runtime has no bfloat16 kernels for these operators on CPU; export onnx as fp32 "
-                          "or fp16, or use --format torchscript/exported for bf16")
+                          "or fp16, or use --format torchscript/exported/openvino for bf16")
+    if fmt == "openvino" and dtype == "fp16":
+        raise ExportError("OpenVINO runs fp32 or bf16 on the CPU: export openvino with --dtype fp32 or bf16 (bf16 "
+                          "keeps fp32 weights in the file and runs in bf16)")
     check_runtime(fmt)
 
 
@@ -80,14 +80,21 @@ class ExportResult:
         return max(self.max_diff_random, self.max_diff_image) <= self.tolerance and self.top1_agrees
 
 
-META_KEY = "metaformer"  # ONNX metadata_props key / extra-file name holding the JSON metadata
+def write_file(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool,
+               dynamic_size: bool, metadata: dict | None = None) -> None:
+    """Write the file; ``metadata`` (class names, input size, preprocessing) travels inside it, so a file
+    is never run with another model's labels: ONNX ``metadata_props``, TorchScript/torch.export extra files.
+    The metadata also records the SHA-256 of the tensors written (``file_sha256``), which every load checks."""
+    with warnings.catch_warnings():
+        # torch's notes on its own exporters (the TorchScript-based ONNX exporter's deprecation, the tracer's remark
+        # on shape checks read as Python bools) say nothing about this file, which is checked against the model next
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        _write(model, example, path, fmt, dynamic_batch, dynamic_size, metadata)
 
 
 def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool,
-           dynamic_size: bool, metadata: dict | None = None) -> None:
-    """Write the file; ``metadata`` (class names, input size, preprocessing) travels inside it, so a file
-    is never run with another model's labels: ONNX ``metadata_props``, TorchScript/torch.export extra files."""
-    extra = {META_KEY: json.dumps(metadata)} if metadata else {}
+           dynamic_size: bool, metadata: dict | None) -> None:
     if fmt == "onnx":
         axes = {}
         if dynamic_batch:
@@ -98,16 +105,16 @@ def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynami
         torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["input"],
                           output_names=["logits"], opset_version=17,
                           dynamic_axes={"input": axes, "logits": {0: "batch"} if dynamic_batch else {}})
-        if extra:
-            onnx = require("onnx", "export", "ONNX export")
-
-            proto = onnx.load(str(path))
-            onnx.helper.set_model_props(proto, extra)
-            onnx.save(proto, str(path))
+        if metadata:
+            set_onnx_metadata(path, metadata)
+    elif fmt == "openvino":
+        b, c, h, w = example.shape
+        shape = [-1 if dynamic_batch else b, c, -1 if dynamic_size else h, -1 if dynamic_size else w]
+        save_openvino(openvino_model(model, example, shape), path, metadata)
     elif fmt == "torchscript":
         with torch.no_grad():
             traced = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files=extra)
+        torch.jit.save(traced, str(path), _extra_files=_extra_files(metadata, traced))
     else:
         dims = {}
         if dynamic_batch:
@@ -120,7 +127,51 @@ def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynami
         # its storage and warns "No complete tensor found"; contiguous copies are written without the warning.
         model = _contiguous_weights(model)
         ep = torch.export.export(model, (example,), dynamic_shapes=({**dims} if dims else None,) if dims else None)
-        torch.export.save(ep, str(path), extra_files=extra)
+        save_program(ep, path, metadata)
+
+
+def _extra_files(metadata: dict | None, module) -> dict:
+    if not metadata:
+        return {}
+    return {META_KEY: json.dumps({**metadata, "file_sha256": tensors_sha256(module_tensors(module))})}
+
+
+def save_program(program: torch.export.ExportedProgram, path: Path, metadata: dict | None) -> None:
+    """``torch.export.save`` with ``metadata`` (and the program's tensors' SHA-256) as the metadata extra file."""
+    torch.export.save(program, str(path), extra_files=_extra_files(metadata, program))
+
+
+def openvino_model(model: nn.Module, example: torch.Tensor, shape: list[int]):
+    """``model`` converted by OpenVINO's converter (which traces it) for inputs of ``shape`` (-1: any size)."""
+    ov = require("openvino", "openvino", "OpenVINO export")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the converter's own use of torch.jit.trace
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.* is deprecated")
+        return ov.convert_model(model, example_input=example, input=[shape])
+
+
+def save_openvino(ov_model, path: Path, metadata: dict | None) -> None:
+    """An OpenVINO model as IR (``path``, and its weights beside it as ``.bin``), its weights in full precision
+    (OpenVINO's writer halves them by default), ``metadata`` and the weights' SHA-256 in its runtime info.
+    ``metadata['inference_precision']`` (``f32`` unless given) is what readers compile it with."""
+    ov = require("openvino", "openvino", "OpenVINO export")
+    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    if metadata:
+        meta = {"inference_precision": "f32", **metadata,
+                "file_sha256": file_sha256(path.with_suffix(".bin"))}
+        ov_model.set_rt_info(json.dumps(meta), [META_KEY])
+        ov.save_model(ov_model, str(path), compress_to_fp16=False)  # the same weights, now with the metadata
+
+
+def set_onnx_metadata(path: Path, metadata: dict) -> None:
+    """Store ``metadata`` (replacing any) in the ONNX file at ``path``, with the SHA-256 of its tensors."""
+    onnx = require("onnx", "export", "writing ONNX metadata")
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    meta = {**metadata, "file_sha256": tensors_sha256(onnx_tensors(proto))}
+    onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta)})
+    onnx.save(proto, str(path))
 
 
 def _contiguous_weights(model: nn.Module) -> nn.Module:
@@ -133,102 +184,6 @@ def _contiguous_weights(model: nn.Module) -> nn.Module:
         for t in [*model.parameters(), *model.buffers()]:
             t.data = t.data.contiguous()
     return model
-
-
-class Runtime:
-    """An exported file loaded in its own runtime: ``runtime(images [B, C, H, W]) -> logits``.
-
-    ``metadata`` is what ``metaformer export`` stored in the file (class names, input size,
-    preprocessing), or None for a file written by another tool.
-    """
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], metadata: dict | None, fmt: str):
-        self.fn, self.metadata, self.format = fn, metadata, fmt
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-    def eval(self) -> "Runtime":  # an exported file is inference-only already; evaluate() calls model.eval()
-        return self
-
-    @property
-    def quantization(self) -> dict | None:
-        """How the file was quantized and what it cost (``metaformer quantize``), or None."""
-        return (self.metadata or {}).get("quantization")
-
-
-def _parse_metadata(text: str | bytes | None, path: Path) -> dict | None:
-    if not text:
-        return None
-    try:
-        meta = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
-        raise ExportError(f"{path}: its metaformer metadata is not valid JSON; export the model again") from None
-    return meta if isinstance(meta, dict) and meta.get("format") == "metaformer" else None
-
-
-def load_runtime(path: str | os.PathLike, fmt: str | None = None) -> Runtime:
-    """The exported file at ``path`` ready to run (see :class:`Runtime`); corrupt files are an ExportError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
-    fmt = fmt or {".onnx": "onnx", ".pt": "torchscript", ".pt2": "exported"}.get(path.suffix)
-    if fmt not in FORMATS:
-        raise ExportError(f"cannot tell the format of {path}: use a .onnx, .pt (TorchScript) or .pt2 "
-                          "(torch.export) file, or name the format")
-    try:
-        return _load_runtime(path, fmt)
-    except MetaFormerError:  # a runtime that is not installed: the file may well be fine
-        raise
-    except Exception as e:  # protobuf, zip and pickle errors from three runtimes
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ExportError(f"{path}: not a readable {fmt} file ({type(e).__name__}: {first}); it is probably "
-                          "truncated or corrupt: export it again") from None
-
-
-def _load_runtime(path: Path, fmt: str) -> Runtime:
-    if fmt == "onnx":
-        ort = require("onnxruntime", "export", "running an ONNX file")
-        opts = ort.SessionOptions()
-        # idle workers spinning after each run take the cores from everything else in the process (the
-        # server's decoding, PyTorch's threads) for the little latency it saves between calls
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        inp = session.get_inputs()[0]
-        np_dtype = np.float16 if "float16" in inp.type else np.float32
-
-        def run_onnx(x: torch.Tensor) -> torch.Tensor:
-            out = session.run(None, {inp.name: x.detach().cpu().numpy().astype(np_dtype)})[0]
-            return torch.from_numpy(out.astype(np.float32))
-
-        meta = session.get_modelmeta().custom_metadata_map.get(META_KEY)
-        return Runtime(run_onnx, _parse_metadata(meta, path), fmt)
-    extra = {META_KEY: ""}
-    if fmt == "torchscript":
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    else:
-        program = torch.export.load(str(path), extra_files=extra)
-        module = program.module()
-        if _is_int8_program(program):
-            # an int8 program (metaformer quantize --backend pt2e) runs at int8 speed only once Inductor has
-            # lowered its quantize/dequantize pairs to oneDNN int8 kernels: compiled on the first call
-            from .quantize import compile_int8
-
-            return Runtime(compile_int8(module), _parse_metadata(extra[META_KEY], path), fmt)
-    dtype = next((p.dtype for p in module.parameters()), None) if fmt == "torchscript" else None
-    if dtype is None:
-        dtype = next((t.dtype for t in module.state_dict().values() if t.is_floating_point()), torch.float32)
-
-    def run_torch(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return module(x.to(dtype)).float()
-
-    return Runtime(run_torch, _parse_metadata(extra[META_KEY], path), fmt)
-
-
-def _is_int8_program(program) -> bool:
-    return any(node.op == "call_function" and "quantized_decomposed" in str(node.target)
-               for node in program.graph.nodes)
 
 
 # A real photograph for the checks, shipped with the package so that an export needs no extra: Chelsea the cat,
@@ -244,19 +199,20 @@ def sample_image(transform) -> torch.Tensor:
         return transform(im.convert("RGB")).unsqueeze(0)
 
 
-def export_path(path: str | os.PathLike, fmt: str) -> Path:
-    """The file an export to ``path`` writes: ``path`` with the format's extension added when it has another."""
-    path = Path(path)
-    return path if path.suffix == FORMATS[fmt] else path.with_name(path.name + FORMATS[fmt])
+def export_path(path: str | os.PathLike | None, fmt: str, default: str = "model") -> Path:
+    """The file an export to ``path`` writes: ``path`` with the format's extension added when it has another;
+    ``default`` (plus the extension) inside ``path`` when it names a folder, or alone when there is no ``path``."""
+    return output_file(path, default + FORMATS[fmt], FORMATS[fmt])
 
 
 def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int | None = None,
-           image: torch.Tensor | None = None, dynamic_batch: bool = False, dynamic_size: bool = False,
+           image: torch.Tensor | None = None, dynamic_batch: bool = True, dynamic_size: bool = False,
            dtype: str = "fp32", metadata: dict | None = None) -> ExportResult:
     """Write ``model`` to ``path`` in ``fmt`` and verify it (see the module docstring).
 
-    ``metadata`` (JSON-serialisable; see :func:`metaformer.tasks.inference.export_metadata`) is stored in the
-    file, so ``metaformer predict --exported`` runs it with its own class names and preprocessing.
+    ``metadata`` (JSON-serialisable; see :func:`export_metadata`) is stored in the file, so ``metaformer predict
+    --exported`` runs it with its own class names and preprocessing. ``path`` may name a folder (the file is then
+    ``model`` plus the format's extension inside it). ``dynamic_batch`` (the default): the file takes any batch.
     """
     model = model.eval()
     if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
@@ -264,16 +220,20 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int
         model = copy.deepcopy(model).cpu()
     check_combination(model, fmt, dynamic_size, dtype)
     path = check_writable(export_path(path, fmt), f"--output {export_path(path, fmt)}")
+    clean_stale_temps(path.parent, path.name)  # a killed export's unfinished file
     size = img_size or model.img_size[0]
     torch_dtype = DTYPES[dtype]
-    cast = copy.deepcopy(model).to(torch_dtype) if dtype != "fp32" else model
+    if fmt == "openvino":  # fp32 weights; bf16 is how OpenVINO runs them (the metadata says so)
+        torch_dtype = torch.float32
+        metadata = {**(metadata or {"format": "openvino"}), "inference_precision": "bf16" if dtype == "bf16" else "f32"}
+    cast = copy.deepcopy(model).to(torch_dtype) if torch_dtype != torch.float32 else model
     gen = torch.Generator().manual_seed(0)
     batch = 2 if dynamic_batch else 1
     example = torch.randn(batch, model.in_chans, size, size, generator=gen)
     # Written beside `path` and renamed only after the check passed: no half-verified file under `path`.
-    with atomic_path(path) as tmp:
+    with atomic_path(path, COMPANIONS.get(fmt, ())) as tmp:
         try:
-            _write(cast, example.to(torch_dtype), tmp, fmt, dynamic_batch, dynamic_size, metadata)
+            write_file(cast, example.to(torch_dtype), tmp, fmt, dynamic_batch, dynamic_size, metadata)
             run = load_runtime(tmp, fmt)
         except MetaFormerError:
             raise
@@ -313,8 +273,6 @@ def export(model: nn.Module, path: str | os.PathLike, fmt: str, *, img_size: int
         return result
 
 
-# ----------------------------------------------------------------------------- running exported files
-
 def export_metadata(loaded) -> dict:
     """What an exported file must carry to be run correctly alone: classes, input, preprocessing."""
     from .. import __version__
@@ -324,89 +282,9 @@ def export_metadata(loaded) -> dict:
     meta = {"format": "metaformer", "variant": loaded.variant, "num_classes": len(loaded.class_names),
             "class_names": loaded.class_names, "in_chans": loaded.model.in_chans,
             "preprocessing": loaded.preprocessing, "metaformer_version": __version__,
-            "weights_sha256": state_dict_sha256(loaded.model.state_dict())}  # which weights: see load_exported
+            "weights_sha256": state_dict_sha256(loaded.model.state_dict())}  # see exported.load_exported
     try:  # the architecture, so tools (bench) can rebuild the same network; absent for custom Python parts
         meta["config"] = json.loads(json.dumps(getattr(loaded.model, "config", None)))
     except (TypeError, ValueError):
         pass
     return meta
-
-
-def _described_by(model_name: str | None, checkpoint: str | None) -> dict:
-    """Classes, input size and preprocessing that ``--checkpoint`` (or else the variant) stands for."""
-    from ..tasks.inference import default_class_names, preprocessing_of, resolve_checkpoint, stored_metadata
-    from ..zoo import build_from_config, create_model
-
-    stored = (stored_metadata(resolve_checkpoint(checkpoint)) if checkpoint else None) or {}
-    if not stored and not model_name:
-        raise ExportError(f"--checkpoint {checkpoint} does not say which model it is: name the model too")
-    with torch.device("meta"):  # shapes and configs only
-        model = build_from_config(stored["config"], stored.get("variant")) if stored else create_model(model_name)
-    pre = preprocessing_of(model)
-    names, aliases = (stored["class_names"], None) if stored.get("class_names") else \
-        default_class_names(model.num_classes)
-    return {"what": f"--checkpoint {checkpoint}" if checkpoint else model_name, "variant": model.variant,
-            "num_classes": model.num_classes, "class_names": names, "aliases": aliases, "img_size": pre["img_size"],
-            "preprocessing": pre}
-
-
-def load_exported(path: str, model_name: str | None, checkpoint: str | None = None):
-    """An exported file (ONNX, TorchScript, torch.export) run in its own runtime, with the class names and
-    preprocessing it carries (files from `metaformer export`), or else those of ``checkpoint``/the variant;
-    a ``checkpoint`` or variant that disagrees with what the file carries is refused."""
-    from ..tasks.inference import Loaded, default_class_names
-    from ..zoo import eval_transform
-
-    run = load_runtime(path)
-    ref = _described_by(model_name, checkpoint) if (checkpoint or model_name) else None
-    meta = run.metadata
-    if meta:
-        if ref is not None:
-            _check_exported_against(path, meta, ref)
-        if checkpoint:
-            _check_same_weights(path, meta, model_name, checkpoint)
-        names, pre, variant = meta["class_names"], meta["preprocessing"], meta.get("variant")
-        default_names, default_aliases = default_class_names(len(names))
-        aliases = default_aliases if names == default_names else None  # ImageNet's wnids for its names
-    elif ref is not None:
-        names, pre, variant, aliases = ref["class_names"], ref["preprocessing"], ref["variant"], ref["aliases"]
-    else:
-        raise ExportError(f"{path} carries no metaformer metadata (not written by `metaformer export`): name the "
-                          "model (e.g. poolformer_s12) or pass the --checkpoint it was exported from, so the images "
-                          "get the right preprocessing and class names")
-    return Loaded(run, list(names), pre["img_size"], eval_transform(**pre), path, pre, aliases, variant)
-
-
-def _check_same_weights(path: str, meta: dict, model_name: str | None, checkpoint: str) -> None:
-    """A file is run with ``--checkpoint`` only when it holds that checkpoint's weights: the same classes and input
-    size are not enough (another epoch, another run), and the file's weights are the ones that would run."""
-    from ..tasks.inference import load_for_inference
-    from ..weights.io import state_dict_sha256
-
-    if not meta.get("weights_sha256"):
-        raise ExportError(f"{path} does not record which weights it was exported from (an older metaformer wrote it), "
-                          f"so it cannot be checked against --checkpoint {checkpoint}: drop --checkpoint (the file "
-                          "carries its class names and preprocessing), or export the checkpoint again")
-    mine = state_dict_sha256(load_for_inference(model_name, checkpoint).model.state_dict())
-    if mine != meta["weights_sha256"]:
-        raise ExportError(f"{path} holds other weights than --checkpoint {checkpoint} (weights sha256 "
-                          f"{meta['weights_sha256'][:12]}... vs {mine[:12]}...): it was exported from another "
-                          f"checkpoint. Export {checkpoint} to run it, or drop --checkpoint to run the file's own "
-                          "weights")
-
-
-def _check_exported_against(path: str, meta: dict, ref: dict) -> None:
-    def show(names):
-        return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-
-    problems = []
-    if meta["num_classes"] != ref["num_classes"]:
-        problems.append(f"{meta['num_classes']} classes ({show(meta['class_names'])}) vs {ref['num_classes']}")
-    elif meta["class_names"] != ref["class_names"]:
-        problems.append(f"classes {show(meta['class_names'])} vs {show(ref['class_names'])}")
-    if ref["img_size"] and meta["preprocessing"]["img_size"] != ref["img_size"]:
-        problems.append(f"input {meta['preprocessing']['img_size']}px vs {ref['img_size']}px")
-    if problems:
-        raise ExportError(f"{path} was exported from another model than {ref['what']}: {'; '.join(problems)}. "
-                          f"Pass the checkpoint it was exported from, or drop --checkpoint and the model name to "
-                          f"use the class names and preprocessing stored in the file")

@@ -6,12 +6,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..atomic import atomic_write
 from ..models.layers import ACTIVATIONS, NORMS
 from ..models.mixers import TOKEN_MIXERS
-from .io import WeightsError, read_safetensors_metadata, resolve
+from .io import WeightsError, read_safetensors_metadata, read_torch, resolve
 from .layouts import FORMAT_NAME
 
 FORMAT_VERSION = "1"
@@ -137,3 +138,24 @@ def metadata_json(meta: dict[str, str], key: str, path) -> Any:
         raise WeightsError(f"{path}: its {key!r} metadata holds a {type(value).__name__}, not a "
                            f"{kinds[key].__name__}; the file was damaged or edited: save or download it again")
     return value
+
+
+def stored_metadata(path: Path) -> dict | None:
+    """``{'config', 'variant', 'class_names'}`` of a checkpoint written by this library, else None."""
+    if path.name.endswith(".safetensors"):
+        try:
+            ours = read_safetensors_metadata(path).get("format") == FORMAT_NAME
+        except WeightsError:
+            return None  # unreadable: load_weights says precisely why
+        return read_metadata(path) if ours else None  # damaged metadata of ours is an error, not "no metadata"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        read_torch(path)  # raises the precise error: corrupt, truncated, or refused (pickled code)
+        return None
+    if isinstance(obj, dict) and obj.get("task") in ("detect", "segment"):
+        raise WeightsError(f"{path} is a `metaformer {obj['task']}` checkpoint, not a classifier: evaluate it with "
+                           f"`metaformer {obj['task']} eval --checkpoint {path} ...`")
+    if isinstance(obj, dict) and isinstance(obj.get("model_config"), dict):
+        return {"config": obj["model_config"], "variant": obj.get("variant"), "class_names": obj.get("class_names")}
+    return None

@@ -19,6 +19,7 @@ import difflib
 import fnmatch
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -30,15 +31,19 @@ from timm.models import load_checkpoint as timm_load_checkpoint
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.features import MetaFormerFeatures, feature_model
-from ..models.metaformer import MetaFormer
+from ..models.features import MetaFormerFeatures, feature_cfg_for, feature_model, resolve_feature_cls
+from ..models.metaformer import MetaFormer, describe_config
 from ..weights import load_weights as _load_weights
 from ..weights import WeightsError, read_metadata
 from ..weights.io import hub_file, is_url, resolve
 from ..weights.load import LoadReport, mixer_of
+from ..weights.save import stored_metadata
 from .imagenet import categories
 
 TIMM_PREFIX = "metaformer_"
+ORIGIN_URL = "https://github.com/sail-sg"  # where every architecture and release file here is published
+# Where a pretrained_cfg says weights come from, in the order timm reads them.
+SOURCES = ("state_dict", "file", "hf_hub_id", "url")
 
 
 @dataclass(frozen=True)
@@ -138,15 +143,22 @@ class ModelInfo:
     def transforms(self, img_size: int | None = None):
         return self.default_weights.transforms(img_size)
 
-    def pretrained_cfg(self, weights: Weights | None = None) -> dict:
-        """timm's ``pretrained_cfg`` for these weights (or the architecture's defaults)."""
+    def weights_cfg(self, weights: Weights | None = None) -> dict:
+        """What ``weights`` (or the architecture's defaults) add to a model's ``pretrained_cfg``, in timm's names: the
+        tag and where it is published, its eval preprocessing, license, paper and description."""
         w = weights or self.default_weights
         cfg = {"architecture": self.name, "tag": w.tag or None, "url": w.url, "hf_hub_id": w.hf_hub_id,
-               "input_size": (3, w.img_size, w.img_size), "crop_pct": w.crop_pct, "crop_mode": "center",
-               "interpolation": w.interpolation, "mean": tuple(w.mean), "std": tuple(w.std),
-               "num_classes": w.num_classes, "license": w.license, "paper_ids": self.paper,
-               "description": self.description}
+               "crop_pct": w.crop_pct, "crop_mode": "center", "interpolation": w.interpolation, "mean": tuple(w.mean),
+               "std": tuple(w.std), "license": w.license, "paper_ids": self.paper, "description": self.description,
+               "origin_url": ORIGIN_URL}
         return {k: v for k, v in cfg.items() if v is not None}
+
+    def pretrained_cfg(self, weights: Weights | None = None) -> dict:
+        """timm's ``pretrained_cfg`` of this architecture built for ``weights`` (their input size and classes; the
+        default weights' when none are given): what timm's registry holds, and what a model built so describes."""
+        w = weights or self.default_weights
+        return describe_config({**self.config, "img_size": w.img_size, "num_classes": w.num_classes},
+                               self.weights_cfg(w))
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -239,29 +251,27 @@ def load_weights(model: nn.Module, source: Any, strict: bool = True, allow_nonfi
                          name_match=variants_matching, ema=ema)
 
 
-def _finish(model: MetaFormer, variant: str | None, weights: Weights | None) -> None:
-    """Record what the zoo knows: the variant name and timm's pretrained_cfg for the weights."""
+def _finish(model: MetaFormer, variant: str | None, weights: Weights | None, cfg: dict | None = None) -> None:
+    """Record what the zoo knows: the variant name, and timm's pretrained_cfg of the model as built, described
+    with the weights' entries (``cfg``: the caller's entries replacing them, timm's ``pretrained_cfg_overlay``)."""
     model.variant = variant
     info = _REGISTRY.get(variant) if variant else None
-    cfg = dict(model.describe())
-    if info is not None:
-        cfg.update(info.pretrained_cfg(weights))
-        cfg.update(input_size=(model.in_chans, *model.img_size), num_classes=model.num_classes)
-    model.pretrained_cfg = model.default_cfg = cfg
+    entries = info.weights_cfg(weights) if info is not None else {}
+    model.pretrained_cfg = model.default_cfg = model.describe({**entries, **(cfg or {})})
 
 
-def check_output_stride(output_stride: int | None) -> None:
-    """timm's ``output_stride``: these networks have one, 32 (strided convolutions between the stages, no
-    dilated form), so any other value is refused rather than ignored."""
+def feature_args(features_only: bool, out_indices, feature_cls, feature_cfg: dict | None,
+                 output_stride: int | None) -> tuple:
+    """timm's ``features_only``, ``out_indices``, ``feature_cls``, ``feature_cfg`` and ``output_stride``, checked and
+    read with timm's precedence (``out_indices`` and ``feature_cls`` given directly win over ``feature_cfg``'s).
+    Returns ``(out_indices, the wrapper class, its options)``.
+
+    ``output_stride``: these networks have one, 32 (strided convolutions between the stages, no dilated form),
+    so any other value is refused rather than ignored."""
     if output_stride is not None and output_stride != 32:
         raise ConfigError(f"output_stride={output_stride!r}: MetaFormer's stages downsample by 4, 8, 16 and 32 with "
                           "strided convolutions and have no dilated form, so only 32 is possible; for a stride-"
                           "16 map take features_only=True, out_indices=(2,) (stage 3)")
-
-
-def split_feature_args(features_only: bool, out_indices, feature_cls, feature_cfg: dict | None) -> tuple:
-    """timm's precedence: ``out_indices`` and ``feature_cls`` given directly win over ``feature_cfg``'s.
-    Returns ``(out_indices, feature_cls, feature_cfg without them)``."""
     cfg = dict(feature_cfg or {})
     out_indices = cfg.pop("out_indices", None) if out_indices is None else out_indices
     feature_cls = cfg.pop("feature_cls", None) if feature_cls is None else feature_cls
@@ -270,7 +280,8 @@ def split_feature_args(features_only: bool, out_indices, feature_cls, feature_cf
     if not features_only and (out_indices is not None or feature_cls is not None or cfg):
         raise ConfigError("out_indices, feature_cls and feature_cfg describe a features_only backbone: "
                           "pass features_only=True with them")
-    return out_indices, feature_cls, cfg
+    cls = resolve_feature_cls(feature_cls)
+    return out_indices, cls, feature_cfg_for(cls, cfg)
 
 
 def _cfg_overrides(arch: str, pretrained_cfg, overlay: dict | None) -> dict:
@@ -289,7 +300,21 @@ def _cfg_overrides(arch: str, pretrained_cfg, overlay: dict | None) -> dict:
     return out
 
 
-def _weights_source(cfg: dict, weights: Weights | None, pretrained, cache_dir) -> Any:
+def requested_weights(arch: str, tag: str | None, pretrained, pretrained_cfg, overlay: dict | None) -> tuple:
+    """What timm's weight arguments ask of ``arch``: ``(the tagged weights, the pretrained_cfg entries replacing the
+    registered ones)``. The tag is the name's, or ``pretrained_cfg`` given as a tag (which wins, as in timm), or the
+    one in its entries; with none, ``pretrained=True`` asks for the default weights, unless the entries name a
+    source of their own. ``None`` for weights when none are asked for."""
+    if isinstance(pretrained_cfg, str):
+        tag = pretrained_cfg
+    cfg = _cfg_overrides(arch, pretrained_cfg, overlay)
+    tag = tag or cfg.get("tag")
+    elsewhere = any(cfg.get(k) for k in SOURCES)
+    weights = get_model_info(arch).get_weights(tag) if (tag or (pretrained is True and not elsewhere)) else None
+    return weights, cfg
+
+
+def weights_source(cfg: dict, weights: Weights | None, pretrained, cache_dir) -> Any:
     """What ``pretrained`` loads: a path or URL given as ``pretrained``; else the source the caller's
     pretrained_cfg names (timm's order: state_dict, file, hub, url); else the tag's release file, checksummed.
     None when there is none."""
@@ -345,33 +370,32 @@ def create_model(name: str, pretrained: bool | str = False, num_classes: int | N
         **overrides: any :class:`MetaFormer` argument, e.g. ``token_mixers='identity'``,
             ``norm='ln'``, ``pool_size=5``, ``drop_path_rate=0.2``, ``img_size=384``.
     """
-    check_output_stride(output_stride)
-    out_indices, feature_cls, feature_cfg = split_feature_args(features_only, out_indices, feature_cls, feature_cfg)
+    out_indices, feature_cls, feature_cfg = feature_args(features_only, out_indices, feature_cls, feature_cfg,
+                                                         output_stride)
     arch, tag = split_name(name)
     info = get_model_info(arch)
-    if isinstance(pretrained_cfg, str):
-        tag = pretrained_cfg  # timm: a tag given as pretrained_cfg wins over the name's
-    cfg_overrides = _cfg_overrides(arch, pretrained_cfg, pretrained_cfg_overlay)
-    tag = tag or cfg_overrides.get("tag")
-    elsewhere = any(cfg_overrides.get(k) for k in ("state_dict", "file", "hf_hub_id", "url"))
-    weights = info.get_weights(tag) if (tag or (pretrained is True and not elsewhere)) else None
+    weights, cfg_overrides = requested_weights(arch, tag, pretrained, pretrained_cfg, pretrained_cfg_overlay)
     cfg = copy.deepcopy(info.config)
     if weights is not None and weights.img_size != 224:
         cfg["img_size"] = weights.img_size  # size-bound parts and the eval transform follow the weights
     cfg.update(overrides)
-    source_classes = cfg_overrides.get("num_classes", weights.num_classes if weights is not None else 1000)
+    recorded = _check_recorded_architecture(name, cfg, pretrained) if isinstance(pretrained, (str, Path)) else None
+    known = weights.num_classes if weights is not None else (recorded or {}).get("num_classes", 1000)
+    source_classes = cfg_overrides.get("num_classes", known)
     cfg["num_classes"] = source_classes if num_classes is None else num_classes
     cfg["in_chans"] = 3 if in_chans is None else in_chans
     if features_only and pretrained:
         cfg["num_classes"] = source_classes  # load the whole network, then drop the head
     with set_layer_config(scriptable=scriptable, exportable=exportable, no_jit=no_jit):
         model = MetaFormer(**cfg)
-        _finish(model, arch, weights)
-        if cfg_overrides:
-            model.pretrained_cfg = model.default_cfg = {
-                **model.pretrained_cfg, **{k: v for k, v in cfg_overrides.items() if k != "state_dict"}}
+        _finish(model, arch, weights, {k: v for k, v in cfg_overrides.items() if k != "state_dict"})
+        if features_only and pretrained and feature_cls is MetaFormerFeatures:
+            warnings.warn(f"{name} with features_only=True is the authors' detection/segmentation backbone: each stage's "
+                          "map goes through a new norm (feature_norms), initialised here, not from the classifier "
+                          "weights, so the maps are not the network's raw stage outputs (timm's features_only "
+                          "gives those: pass feature_cls='list')", UserWarning, stacklevel=2)
         if pretrained:
-            source = _weights_source(cfg_overrides, weights, pretrained, cache_dir)
+            source = weights_source(cfg_overrides, weights, pretrained, cache_dir)
             if source is None:
                 raise WeightsError(f"{name}: its weights have no download URL in this version; pass the path of "
                                    "the file instead (pretrained='/path/to/weights.pth')")
@@ -386,6 +410,32 @@ def create_model(name: str, pretrained: bool | str = False, num_classes: int | N
             raise WeightsError(f"checkpoint_path {checkpoint_path} does not load into this {name} strictly "
                                f"(timm's load_checkpoint: {problems[:400]})") from None
     return model
+
+
+# Config entries a file's weights do not depend on: training-time rates, and what create_model adapts or replaces.
+_NOT_ARCHITECTURE = ("num_classes", "in_chans", "img_size", "drop_path_rate", "drop_rate", "head_dropout",
+                     "features_only", "out_indices")
+
+
+def _check_recorded_architecture(name: str, cfg: dict, pretrained) -> dict | None:
+    """``pretrained=FILE`` of ours records the network it holds (returned): another architecture than ``name``'s
+    is named, with the call that rebuilds it, instead of a page of missing keys."""
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        return None
+    stored = stored_metadata(path)
+    if not stored:
+        return None
+    recorded = stored["config"]
+    diffs = [f"{k} {recorded[k]!r} (not {cfg.get(k)!r})" for k in sorted(recorded)
+             if k not in _NOT_ARCHITECTURE and k in cfg and recorded[k] != cfg[k]]
+    if diffs:
+        what = stored.get("variant") or "a MetaFormer"
+        raise WeightsError(f"{pretrained} holds {what} with {', '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}, "
+                           f"recorded in the file: not {name}'s architecture. Rebuild it as saved with "
+                           f"metaformer.load_model({str(pretrained)!r}) (overrides as keyword arguments, e.g. "
+                           "num_classes=10), or pass weights of this architecture")
+    return recorded
 
 
 def build_from_config(config: dict, variant: str | None = None) -> nn.Module:
@@ -405,12 +455,17 @@ def build_from_config(config: dict, variant: str | None = None) -> nn.Module:
 
 
 def load_model(path, allow_nonfinite: bool = False, **overrides: Any) -> nn.Module:
-    """Rebuild the model saved by :func:`metaformer.save_weights` and load its weights strictly.
+    """Rebuild the model saved by :func:`metaformer.save_weights` (or trained by ``metaformer train``: its
+    ``last.pth``/``best.pth``) and load its weights strictly.
 
     ``overrides`` change config entries, e.g. ``num_classes=10`` (classifier re-initialised),
     ``features_only=True`` or ``img_size=384``.
     """
-    meta = read_metadata(path)
+    resolved = resolve(path)
+    meta = stored_metadata(resolved) if not resolved.name.endswith(".safetensors") else read_metadata(resolved)
+    if meta is None:
+        raise WeightsError(f"{path} does not record which model it holds (not written by metaformer.save_weights or "
+                           "metaformer train): create the model and call metaformer.load_weights(model, path)")
     return rebuild(meta["config"], meta["variant"], path, meta["class_names"], allow_nonfinite=allow_nonfinite,
                    **overrides)
 

@@ -16,9 +16,9 @@ from ...errors import ConfigError
 from ...engine.checkpoint import load as load_checkpoint
 from ...engine.loop import progress_bar
 from ...engine.runtime import setup
-from ..detection import build_detector_from_checkpoint, detect
-from ..segmentation import build_segmenter_from_checkpoint, segment_logits
 from .data import _normalize, rescale_size
+from .models.detector import build_detector_from_checkpoint, detect
+from .models.segmenter import build_segmenter_from_checkpoint, segment_logits
 
 
 def palette(num_classes: int, seed: int = 3) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 :class:`DenseRun` holds a run's moving parts (the model and its DDP wrapper, the AdamW of the
 paper's mmdet/mmseg configs, the AMP scaler, the position in the schedule, the history) and
-does the things both loops do the same way: open or resume the run folder, start a pass over
+does the things both loops do the same way: resume from the run folder's checkpoint, start a pass over
 the data at a given batch, take a step that refuses a NaN loss, save a checkpoint every rank
 agrees on, and evaluate only after the step's checkpoint is on disk (an evaluation that dies
 is redone on resume). The loops themselves, the schedules and the metrics are the tasks'
@@ -23,11 +23,11 @@ from typing import Any, Callable
 import torch
 
 from ... import data as D
-from ...engine import checkpoint as ckpt_io
 from ...engine.loop import (check_finite, check_weights_finite, optimizer_step, report_unreadable, stop_requested,
                             wrap_ddp)
 from ...engine.metrics import MetricsLog, check_loggers
-from ...engine.runtime import Runtime, epoch_seed, on_main, rng_state, seed_everything, set_rng_state
+from ...engine.run import RunDir
+from ...engine.runtime import Runtime, epoch_seed, rng_state, seed_everything, set_rng_state
 from ...engine.stop import GracefulStop, Interrupted
 
 
@@ -35,9 +35,9 @@ class DenseRun:
     """One detection or segmentation run. ``meta``: what eval/predict need to rebuild the model from
     the checkpoint alone (the architecture's config, class names...), saved with every checkpoint."""
 
-    def __init__(self, task: str, cfg: Any, rt: Runtime, ckpt: dict | None, model: torch.nn.Module, meta: dict,
-                 step_key: str):
-        self.task, self.cfg, self.rt, self.meta = task, cfg, rt, meta
+    def __init__(self, task: str, cfg: Any, rt: Runtime, folder: RunDir, ckpt: dict | None, model: torch.nn.Module,
+                 meta: dict, step_key: str):
+        self.task, self.cfg, self.rt, self.folder, self.meta = task, cfg, rt, folder, meta
         self.output = Path(cfg.output)
         self.model = model.to(rt.device)
         self.ddp = wrap_ddp(self.model, rt)
@@ -64,31 +64,25 @@ class DenseRun:
             elif self.step_in_epoch:
                 rt.log(f"resume: the checkpoint was written by {len(rngs or ())} process(es), this run has "
                        f"{rt.world}: the data order of this pass is kept, its random augmentation restarts")
-            rt.log(f"resumed from {ckpt_io.resume_path(cfg.resume, self.output)}: pass {self.epoch + 1}, batch "
-                   f"{self.step_in_epoch}, iteration {self.iteration}")
-        self.lock = ckpt_io.RunLock(self.output, rt.log)  # one run writes into a folder at a time
-        self.folder = ckpt_io.RunFolder(self.output)  # removed by close(failed=True) before the first step
-        self.metrics = None
-        try:
-            on_main(lambda: ckpt_io.prepare_output(self.output, cfg.resume, cfg.overwrite, self.lock, self.folder),
-                    rt.main)
-            self.metrics = MetricsLog(self.output, rt.main, self.history, step_key, wandb=cfg.wandb,
-                                      config=dataclasses.asdict(cfg), purge_step=self.iteration or None,
-                                      extra="dense")
-        except BaseException:
-            self.close(failed=True)
-            raise
+            rt.log(f"resumed from {folder.resume_path()}: pass {self.epoch + 1}, batch {self.step_in_epoch}, "
+                   f"iteration {self.iteration}")
+        folder.started = lambda: self.iteration > 0  # a failure before the first step leaves no folder behind
+        self.metrics = MetricsLog(self.output, rt.main, self.history, step_key, wandb=cfg.wandb,
+                                  config=dataclasses.asdict(cfg), purge_step=self.iteration or None, extra="dense")
         self.unreadable = D.UnreadableLog()
         self.stop: GracefulStop | None = None
 
     @staticmethod
-    def open(task: str, cfg: Any, rt: Runtime) -> dict | None:
-        """Check ``cfg.output`` and the loggers' packages before any work; the checkpoint to resume from, if any."""
+    def train_in_folder(cfg: Any, rt: Runtime, train: Callable[[RunDir], list[dict]]) -> list[dict]:
+        """``train(folder)`` inside the run's folder (:class:`~metaformer.engine.run.RunDir`, checked with the
+        loggers' packages before any work); the process's runtime closed after; the history ``train`` returns."""
         check_loggers("dense", cfg.wandb)
-        output = Path(cfg.output)
-        on_main(lambda: ckpt_io.check_output(output, cfg.resume, cfg.overwrite), rt.main)
-        path = ckpt_io.resume_path(cfg.resume, output)
-        return ckpt_io.load(path, task) if path else None
+        folder = RunDir(cfg.output, cfg.resume, cfg.overwrite, rt)
+        folder.check()
+        with folder:
+            history = train(folder)
+        rt.close()
+        return history
 
     # ------------------------------------------------------------------------------------ the loop's parts
 
@@ -156,15 +150,13 @@ class DenseRun:
         """Write ``last.pth`` (collective: every rank gives its RNG streams; rank 0 writes)."""
         check_weights_finite(self.model, f"iteration {self.iteration}", self.output)
         rngs = self.rt.gather(rng_state())
-        path = self.output / "last.pth"
-        if self.rt.main:
-            ckpt_io.save({"task": self.task, **self.meta, "model": self.model.state_dict(),
+        self.folder.save({"task": self.task, **self.meta, "model": self.model.state_dict(),
                           "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
                           "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "iteration": self.iteration,
                           "history": self.history, "pending_eval": pending_eval, "sums": self.sums,
                           "steps": self.steps, "config": dataclasses.asdict(self.cfg), "rng": rngs,
-                          "world_size": self.rt.world}, path)
-        return path
+                          "world_size": self.rt.world})
+        return self.output / "last.pth"
 
     def evaluate_into(self, row: dict, evaluate: Callable[[], dict]) -> None:
         """Evaluate (the state is already saved, marked pending), add the results to ``row``, save again."""
@@ -182,12 +174,7 @@ class DenseRun:
             self.rt.log(f"resume: evaluating iteration {self.iteration}, whose evaluation did not finish")
             self.evaluate_into(self.history[-1], evaluate)
 
-    def close(self, failed: bool = False) -> list[dict]:
-        """End the run: logs closed, the folder released; a run that ``failed`` before its first step leaves no
-        folder behind (:class:`~metaformer.engine.checkpoint.RunFolder`)."""
-        if self.metrics is not None:
-            self.metrics.close()
-        self.lock.release()
-        if failed and self.rt.main and self.iteration == 0:
-            self.folder.undo()
+    def close(self) -> list[dict]:
+        """End the run's logs (the folder is closed by its :class:`~metaformer.engine.run.RunDir`)."""
+        self.metrics.close()
         return self.history

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.utils import unwrap_model
 from torch import nn
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-from ...errors import ConfigError
+from ....engine.runtime import Runtime
+from ....errors import ConfigError
 from .backbone import backbone_with_fpn
 
 ARCHS = ("retinanet", "mask_rcnn")
@@ -67,3 +70,18 @@ def build_detector(arch: str, **config: Any) -> nn.Module:
     if arch not in ARCHS:
         raise ConfigError(f"unknown detector {arch!r}: use one of {', '.join(ARCHS)}")
     return (retinanet if arch == "retinanet" else mask_rcnn)(**config)
+
+
+def build_detector_from_checkpoint(ckpt: dict) -> nn.Module:
+    model = build_detector(ckpt["arch"], **ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+@torch.no_grad()
+def detect(model: torch.nn.Module, images: list[torch.Tensor], rt: Runtime) -> list[dict]:
+    """Detections (boxes, labels, scores, masks) for ``[0, 1]`` RGB images, on the CPU in float32."""
+    model = unwrap_model(model).eval()  # the model inside DDP / torch.compile
+    with rt.autocast():
+        out = model([im.to(rt.device) for im in images])
+    return [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in out]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 
+from ....errors import ConfigError
 from .backbone import MetaFormerBackbone
 
 
@@ -80,3 +81,31 @@ def semantic_fpn(backbone_name: str = "poolformer_s12", num_classes: int = 150, 
 
 def build_segmenter(**config: Any) -> SemanticFPN:
     return semantic_fpn(**config)
+
+
+def build_segmenter_from_checkpoint(ckpt: dict) -> SemanticFPN:
+    model = build_segmenter(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+@torch.no_grad()
+def segment_logits(model: torch.nn.Module, x: torch.Tensor, mode: str = "whole", crop: int = 512,
+                   stride: int | None = None) -> torch.Tensor:
+    """Logits ``[B, K, H, W]`` for normalised images: one pass (``whole``) or mmseg's sliding
+    window (``slide``: ``crop`` windows every ``stride`` = 2/3 crop px, overlaps averaged)."""
+    if mode == "whole":
+        return model(x)
+    if mode != "slide":
+        raise ConfigError(f"unknown test mode {mode!r}: use whole or slide")
+    stride = stride or crop * 2 // 3
+    b, _, h, w = x.shape
+    logits = x.new_zeros((b, model.num_classes, h, w))
+    count = x.new_zeros((1, 1, h, w))
+    for gy in range(max(h - crop + stride - 1, 0) // stride + 1):
+        for gx in range(max(w - crop + stride - 1, 0) // stride + 1):
+            y1, x1 = min(gy * stride + crop, h), min(gx * stride + crop, w)
+            y0, x0 = max(y1 - crop, 0), max(x1 - crop, 0)
+            logits[:, :, y0:y1, x0:x1] += model(x[:, :, y0:y1, x0:x1]).float()
+            count[:, :, y0:y1, x0:x1] += 1
+    return logits / count

@@ -17,9 +17,9 @@ from torch import nn
 from torchvision.ops.feature_pyramid_network import (ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool,
                                                      LastLevelP6P7)
 
-from ...engine.loop import freeze, frozen_modules
-from ...errors import ConfigError
-from ...zoo import create_model, load_weights
+from ....engine.loop import freeze, frozen_modules
+from ....errors import ConfigError
+from ....zoo import create_model, load_weights
 
 
 def describe_report(report) -> str:
