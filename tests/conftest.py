@@ -47,3 +47,45 @@ def no_server(monkeypatch):
     started = []
     monkeypatch.setattr(serve, "run_server", lambda app, host, port, log_level: started.append((app, host, port)))
     return started
+
+
+class _SignalStack(__import__("ctypes").Structure):
+    import ctypes
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+_SS_DISABLE = 2  # <bits/sigstack.h> on Linux
+
+
+def _unmapped_signal_stack():
+    """The address of this thread's alternate signal stack when it lies in no mapping of the process (None when
+    it is mapped, disabled, or this is not Linux). Signals are delivered on that stack: an unmapped one turns
+    the next signal handled here into SIGSEGV."""
+    import ctypes
+
+    if not sys.platform.startswith("linux"):
+        return None
+    current = _SignalStack()
+    if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(current)) != 0 or current.ss_flags & _SS_DISABLE:
+        return None
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            lo, hi = (int(a, 16) for a in line.split(None, 1)[0].split("-"))
+            if lo <= current.ss_sp < hi:
+                return None
+    return current.ss_sp
+
+
+@pytest.fixture(autouse=True)
+def signal_stack_stays_mapped():
+    """Every test leaves the process able to handle a signal: a library that leaves the thread's alternate signal
+    stack pointing at freed memory fails the test that did it (and the stack is switched off, so that the later
+    tests in this process are not killed by the next SIGCHLD or Ctrl-C)."""
+    yield
+    address = _unmapped_signal_stack()
+    if address is not None:
+        import ctypes
+
+        ctypes.CDLL(None).sigaltstack(ctypes.byref(_SignalStack(None, _SS_DISABLE, 0)), None)
+        pytest.fail(f"this test left the thread's alternate signal stack at 0x{address:x}, which is no longer "
+                    "mapped: the next signal handled in this process would kill it with SIGSEGV")

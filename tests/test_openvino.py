@@ -126,3 +126,31 @@ def test_bench_times_openvino_beside_ours_and_our_fused_graph_in_openvino(tmp_pa
     assert set(rows) == set(modes.split(",")) and all(r["images_per_s"] > 0 for r in rows.values())
     assert rows["ov_fp32"]["max_abs_diff"] < 1e-4 and rows["ov_fused_fp32"]["max_abs_diff"] < 1e-4
     assert 0 < rows["ov_bf16"]["max_abs_diff"] < 0.1 and 0 < rows["ov_int8"]["max_abs_diff"]
+
+
+SIGNAL_AFTER_TWO_FILES = """
+import gc, os, signal, sys
+from metaformer.tools.exported import load_runtime
+
+first, second = load_runtime(sys.argv[1]), load_runtime(sys.argv[2])
+del first  # released in the order they were loaded
+gc.collect()
+del second
+gc.collect()
+signal.signal(signal.SIGUSR1, lambda *_: print("handled"))
+os.kill(os.getpid(), signal.SIGUSR1)  # delivered on this thread's alternate signal stack
+"""
+
+
+def test_a_signal_after_two_openvino_files_were_let_go_is_handled(tmp_path):
+    """Files loaded one after another and released in the same order leave the process able to handle a signal
+    (Ctrl-C, SIGTERM, a DataLoader's SIGCHLD); a Core per file left the thread a stack already unmapped."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = metaformer.create_model("poolformer_s12", **TINY).eval()
+    paths = [export(model, tmp_path / f"m{i}", "openvino").path for i in range(2)]
+    p = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_TWO_FILES, *map(str, paths)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "handled" in p.stdout, (p.returncode, p.stderr[-2000:])

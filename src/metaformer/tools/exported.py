@@ -13,6 +13,7 @@ file here, so each runs the same session, with the same checks:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
@@ -295,6 +296,18 @@ def _load_onnx(path: Path) -> tuple[Runtime, Callable[[], list]]:
     return Runtime(run, meta, "onnx", path, batch, shape), digest
 
 
+@functools.lru_cache(maxsize=None)
+def openvino_core(what: str = "running an OpenVINO file"):
+    """The process's one OpenVINO ``Core``, kept until the process exits.
+
+    Every ``Core`` makes its own CPU plugin, and each CPU plugin installs an alternate signal stack on the thread
+    that compiles with it, putting back at its end the stack it found there. Two plugins that end in the order
+    they began (load one file, load another, let go of the first, then the second) leave the thread pointing at
+    a stack already unmapped, and the next signal handled on it (Ctrl-C, SIGTERM, a DataLoader's SIGCHLD) kills
+    the process with SIGSEGV. With one Core, every compiled model shares one plugin and none ends early."""
+    return require("openvino", "openvino", what).Core()
+
+
 def openvino_config(precision: str = "f32", threads: int | None = None) -> dict:
     """How every reader compiles an OpenVINO model for the CPU: ``precision`` for the operations that are not int8
     (OpenVINO's own default is bf16 on CPUs that have it, which would make an fp32 file answer in bf16), ``threads``
@@ -315,8 +328,7 @@ def openvino_fn(compiled) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _load_openvino(path: Path) -> tuple[Runtime, Callable[[], str]]:
-    ov = require("openvino", "openvino", "running an OpenVINO file")
-    core = ov.Core()
+    core = openvino_core()
     model = core.read_model(str(path))
     text = model.get_rt_info([META_KEY]).astype(str) if model.has_rt_info([META_KEY]) else None
     meta = parse_metadata(text, path)

@@ -281,10 +281,9 @@ _OV_STRUCTURAL = ("Input", "Output", "Const", "Reorder", "Reshape", "Transpose",
 def openvino_ops(path: str | os.PathLike) -> dict:
     """The same count for an OpenVINO file, from the graph the CPU plugin actually runs (each layer's runtime
     precision): a layer running in u8/i8 is int8, any other compute layer float."""
-    from .exported import openvino_config
+    from .exported import openvino_config, openvino_core
 
-    ov = require("openvino", "openvino", "reading an OpenVINO graph")
-    core = ov.Core()
+    core = openvino_core("reading an OpenVINO graph")
     compiled = core.compile_model(core.read_model(str(path)), "CPU", openvino_config("f32", 1))
     int8, fp32 = Counter(), Counter()
     for op in compiled.get_runtime_model().get_ordered_ops():

@@ -163,18 +163,17 @@ def _openvino(model: nn.Module, x: torch.Tensor, precision: str, int8: bool):
     """``model`` converted to OpenVINO (any batch) and compiled for the CPU as every reader compiles a file
     (:func:`metaformer.tools.exported.openvino_config`): ``precision`` for what is not int8 (``f32``, ``bf16``);
     ``int8``: quantized by NNCF first, calibrated on random images like the other int8 modes."""
-    from ...errors import require
     from ..export import openvino_model
-    from ..exported import openvino_config, openvino_fn
+    from ..exported import openvino_config, openvino_core, openvino_fn
     from ..quantize import openvino_int8_model
 
-    ov = require("openvino", "openvino", "the OpenVINO benchmark modes")
+    core = openvino_core("the OpenVINO benchmark modes")
     if int8:
         calib = torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(1))
         ov_model = openvino_int8_model(model, calib)
     else:
         ov_model = openvino_model(model, x[:2], [-1, *x.shape[1:]])
-    return openvino_fn(ov.Core().compile_model(ov_model, "CPU", openvino_config(precision)))
+    return openvino_fn(core.compile_model(ov_model, "CPU", openvino_config(precision)))
 
 
 def gemm_fn(dtype: torch.dtype, device) -> tuple[Callable, float]:
