@@ -258,7 +258,7 @@ def add_parser(sub) -> None:
                         + ", ".join(f"{n} for --budget {b}" for b, n in DEFAULT_SEEDS.items()) + ")")
     p.add_argument("--budget", choices=list(BUDGETS), default="quick",
                    help=f"quick: scaled-down S12 on the built-in {QUICK_DATA.split(':')[1]} task, about "
-                        f"{QUICK_MINUTES} minutes for the whole grid with its seeds on 2 CPU cores; "
+                        f"{QUICK_MINUTES} minutes for the whole grid with its seeds on 2 CPU cores (--devices cpu,cpu); "
                         "paper: the paper's ImageNet recipe (needs --data)")
     p.add_argument("--data", help=f"any `metaformer train --data` source (default: {QUICK_DATA} for --budget quick)")
     p.add_argument("--config", help="YAML of `metaformer train` options applied to every row")

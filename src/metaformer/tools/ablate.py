@@ -47,14 +47,16 @@ BUDGETS = {
     # The paper's recipe unchanged (PoolFormer-S12, 300 epochs, 224 px): needs --data.
     "paper": dict(),
 }
-# Seeds per row when --seeds is not given: the quick grid's differences need 5 to resolve about 2 points
-# (docs/ablation_quick_report.md); a paper-budget row costs hundreds of GPU-hours, and 3 seeds are the fewest
-# whose t interval is useful.
+# Seeds per row when --seeds is not given. The report says which differences they resolve and how many seeds a
+# 2-point difference would need: with the quick budget's seed-to-seed spread (paired differences' pooled sd 6.8
+# points, docs/ablation_quick_report.md) 5 seeds resolve about 5 points and 2 points would take about 47, ten
+# times the quick grid's time. A paper-budget row costs hundreds of GPU-hours, and 3 seeds are the fewest whose
+# t interval is useful.
 DEFAULT_SEEDS = {"quick": 5, "paper": 3}
 
 # Minutes the whole quick grid (every row, DEFAULT_SEEDS['quick'] seeds) takes on 2 quiet CPU cores
-# (docs/ablation_quick_report.md); `ablate --help` and the README quote this one figure.
-QUICK_MINUTES = 45
+# (36.2 min in docs/ablation_quick_report.md, with --devices cpu,cpu); `ablate --help` and the README quote it.
+QUICK_MINUTES = 36
 
 REFERENCE = "baseline"
 ROW_RESULT = "result.json"
