@@ -351,3 +351,26 @@ def test_help_and_readme_give_the_quick_grid_one_time(capsys):
     assert f"about {QUICK_MINUTES} minutes for the whole grid" in " ".join(capsys.readouterr().out.split())
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     assert f"with its seeds in about {QUICK_MINUTES} minutes on 2 CPU cores" in readme
+
+
+def test_importing_submitit_leaves_the_process_logging_alone(monkeypatch):
+    """The launcher imports submitit without its logging set-up, which would close every handler the process has
+    (absl's closes sys.stderr with it)."""
+    import io
+    import logging
+
+    from metaformer.tools.ablate_submitit import import_submitit
+
+    pytest.importorskip("submitit")
+    for key in [k for k in sys.modules if k == "submitit" or k.startswith("submitit.")]:
+        monkeypatch.delitem(sys.modules, key)
+    monkeypatch.delenv("SUBMITIT_LOG_LEVEL", raising=False)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.close = stream.close  # as absl's handler: closing it closes its stream
+    logging.getLogger().addHandler(handler)
+    try:
+        import_submitit()
+        assert handler in logging.getLogger().handlers and not stream.closed
+    finally:
+        logging.getLogger().removeHandler(handler)

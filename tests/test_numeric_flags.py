@@ -90,7 +90,7 @@ def base(verb: str, i: dict, out: Path) -> list[str]:
 # Every numeric flag and the values it accepts, written out: a bound loosened (or tightened) in the code fails
 # test_every_numeric_flag_declares_its_range until it is changed here too, on purpose.
 RANGES = {
-    "ablate": {"--seeds": "1 to 100"},
+    "ablate": {"--seeds": "1 to 100", "--local-parallelism": "1 to 1024"},
     "bench": {"--batch-size": "1 to 4096", "--img-size": "32 to 4096", "--train-batch": "1 to 4096",
         "--repeats": "1 to 10000", "--warmup": "0 to 1000"},
     "cam": {"--num-classes": "1 to 1000000"},
@@ -131,7 +131,7 @@ RANGES = {
         "--warmup-epochs": "0 to 100000", "--opt-eps": "> 0", "--opt-betas": ">= 0 and < 1", "--weight-decay": ">= 0",
         "--clip-grad": "> 0", "--smoothing": ">= 0 and < 1", "--mixup": ">= 0", "--cutmix": ">= 0",
         "--mixup-prob": "0 to 1", "--mixup-switch-prob": "0 to 1", "--color-jitter": ">= 0",
-        "--scale": "> 0 and <= 1", "--hflip": "0 to 1", "--reprob": "0 to 1", "--recount": "1 to 100",
+        "--scale": "> 0 and <= 1", "--ratio": "> 0", "--hflip": "0 to 1", "--reprob": "0 to 1", "--recount": "1 to 100",
         "--ema-decay": ">= 0 and < 1", "--seed": "0 to 9223372036854775807", "--log-interval": ">= 1"},
 }
 

@@ -10,6 +10,7 @@ subprocesses of this one (how the tests run it), at most ``local_parallelism`` a
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,8 +33,17 @@ def default_resources(budget: str) -> dict:
     return {"timeout_min": 60, "gpus_per_node": 0, "tasks_per_node": 1, "cpus_per_task": 2, "mem_gb": 8}
 
 
+def import_submitit():
+    """submitit, imported without letting it configure logging: at import it calls ``logging.config.dictConfig``,
+    which closes every handler the process already has (absl's, loaded with TensorBoard, closes ``sys.stderr``
+    with it). ``SUBMITIT_LOG_LEVEL=NOCONFIG`` (unless the user chose a level) leaves logging as it is; submitit's
+    warnings still reach stderr through logging's last-resort handler."""
+    os.environ.setdefault("SUBMITIT_LOG_LEVEL", "NOCONFIG")
+    return require("submitit", "cluster", "--launcher submitit")
+
+
 def make_executor(folder: Path, cluster: str, resources: dict):
-    submitit = require("submitit", "cluster", "--launcher submitit")
+    submitit = import_submitit()
     try:
         executor = submitit.AutoExecutor(folder=folder, cluster=None if cluster == "auto" else cluster)
     except (ValueError, RuntimeError) as e:
@@ -63,7 +73,7 @@ def _live_jobs(submitted: dict, folder: Path, todo: list[tuple[str, int]]) -> di
     """The SLURM jobs of an earlier run that still hold one of ``todo``'s cells (pending or running)."""
     live = {}
     wanted = {_cell(r, k) for r, k in todo}
-    import submitit
+    submitit = import_submitit()
 
     for cell, info in submitted.items():
         if cell in wanted and info.get("cluster") == "slurm":
