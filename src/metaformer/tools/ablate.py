@@ -330,7 +330,9 @@ ERROR_LOG = "error.txt"
 def run_one_or_fail(grid: Grid, row: str, seed_index: int, output: Path, device: str | None = None) \
         -> tuple[dict | None, Failure | None]:
     """:func:`run_one`; an error (a bug in a mixer of one's own, a row that cannot train) is written with its
-    traceback to the cell's ``error.txt`` and returned as a :class:`Failure`, so that the grid goes on."""
+    traceback to the cell's ``error.txt`` and returned as a :class:`Failure`, so that the grid goes on. A user
+    error (a missing ``--pretrained`` file, unreadable data: a :class:`MetaFormerError`) is raised instead: it
+    would fail every cell the same way, and the grid stops with its one line."""
     log = row_dir(output, row, seed_index) / ERROR_LOG
     try:
         result = run_one(grid, row, seed_index, output, device)
@@ -339,7 +341,7 @@ def run_one_or_fail(grid: Grid, row: str, seed_index: int, output: Path, device:
     except Exception as e:  # Ctrl-C and Interrupted are BaseException / handled by the callers
         from ..engine.stop import Interrupted
 
-        if isinstance(e, Interrupted):
+        if isinstance(e, (Interrupted, MetaFormerError)):
             raise
         import traceback
 
