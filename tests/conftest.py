@@ -1,3 +1,4 @@
+import ctypes
 import os
 
 import torch
@@ -49,8 +50,7 @@ def no_server(monkeypatch):
     return started
 
 
-class _SignalStack(__import__("ctypes").Structure):
-    import ctypes
+class _SignalStack(ctypes.Structure):
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
 
@@ -61,8 +61,6 @@ def _unmapped_signal_stack():
     """The address of this thread's alternate signal stack when it lies in no mapping of the process (None when
     it is mapped, disabled, or this is not Linux). Signals are delivered on that stack: an unmapped one turns
     the next signal handled here into SIGSEGV."""
-    import ctypes
-
     if not sys.platform.startswith("linux"):
         return None
     current = _SignalStack()
@@ -84,8 +82,6 @@ def signal_stack_stays_mapped():
     yield
     address = _unmapped_signal_stack()
     if address is not None:
-        import ctypes
-
         ctypes.CDLL(None).sigaltstack(ctypes.byref(_SignalStack(None, _SS_DISABLE, 0)), None)
         pytest.fail(f"this test left the thread's alternate signal stack at 0x{address:x}, which is no longer "
                     "mapped: the next signal handled in this process would kill it with SIGSEGV")

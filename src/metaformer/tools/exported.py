@@ -296,16 +296,23 @@ def _load_onnx(path: Path) -> tuple[Runtime, Callable[[], list]]:
     return Runtime(run, meta, "onnx", path, batch, shape), digest
 
 
-@functools.lru_cache(maxsize=None)
 def openvino_core(what: str = "running an OpenVINO file"):
-    """The process's one OpenVINO ``Core``, kept until the process exits.
+    """The process's one OpenVINO ``Core``, kept until the process exits (``what``: for the missing-extra message).
 
     Every ``Core`` makes its own CPU plugin, and each CPU plugin installs an alternate signal stack on the thread
     that compiles with it, putting back at its end the stack it found there. Two plugins that end in the order
     they began (load one file, load another, let go of the first, then the second) leave the thread pointing at
     a stack already unmapped, and the next signal handled on it (Ctrl-C, SIGTERM, a DataLoader's SIGCHLD) kills
     the process with SIGSEGV. With one Core, every compiled model shares one plugin and none ends early."""
-    return require("openvino", "openvino", what).Core()
+    require("openvino", "openvino", what)
+    return _the_openvino_core()
+
+
+@functools.lru_cache(maxsize=None)
+def _the_openvino_core():
+    import openvino
+
+    return openvino.Core()
 
 
 def openvino_config(precision: str = "f32", threads: int | None = None) -> dict:
