@@ -30,6 +30,19 @@ DEFAULT_THRESHOLD = 1 << 30  # blocks above 1 GiB still get their own mapping
 _state = {"applied": False}
 
 
+def _glibc(name: str, argtypes: list):
+    """glibc's function ``name`` (returning an int), or None off Linux or where the C library has no such
+    function (musl and other libcs have neither mallopt nor malloc_trim)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
+
+
 def keep_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
     """Make glibc keep freed blocks up to ``threshold`` bytes for reuse; True if it now does.
 
@@ -38,16 +51,13 @@ def keep_freed_memory(threshold: int = DEFAULT_THRESHOLD) -> bool:
     """
     if not 0 < threshold < 2 ** 31:
         raise ValueError(f"threshold must be between 1 byte and 2 GiB (mallopt takes an int), got {threshold}")
-    if not sys.platform.startswith("linux") or os.environ.get("METAFORMER_MALLOC", "").lower() == "default":
+    if os.environ.get("METAFORMER_MALLOC", "").lower() == "default":
         return False
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+    mallopt = _glibc("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, threshold) == 1 and mallopt(M_TRIM_THRESHOLD, threshold) == 1
     _state["applied"] = _state["applied"] or ok
     return ok
@@ -60,15 +70,8 @@ def release_freed_memory() -> bool:
     the top of each heap on its own, so memory freed by threads that decoded large images stays counted
     against the process until it exits. Does nothing (False) off Linux/glibc.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
-        return False
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim(0) == 1
+    trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    return trim is not None and trim(0) == 1
 
 
 def resident_bytes() -> int | None:
