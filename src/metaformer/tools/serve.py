@@ -61,10 +61,6 @@ class BadInput(Exception):
         self.status, self.reason, self.close = status, reason, close
 
 
-class ClientLeft(Exception):
-    """The client closed its connection before its request's body had arrived."""
-
-
 # ----------------------------------------------------------------------------- the model
 @dataclass
 class Servable:
@@ -351,7 +347,6 @@ def create_app(servable: Servable, max_batch: int = 32, max_wait_ms: float = 5.0
     async def _bad_input(request, exc: BadInput):
         return refuse(request, exc.status, exc.reason, {"connection": "close"} if exc.close else None)
 
-    @app.exception_handler(ClientLeft)
     @app.exception_handler(ClientDisconnect)
     async def _client_left(request, exc):
         log.warning("%s %s from %s: the client left before its request had arrived%s", request.method,
@@ -385,7 +380,7 @@ def create_app(servable: Servable, max_batch: int = 32, max_wait_ms: float = 5.0
                                     f"(allowed: {limits.read_timeout:g} s, plus 1 s per {limits.min_rate:g} bytes)",
                                close=True) from None
             if message["type"] == "http.disconnect":
-                raise ClientLeft(f"{size:,}{of} bytes of its body received")
+                raise ClientDisconnect(f"{size:,}{of} bytes of its body received")
             size += len(message.get("body", b""))
             if size > limits.max_bytes:
                 raise BadInput(413, f"request too large: over the limit of {limits.max_bytes:,} bytes", close=True)
