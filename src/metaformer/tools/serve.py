@@ -83,8 +83,8 @@ class Servable:
 
 def load_servable(source: str, model_name: str | None = None, fused: bool = True, cam: bool = True) -> Servable:
     """A checkpoint (any layout metaformer loads; ours name their model) run in PyTorch, fused when the model
-    has blocks :func:`metaformer.fuse` covers, or an exported file (ONNX, int8 ONNX, TorchScript, .pt2) run in
-    its own runtime."""
+    has blocks :func:`metaformer.fuse` covers, or an exported file (ONNX, int8 ONNX, TorchScript, .pt2, OpenVINO
+    IR) run in its own runtime."""
     if source.endswith(EXPORT_SUFFIXES):
         from .exported import load_exported
 
