@@ -352,6 +352,10 @@ def test_decodes_are_capped_and_freed_memory_is_given_back_after_a_burst(ckpt, m
                         break
                     await asyncio.sleep(0.01)
                 await asyncio.sleep(0.2)
+                # one more request and idle period: the process has not grown since the trim
+                again = await client.post("/predict", content=png(), headers={"content-type": "image/png"})
+                assert again.status_code == 200
+                await asyncio.sleep(0.2)
         return rs
 
     responses = asyncio.run(burst())
