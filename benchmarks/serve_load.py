@@ -58,10 +58,10 @@ class Server:
                     "warning", "--no-cam", *extra]
 
     def log(self) -> str:
-        """What the server wrote to stderr so far."""
-        self.err.flush()
-        self.err.seek(0)
-        return self.err.read().decode(errors="replace")
+        """What the server wrote to stderr so far. Read with pread: the server shares the file's offset, so a
+        seek here would make its next line overwrite the start of the log."""
+        fd = self.err.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
 
     def memory(self) -> dict:
         """The server's resident memory now and at its peak, in MB (Linux)."""
