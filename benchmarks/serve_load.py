@@ -5,17 +5,19 @@ For each model file and server setting (dynamic batching as configured, and --ma
 without batching), this script starts `metaformer serve` on 127.0.0.1 in a subprocess, waits for /health, and
 drives it from asyncio clients (httpx) in this process: each client posts the same image to /predict, back to
 back, for --seconds per concurrency level (at most --max-requests in all). It reports completed requests/s,
-p50/p99 latency, the mean batch the server ran (from /health), and errors. Bounded in time; loopback only.
+p50/p99 latency, the mean batch the server ran (from /health), errors, and the pages the server faulted in
+per request (from /proc/PID/stat). Bounded in time; loopback only.
 
---hostile adds, on one server per model (default settings): --stalled connections that send half a request
-line and stall, as many that send their headers and a few body bytes and stall (the seconds until the server
-closes each, how many were answered 408, and a normal client's latency while they are held); as many that leave
-mid-body (the server's log lines and tracebacks they caused); and a burst of --burst concurrent uploads of a
-large allowed JPEG (--burst-pixels), with the server's resident memory before, at its peak (VmHWM) and at rest
---rest seconds later (VmRSS).
+--hostile adds, on one server per model (default settings, plus --server-args): --stalled connections that
+send half a request line and stall, as many that send their headers and a few body bytes and stall (the seconds
+until the server closes each, how many were answered 408, and a normal client's latency while they are
+held); as many that leave mid-body (the server's log lines and tracebacks they caused); and a burst of --burst
+concurrent uploads of a large allowed JPEG (--burst-pixels), with the server's resident memory before, at its
+peak (VmHWM) and at rest --rest seconds later (VmRSS).
 
-    python benchmarks/serve_load.py runs/digits/best.pth runs/digits/best_int8.onnx --md results/serve.md
-    python benchmarks/serve_load.py runs/s12_random.safetensors --no-load --hostile --md results/serve_hostile.md
+    python benchmarks/serve_load.py runs/digits/best.pth runs/digits/best_int8.onnx --md benchmarks/results/serve.md
+    python benchmarks/serve_load.py runs/s12_random.safetensors --no-load --hostile \
+        --md benchmarks/results/serve_hostile.md
 """
 from __future__ import annotations
 
