@@ -305,7 +305,7 @@ def test_fusion_report_shows_each_gemm_choice(tmp_path):
         fuse(m, backend="triton", gemm="cublas")
 
 
-def test_tune_times_the_candidates_and_installs_the_fastest(monkeypatch):
+def test_tune_times_the_candidates_and_installs_the_fastest():
     """tune() times each tile and cuBLASLt per GEMM shape of the model (the mechanics; the interpreter's timings
     mean nothing) and the model then runs the table's choices, with the same logits."""
     from metaformer.fast import fusion_report, tuning
@@ -323,6 +323,7 @@ def test_tune_times_the_candidates_and_installs_the_fastest(monkeypatch):
     assert set(fc1["times_ms"]) == {default, "triton " + tuning.tile_label(T.gemm_config(fc1["M"], 64, 16, 2,
                                                                                        GEMM_TILES[0])), "cublaslt"}
     assert fc1["default_ms"] == fc1["times_ms"][default] and fc1["impl"] in ("triton", "cublaslt")
+    assert all(e["ms"] == min(e["times_ms"].values()) for e in table["entries"].values())
     assert all(how.endswith("[table]") for how in fusion_report(f).gemms.values())
     with torch.no_grad():
         assert _rel(f(x.bfloat16()), before) <= 2e-2
