@@ -168,8 +168,8 @@ def gemm_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, dict]:
     def hook(block, args):
         y = args[0]
         b, c, h, w = y.shape
-        act = block._triton_act()
-        for role, k, n, a in (("fc1", c, block.fc1_weight.shape[0], act), ("fc2", block.fc1_weight.shape[0], c, 0)):
+        for role in ROLES:
+            k, n, a = block.gemm_shape(role)
             key = gemm_key(role, k, n, y.dtype, a)
             seen.setdefault(key, dict(role=role, block=block, M=b * h * w, K=k, N=n, hw=(h, w), dtype=y.dtype,
                                       act=a, device=y.device))
