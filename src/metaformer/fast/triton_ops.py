@@ -179,7 +179,7 @@ def _row_sum(ptr, b, hh, w, c, cm, H, W, C, K: tl.constexpr, DIVIDE: tl.constexp
 
 
 @triton.jit
-def _window_start(ptr, b, h0, w, c, wm, cm, H, W, C, K: tl.constexpr, DIVIDE: tl.constexpr, BLOCK_W: tl.constexpr,
+def _window_start(ptr, b, h0, w, c, cm, H, W, C, K: tl.constexpr, DIVIDE: tl.constexpr, BLOCK_W: tl.constexpr,
                   BLOCK_C: tl.constexpr):
     """The rolling window's state before output row ``h0``: for K = 3 the row sums of rows h0-1 and h0
     and row h0 itself; otherwise the sum of the row sums of rows h0-P .. h0+P-1."""
@@ -260,7 +260,7 @@ def _pool_mix_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, mu_ptr, rstd_ptr, keep_
         cur = up
         mid = up
     else:
-        up, cur, mid = _window_start(x_ptr, b, h0, w, c, wm, cm, H, W, C, K, False, BLOCK_W, BLOCK_C)
+        up, cur, mid = _window_start(x_ptr, b, h0, w, c, cm, H, W, C, K, False, BLOCK_W, BLOCK_C)
     for i in range(0, ROWS):
         h = h0 + i
         if MODE == 2:  # identity mixer (IdentityFormer): r x + g norm(x) = (r + a) x + shift
@@ -369,7 +369,7 @@ def _pool_mix_bwd_reduce_kernel(x_ptr, dy_ptr, t_ptr, dr_ptr, H, W, C, ROWS, NS,
     cnt_w = _count(w, W, P)[:, None]
     t = tl.zeros([BLOCK_C], tl.float32)
     dr = tl.zeros([BLOCK_C], tl.float32)
-    up, cur, mid = _window_start(x_ptr, b, h0, w, c, wm, cm, H, W, C, K, False, BLOCK_W, BLOCK_C)
+    up, cur, mid = _window_start(x_ptr, b, h0, w, c, cm, H, W, C, K, False, BLOCK_W, BLOCK_C)
     for i in range(0, ROWS):
         h = h0 + i
         total, x, up, cur, mid = _window_next(x_ptr, b, h, up, cur, mid, w, c, wm, cm, H, W, C, K, False,
@@ -403,7 +403,7 @@ def _pool_mix_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, rk_ptr, r_ptr, coe
         r = tl.load(r_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
     coef = tl.load(coef_ptr + b)
     mu = tl.load(mu_ptr + b)
-    up, cur, mid = _window_start(dy_ptr, b, h0, w, c, wm, cm, H, W, C, K, True, BLOCK_W, BLOCK_C)
+    up, cur, mid = _window_start(dy_ptr, b, h0, w, c, cm, H, W, C, K, True, BLOCK_W, BLOCK_C)
     for i in range(0, ROWS):
         h = h0 + i
         pt, dy, up, cur, mid = _window_next(dy_ptr, b, h, up, cur, mid, w, c, wm, cm, H, W, C, K, True,
