@@ -318,8 +318,13 @@ def mixer_config(b: int, h: int, w: int, c: int, config: dict | None = None) -> 
     return cfg
 
 
-def _mixer_grid(b: int, h: int, w: int, c: int, cfg: dict) -> tuple[int, int, int]:
-    return b * triton.cdiv(h, cfg["ROWS"]), triton.cdiv(w, cfg["BLOCK_W"]), triton.cdiv(c, cfg["BLOCK_C"])
+def _mixer_launch(b: int, h: int, w: int, c: int, config: dict | None):
+    """A mixer kernel's grid (strips of every sample, W-tiles, C-tiles), rows per strip, strips per sample, and
+    the remaining launch options (:func:`mixer_config`)."""
+    cfg = mixer_config(b, h, w, c, config)
+    rows = cfg.pop("ROWS")
+    strips = triton.cdiv(h, rows)
+    return (b * strips, triton.cdiv(w, cfg["BLOCK_W"]), triton.cdiv(c, cfg["BLOCK_C"])), rows, strips, cfg
 
 
 def pool_mix(x: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, scale: torch.Tensor,
@@ -340,13 +345,11 @@ def pool_mix(x: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, scale: torch
     x = channels_last(x)
     b, c, h, w = x.shape
     y = torch.empty_like(x)
-    cfg = mixer_config(b, h, w, c, config)
-    grid = _mixer_grid(b, h, w, c, cfg)
-    ps = torch.empty(b, grid[0] // b * grid[1] * grid[2], 2, device=x.device, dtype=torch.float32) if stats else y
-    rows = cfg.pop("ROWS")
+    grid, rows, strips, cfg = _mixer_launch(b, h, w, c, config)
+    ps = torch.empty(b, strips * grid[1] * grid[2], 2, device=x.device, dtype=torch.float32) if stats else y
     _pool_mix_kernel[grid](
         x, y, scale, scale if shift is None else shift, mu, rstd, rstd if keep is None else keep,
-        scale if res is None else res, ps, h, w, c, rows, grid[0] // b,
+        scale if res is None else res, ps, h, w, c, rows, strips,
         K=pool_size, MODE=mode, HAS_RES=res is not None, HAS_SHIFT=shift is not None and mode != MIX_SUBTRACT,
         HAS_KEEP=keep is not None, STATS=stats, **cfg)
     return y, (ps if stats else None)
@@ -420,25 +423,20 @@ def pool_mix_backward_sums(x: torch.Tensor, dy: torch.Tensor, pool_size: int, ne
     """``t[b, c] = sum_hw dy (pool(x) - x)`` [B, C] and (with ``need_res``) ``sum_bhw dy x`` [C], float32."""
     check_tensor(x, "pool_mix_backward")
     b, c, h, w = x.shape
-    cfg = mixer_config(b, h, w, c, config)
-    grid = _mixer_grid(b, h, w, c, cfg)
+    grid, rows, strips, cfg = _mixer_launch(b, h, w, c, config)
     t = torch.empty(grid[0] * grid[1], c, device=x.device, dtype=torch.float32)
     dr = torch.empty_like(t) if need_res else t
-    rows = cfg.pop("ROWS")
-    _pool_mix_bwd_reduce_kernel[grid](x, dy, t, dr, h, w, c, rows, grid[0] // b, K=pool_size, HAS_RES=need_res,
-                                      **cfg)
+    _pool_mix_bwd_reduce_kernel[grid](x, dy, t, dr, h, w, c, rows, strips, K=pool_size, HAS_RES=need_res, **cfg)
     return t.view(b, -1, c).sum(1), (dr.sum(0) if need_res else None)
 
 
 def pool_mix_backward_dx(x, dy, scale, rk, res, coef, mu, pool_size: int, config: dict | None = None) -> torch.Tensor:
     """The gradient of :func:`pool_mix` (``MIX_SUBTRACT``) w.r.t. ``x``; ``rk = keep rstd`` [B], ``coef`` [B]."""
     b, c, h, w = x.shape
-    cfg = mixer_config(b, h, w, c, config)
-    grid = _mixer_grid(b, h, w, c, cfg)
+    grid, rows, strips, cfg = _mixer_launch(b, h, w, c, config)
     dx = torch.empty_like(x)
-    rows = cfg.pop("ROWS")
     _pool_mix_bwd_dx_kernel[grid](x, dy, dx, scale, rk, scale if res is None else res, coef, mu, h, w, c, rows,
-                                  grid[0] // b, K=pool_size, HAS_RES=res is not None, **cfg)
+                                  strips, K=pool_size, HAS_RES=res is not None, **cfg)
     return dx
 
 
