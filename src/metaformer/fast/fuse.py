@@ -393,6 +393,11 @@ class FusedPoolBlock(FusedModule):
     # fuse(gemm=...), set_gemm or tuning.tune; the plans per (dtype, device) follow from it.
     gemm = None
 
+    def gemm_shape(self, role: str) -> tuple[int, int, int]:
+        """fc1's or fc2's input channels, output channels and Triton activation (fc2's is in no epilogue)."""
+        weight = self.fc1_weight if role == "fc1" else self.fc2_weight  # [N, K, 1, 1]
+        return weight.shape[1], weight.shape[0], self._triton_act() if role == "fc1" else 0
+
     def gemm_plan(self, role: str, dtype: torch.dtype, device: torch.device):
         """The :class:`~metaformer.fast.tuning.GemmPlan` of fc1 or fc2 for inputs of ``dtype`` on ``device``."""
         from . import tuning
@@ -400,9 +405,8 @@ class FusedPoolBlock(FusedModule):
         key = (role, dtype, device.type)
         plans = self.__dict__.setdefault("_plans", {})
         if key not in plans:
-            weight = self.fc1_weight if role == "fc1" else self.fc2_weight  # [N, K, 1, 1]
-            act = self._triton_act() if role == "fc1" else 0
-            plans[key] = tuning.plan(role, weight.shape[1], weight.shape[0], dtype, act, device, self.gemm)
+            k, n, act = self.gemm_shape(role)
+            plans[key] = tuning.plan(role, k, n, dtype, act, device, self.gemm)
         return plans[key]
 
     def forward_triton(self, x: torch.Tensor, stats: torch.Tensor | None = None):
@@ -673,10 +677,8 @@ def _gemm_lines(block: FusedPoolBlock) -> dict[str, str]:
     w = block.fc1_weight
     out = {}
     for role in ("fc1", "fc2"):
-        plan = block.gemm_plan(role, w.dtype, w.device)
-        weight = block.fc1_weight if role == "fc1" else block.fc2_weight
-        act = block._triton_act() if role == "fc1" else 0
-        out[gemm_key(role, weight.shape[1], weight.shape[0], w.dtype, act)] = plan.describe()
+        k, n, act = block.gemm_shape(role)
+        out[gemm_key(role, k, n, w.dtype, act)] = block.gemm_plan(role, w.dtype, w.device).describe()
     return out
 
 

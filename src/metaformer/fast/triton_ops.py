@@ -179,7 +179,7 @@ def _row_sum(ptr, b, hh, w, c, cm, H, W, C, K: tl.constexpr, DIVIDE: tl.constexp
 
 
 @triton.jit
-def _window_start(ptr, b, h0, w, c, wm, cm, H, W, C, K: tl.constexpr, DIVIDE: tl.constexpr, BLOCK_W: tl.constexpr,
+def _window_start(ptr, b, h0, w, c, cm, H, W, C, K: tl.constexpr, DIVIDE: tl.constexpr, BLOCK_W: tl.constexpr,
                   BLOCK_C: tl.constexpr):
     """The rolling window's state before output row ``h0``: for K = 3 the row sums of rows h0-1 and h0
     and row h0 itself; otherwise the sum of the row sums of rows h0-P .. h0+P-1."""
@@ -260,7 +260,7 @@ def _pool_mix_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, mu_ptr, rstd_ptr, keep_
         cur = up
         mid = up
     else:
-        up, cur, mid = _window_start(x_ptr, b, h0, w, c, wm, cm, H, W, C, K, False, BLOCK_W, BLOCK_C)
+        up, cur, mid = _window_start(x_ptr, b, h0, w, c, cm, H, W, C, K, False, BLOCK_W, BLOCK_C)
     for i in range(0, ROWS):
         h = h0 + i
         if MODE == 2:  # identity mixer (IdentityFormer): r x + g norm(x) = (r + a) x + shift
@@ -318,8 +318,13 @@ def mixer_config(b: int, h: int, w: int, c: int, config: dict | None = None) -> 
     return cfg
 
 
-def _mixer_grid(b: int, h: int, w: int, c: int, cfg: dict) -> tuple[int, int, int]:
-    return b * triton.cdiv(h, cfg["ROWS"]), triton.cdiv(w, cfg["BLOCK_W"]), triton.cdiv(c, cfg["BLOCK_C"])
+def _mixer_launch(b: int, h: int, w: int, c: int, config: dict | None):
+    """A mixer kernel's grid (strips of every sample, W-tiles, C-tiles), rows per strip, strips per sample, and
+    the remaining launch options (:func:`mixer_config`)."""
+    cfg = mixer_config(b, h, w, c, config)
+    rows = cfg.pop("ROWS")
+    strips = triton.cdiv(h, rows)
+    return (b * strips, triton.cdiv(w, cfg["BLOCK_W"]), triton.cdiv(c, cfg["BLOCK_C"])), rows, strips, cfg
 
 
 def pool_mix(x: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, scale: torch.Tensor,
@@ -340,13 +345,11 @@ def pool_mix(x: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, scale: torch
     x = channels_last(x)
     b, c, h, w = x.shape
     y = torch.empty_like(x)
-    cfg = mixer_config(b, h, w, c, config)
-    grid = _mixer_grid(b, h, w, c, cfg)
-    ps = torch.empty(b, grid[0] // b * grid[1] * grid[2], 2, device=x.device, dtype=torch.float32) if stats else y
-    rows = cfg.pop("ROWS")
+    grid, rows, strips, cfg = _mixer_launch(b, h, w, c, config)
+    ps = torch.empty(b, strips * grid[1] * grid[2], 2, device=x.device, dtype=torch.float32) if stats else y
     _pool_mix_kernel[grid](
         x, y, scale, scale if shift is None else shift, mu, rstd, rstd if keep is None else keep,
-        scale if res is None else res, ps, h, w, c, rows, grid[0] // b,
+        scale if res is None else res, ps, h, w, c, rows, strips,
         K=pool_size, MODE=mode, HAS_RES=res is not None, HAS_SHIFT=shift is not None and mode != MIX_SUBTRACT,
         HAS_KEEP=keep is not None, STATS=stats, **cfg)
     return y, (ps if stats else None)
@@ -369,7 +372,7 @@ def _pool_mix_bwd_reduce_kernel(x_ptr, dy_ptr, t_ptr, dr_ptr, H, W, C, ROWS, NS,
     cnt_w = _count(w, W, P)[:, None]
     t = tl.zeros([BLOCK_C], tl.float32)
     dr = tl.zeros([BLOCK_C], tl.float32)
-    up, cur, mid = _window_start(x_ptr, b, h0, w, c, wm, cm, H, W, C, K, False, BLOCK_W, BLOCK_C)
+    up, cur, mid = _window_start(x_ptr, b, h0, w, c, cm, H, W, C, K, False, BLOCK_W, BLOCK_C)
     for i in range(0, ROWS):
         h = h0 + i
         total, x, up, cur, mid = _window_next(x_ptr, b, h, up, cur, mid, w, c, wm, cm, H, W, C, K, False,
@@ -403,7 +406,7 @@ def _pool_mix_bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, scale_ptr, rk_ptr, r_ptr, coe
         r = tl.load(r_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
     coef = tl.load(coef_ptr + b)
     mu = tl.load(mu_ptr + b)
-    up, cur, mid = _window_start(dy_ptr, b, h0, w, c, wm, cm, H, W, C, K, True, BLOCK_W, BLOCK_C)
+    up, cur, mid = _window_start(dy_ptr, b, h0, w, c, cm, H, W, C, K, True, BLOCK_W, BLOCK_C)
     for i in range(0, ROWS):
         h = h0 + i
         pt, dy, up, cur, mid = _window_next(dy_ptr, b, h, up, cur, mid, w, c, wm, cm, H, W, C, K, True,
@@ -420,25 +423,20 @@ def pool_mix_backward_sums(x: torch.Tensor, dy: torch.Tensor, pool_size: int, ne
     """``t[b, c] = sum_hw dy (pool(x) - x)`` [B, C] and (with ``need_res``) ``sum_bhw dy x`` [C], float32."""
     check_tensor(x, "pool_mix_backward")
     b, c, h, w = x.shape
-    cfg = mixer_config(b, h, w, c, config)
-    grid = _mixer_grid(b, h, w, c, cfg)
+    grid, rows, strips, cfg = _mixer_launch(b, h, w, c, config)
     t = torch.empty(grid[0] * grid[1], c, device=x.device, dtype=torch.float32)
     dr = torch.empty_like(t) if need_res else t
-    rows = cfg.pop("ROWS")
-    _pool_mix_bwd_reduce_kernel[grid](x, dy, t, dr, h, w, c, rows, grid[0] // b, K=pool_size, HAS_RES=need_res,
-                                      **cfg)
+    _pool_mix_bwd_reduce_kernel[grid](x, dy, t, dr, h, w, c, rows, strips, K=pool_size, HAS_RES=need_res, **cfg)
     return t.view(b, -1, c).sum(1), (dr.sum(0) if need_res else None)
 
 
 def pool_mix_backward_dx(x, dy, scale, rk, res, coef, mu, pool_size: int, config: dict | None = None) -> torch.Tensor:
     """The gradient of :func:`pool_mix` (``MIX_SUBTRACT``) w.r.t. ``x``; ``rk = keep rstd`` [B], ``coef`` [B]."""
     b, c, h, w = x.shape
-    cfg = mixer_config(b, h, w, c, config)
-    grid = _mixer_grid(b, h, w, c, cfg)
+    grid, rows, strips, cfg = _mixer_launch(b, h, w, c, config)
     dx = torch.empty_like(x)
-    rows = cfg.pop("ROWS")
     _pool_mix_bwd_dx_kernel[grid](x, dy, dx, scale, rk, scale if res is None else res, coef, mu, h, w, c, rows,
-                                  grid[0] // b, K=pool_size, HAS_RES=res is not None, **cfg)
+                                  strips, K=pool_size, HAS_RES=res is not None, **cfg)
     return dx
 
 
@@ -540,7 +538,8 @@ GEMM_CONFIGS = (
 def _gemm_blocks(m: int, n: int, k: int, itemsize: int) -> dict:
     # The tile without a measured table. Measured on an H200 (bf16, batch 256, docs/fast.md): fc1 (N = 4C >= 256,
     # GELU epilogue) runs fastest with 128 x 256 tiles on 8 warps (0.49 ms at C=64 and 0.22 ms at C=320, against
-    # 0.57 and 0.28 with 128 x 128); fc2 (N = C) already reached 89% of the copy bandwidth at 128 x 128.
+    # 0.57 and 0.28 with 128 x 128); fc2 (N = C) takes the same rule, and reached 89% of the copy bandwidth
+    # at C=64 (128 x 64 tiles).
     block_n = _pow2(n, 16, 256 if n >= 256 else 128)
     block_k = _pow2(k, 16, 64 if itemsize <= 2 else 32)
     block_m = 128 if m >= 4096 else _pow2(m, 16, 64)

@@ -158,8 +158,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def gemm_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, dict]:
-    """The GEMMs a Triton-fused model runs at input ``x``: {key: {role, block, M, K, N, dtype, act}}, the first
-    block of each key (the model's own weights time each candidate)."""
+    """The GEMMs a Triton-fused model runs at input ``x``: {key: {role, block, M, K, N, hw, dtype, act, device}}
+    (``M`` tokens of ``hw`` maps), the first block of each key (the model's own weights time each candidate)."""
     from .fuse import FusedPoolBlock, set_backend
 
     seen: dict[str, dict] = {}
@@ -168,8 +168,8 @@ def gemm_shapes(model: nn.Module, x: torch.Tensor) -> dict[str, dict]:
     def hook(block, args):
         y = args[0]
         b, c, h, w = y.shape
-        act = block._triton_act()
-        for role, k, n, a in (("fc1", c, block.fc1_weight.shape[0], act), ("fc2", block.fc1_weight.shape[0], c, 0)):
+        for role in ROLES:
+            k, n, a = block.gemm_shape(role)
             key = gemm_key(role, k, n, y.dtype, a)
             seen.setdefault(key, dict(role=role, block=block, M=b * h * w, K=k, N=n, hw=(h, w), dtype=y.dtype,
                                       act=a, device=y.device))
@@ -221,7 +221,6 @@ def tune(model: nn.Module, x: torch.Tensor, configs=None, install: bool = True) 
         if s["role"] == "fc1":
             mu = torch.randn(b, device=device, generator=g) * 0.1
             rstd = 1 + torch.rand(b, device=device, generator=g)
-            skip = None
 
             def run(impl, cfg, inp=inp, mu=mu, rstd=rstd, blk=blk, act=s["act"]):
                 return T.fc1(inp, blk.fc1_weight, blk.fc1_bias, mu, rstd, act, impl=impl, config=cfg)

@@ -1,4 +1,4 @@
-"""The one benchmark harness: our modes against timm (same weights) and ONNX Runtime, side by side.
+"""The one benchmark harness: our modes against timm (same weights), ONNX Runtime and OpenVINO, side by side.
 
 Every mode of one configuration (variant, batch, resolution, dtype) is built in the same
 process, warmed up, then timed *interleaved*: each repeat runs every mode once, in a rotated

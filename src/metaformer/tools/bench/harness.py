@@ -18,6 +18,15 @@ from .report import Result
 from .timing import interleaved_timing
 
 
+def _set_times(r: Result, ts: list[float], images_per_call: float) -> float:
+    """``r``'s latency (the median call) and images/s at the median, slowest and fastest call of the seconds
+    ``ts``; returns the median."""
+    med = statistics.median(ts)
+    r.latency_ms = med * 1e3
+    r.images_per_s, r.images_per_s_min, r.images_per_s_max = (images_per_call / t for t in (med, max(ts), min(ts)))
+    return med
+
+
 def bench_inference(variant: str, modes: list[str], batch: int, img_size: int, dtype: str = "fp32",
                     device: str = "cpu", repeats: int = 10, warmup: int = 3, model: nn.Module | None = None,
                     log: Callable[[str], None] = print, exported: str | None = None, fuse_kwargs: dict | None = None,
@@ -66,17 +75,12 @@ def bench_inference(variant: str, modes: list[str], batch: int, img_size: int, d
         for mode in modes:
             r = Result("infer", mode, variant, batch, img_size, dtype, device.type, note=notes.get(mode, ""))
             if mode in times:
-                ts = times[mode]
-                med = statistics.median(ts)
-                r.latency_ms = med * 1e3
                 if mode == "gemm_ceiling":
                     # images/s the model would reach if every FLOP ran at this GEMM rate
+                    med = _set_times(r, times[mode], gflop[mode] / per_image)
                     r.extra["gemm_gflops"] = gflop[mode] / med
-                    r.images_per_s, r.images_per_s_min, r.images_per_s_max = (
-                        gflop[mode] / t / per_image for t in (med, max(ts), min(ts)))
                 else:
-                    r.images_per_s, r.images_per_s_min, r.images_per_s_max = (
-                        batch / t for t in (med, max(ts), min(ts)))
+                    _set_times(r, times[mode], batch)
                     out = fns[mode](x).float()
                     if refs[mode] is not None:  # None: a file with its own weights (bench --exported)
                         r.diff_ref = refs[mode]
@@ -113,10 +117,7 @@ def bench_training(variant: str, modes: list[str], batch: int, img_size: int, de
     for mode in modes:
         r = Result("train", mode, variant, batch, img_size, dtype, dev.type, note=notes.get(mode, ""))
         if mode in times:
-            ts = times[mode]
-            med = statistics.median(ts)
-            r.latency_ms = med * 1e3
-            r.images_per_s, r.images_per_s_min, r.images_per_s_max = (batch / t for t in (med, max(ts), min(ts)))
+            _set_times(r, times[mode], batch)
             if memory:
                 r.peak_mem_mib = train_memory(variant, mode, batch, img_size, device, dtype=dtype, **overrides)
         results.append(r)

@@ -1,8 +1,9 @@
 """The modes a configuration is timed in: how each is built from the model, and what it is compared with.
 
-Inference: ours (eager, channels-last, fused, fused in a CUDA graph, fused and compiled, ONNX Runtime, int8
-through ONNX Runtime or PT2E), timm's own model of the variant with the same weights (eager, channels-last,
-compiled max-autotune, ONNX Runtime), an exported file, and the machine's GEMM ceiling. Training: ours
+Inference: ours (eager, channels-last, fused in fp32 or bf16, fused in a CUDA graph, fused and compiled, ONNX
+Runtime, int8 through ONNX Runtime or PT2E, OpenVINO in fp32, bf16 or int8 from the plain or the fused model),
+timm's own model of the variant with the same weights (eager, channels-last, compiled max-autotune, ONNX
+Runtime), an exported file, and the machine's GEMM ceiling. Training: ours
 (eager, channels-last, the fast path, compiled) and timm's (eager, channels-last, compiled). Each inference
 builder returns the function to time and the reference its logits are compared with.
 """
