@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from ...fast.alloc import resident_bytes
 from ...zoo import create_model
 from .modes import CL_TRAIN_MODES, build_train_mode, train_step_fn
 
@@ -33,8 +34,10 @@ def reexec_with_fixed_mmap_threshold() -> None:
 
 
 def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    rss = resident_bytes()
+    if rss is None:
+        raise OSError("resident memory is read from /proc/self/statm, which this system does not have")
+    return rss / 2 ** 20
 
 
 def _peak_rss_mib() -> float:
