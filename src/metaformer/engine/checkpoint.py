@@ -19,7 +19,6 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -137,12 +136,11 @@ def save(state: dict, path: str | os.PathLike) -> Path:
         raise CheckpointError(f"cannot write {path} ({e.strerror or e}): {previous}") from None
 
 
-def save_pair(state: dict, out: Path, is_best: bool, names: Iterable[str] = ("last.pth",)) -> Path:
-    """Write ``best.pth`` (when this is the best epoch) and then ``names``; returns the last path."""
-    path = None
-    for name in (("best.pth",) if is_best else ()) + tuple(names):
-        path = save(state, out / name)
-    return path
+def save_pair(state: dict, out: Path, is_best: bool) -> Path:
+    """Write ``best.pth`` (when this is the best epoch) and then ``last.pth``; returns the path of ``last.pth``."""
+    if is_best:
+        save(state, out / "best.pth")
+    return save(state, out / "last.pth")
 
 
 def _peek(path: Path) -> dict | None:

@@ -171,12 +171,12 @@ class RunDir:
         path = self.resume_path()
         return ckpt_io.load(path, task) if path else None
 
-    def save(self, state: dict, is_best: bool = False, names: tuple[str, ...] = ("last.pth",)) -> Path | None:
+    def save(self, state: dict, is_best: bool = False) -> Path | None:
         """Write the checkpoint ``state`` atomically (rank 0; ``best.pth`` first when ``is_best``). The first save
         makes this run the folder's: an earlier run set aside by ``--overwrite`` is deleted now."""
         if not self.rt.main:
             return None
-        path = ckpt_io.save_pair(state, self.output, is_best, names)
+        path = ckpt_io.save_pair(state, self.output, is_best)
         if not self.saved:
             self.saved = True
             if self.set_aside:
