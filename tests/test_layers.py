@@ -3,6 +3,7 @@
 (lazy imports inside functions count too: they are dependencies all the same), the three
 middle packages not each other; and no import cycle among module-level imports."""
 import ast
+import graphlib
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,14 @@ def test_imports_only_go_down(path, name):
                 f"{'.'.join(name)} ({own}, layer {LEVEL[own]}) imports {'.'.join(t)} ({pkg}, layer {LEVEL[pkg]})"
 
 
+def assert_acyclic(graph: dict[str, set[str]], what: str) -> None:
+    """No circle in ``graph`` (a module -> the modules it imports); a circle found is named, importer first."""
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as e:  # its circle lists each module before the one that imports it
+        raise AssertionError(f"{what}: " + " -> ".join(reversed(e.args[1]))) from None
+
+
 def test_no_import_cycles():
     graph = {}
     for path, name in modules():
@@ -92,25 +101,8 @@ def test_no_import_cycles():
 
     graph = {k: {resolve(d) for d in v} - {"", k} for k, v in graph.items()}
     # A package's __init__ importing its own modules is how packages work, not a cycle of design.
-    state, stack = {}, []
-
-    def visit(node):
-        state[node] = "open"
-        stack.append(node)
-        for dep in sorted(graph.get(node, ())):
-            if dep.startswith(node + ".") or node.startswith(dep + ".") or dep == "metaformer":
-                continue
-            if state.get(dep) == "open":
-                cycle = stack[stack.index(dep):] + [dep]
-                raise AssertionError("import cycle: " + " -> ".join(cycle))
-            if dep not in state:
-                visit(dep)
-        stack.pop()
-        state[node] = "done"
-
-    for node in sorted(graph):
-        if node not in state:
-            visit(node)
+    assert_acyclic({k: {d for d in v if not (d.startswith(k + ".") or k.startswith(d + ".") or d == "metaformer")}
+                    for k, v in graph.items()}, "import cycle")
 
 
 def test_no_circle_among_the_parts_of_a_package():
@@ -125,23 +117,8 @@ def test_no_circle_among_the_parts_of_a_package():
                 for depth in range(3, len(name) + 1):
                     a, b = tuple(name[:depth]), tuple(t[:depth])
                     if len(t) >= depth and a[:-1] == b[:-1] and a != b:
-                        edges.setdefault(a, set()).add(b)
-    state, stack = {}, []
-
-    def visit(node):
-        state[node] = "open"
-        stack.append(node)
-        for dep in sorted(edges.get(node, ())):
-            if state.get(dep) == "open":
-                raise AssertionError("circle: " + " -> ".join(".".join(n) for n in stack[stack.index(dep):] + [dep]))
-            if dep not in state:
-                visit(dep)
-        stack.pop()
-        state[node] = "done"
-
-    for node in sorted(edges):
-        if node not in state:
-            visit(node)
+                        edges.setdefault(".".join(a), set()).add(".".join(b))
+    assert_acyclic(edges, "circle")
 
 
 def test_import_metaformer_leaves_the_training_stack_alone():

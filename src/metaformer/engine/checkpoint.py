@@ -19,7 +19,6 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -41,7 +40,8 @@ def existing_run_files(out: Path) -> list[str]:
 
 
 def check_output(out: str | os.PathLike, resume: str | None = None, overwrite: bool = False) -> Path:
-    """Refuse an unusable output folder before any work, leaving no trace (see :func:`prepare_output`).
+    """Refuse an unusable output folder before any work, leaving no trace (the run's lifecycle after that:
+    :class:`metaformer.engine.run.RunDir`).
 
     ``resume`` is the ``--resume`` option (a path, ``auto`` or None). A folder holding a run's files is
     never started over without ``overwrite``: ``--resume auto`` there without a ``last.pth`` to continue
@@ -82,8 +82,8 @@ class RunFolder:
     """A run's folder until its training starts: a folder counts as a run only once training has started (the
     first optimizer step), so a run that fails before (a missing package, a failed download, bad data found late)
     removes what it created there, the folder and its parents included, and the same command can simply be run
-    again. A folder that already held a run (``--resume``) is never touched. Rank 0 only, after the lock is
-    released."""
+    again. A folder that already held a run (``--resume``) is never touched. Rank 0 only (a locked run removes the
+    folders it created once it has released the lock, whose file is in them: :meth:`remove_created`)."""
 
     def __init__(self, out: str | os.PathLike):
         self.out = Path(out)
@@ -96,7 +96,7 @@ class RunFolder:
         self.out.mkdir(parents=True, exist_ok=True)
 
     def opened(self, continuing: bool) -> None:
-        """The folder is ready for the run's files (an earlier run's removed under --overwrite); ``continuing``: it
+        """The folder is ready for the run's files (an earlier run's set aside under --overwrite); ``continuing``: it
         holds the run this one continues."""
         self.before = {p.name for p in self.out.iterdir()}
         self.started = continuing
@@ -136,12 +136,11 @@ def save(state: dict, path: str | os.PathLike) -> Path:
         raise CheckpointError(f"cannot write {path} ({e.strerror or e}): {previous}") from None
 
 
-def save_pair(state: dict, out: Path, is_best: bool, names: Iterable[str] = ("last.pth",)) -> Path:
-    """Write ``best.pth`` (when this is the best epoch) and then ``names``; returns the last path."""
-    path = None
-    for name in (("best.pth",) if is_best else ()) + tuple(names):
-        path = save(state, out / name)
-    return path
+def save_pair(state: dict, out: Path, is_best: bool) -> Path:
+    """Write ``best.pth`` (when this is the best epoch) and then ``last.pth``; returns the path of ``last.pth``."""
+    if is_best:
+        save(state, out / "best.pth")
+    return save(state, out / "last.pth")
 
 
 def _peek(path: Path) -> dict | None:

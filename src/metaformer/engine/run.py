@@ -28,10 +28,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from filelock import FileLock, Timeout
+
 from ..atomic import atomic_write, clean_stale_temps
 from ..errors import ConfigError
 from . import checkpoint as ckpt_io
 from .checkpoint import CheckpointError, RunFolder, existing_run_files
+from .runtime import on_main
 
 
 class RunLock:
@@ -44,8 +47,6 @@ class RunLock:
     OWNER = ".metaformer.owner"
 
     def __init__(self, out: str | os.PathLike):
-        from filelock import FileLock
-
         self.out = Path(out)
         self.path, self.owner_path = self.out / self.NAME, self.out / self.OWNER
         self._lock = FileLock(str(self.path), timeout=0)
@@ -60,8 +61,6 @@ class RunLock:
             return None
 
     def acquire(self) -> None:
-        from filelock import Timeout
-
         self.made_file = not self.path.exists()
         try:
             self._lock.acquire()
@@ -119,14 +118,10 @@ class RunDir:
     # ------------------------------------------------------------------------------------------ opening
     def check(self) -> Path:
         """Before any work: refuse an unusable folder, leaving no trace."""
-        from .runtime import on_main
-
         on_main(lambda: ckpt_io.check_output(self.output, self.resume, self.overwrite), self.rt.main)
         return self.output
 
     def __enter__(self) -> "RunDir":
-        from .runtime import on_main
-
         try:
             on_main(self._open, self.rt.main)
         except BaseException:
@@ -176,12 +171,12 @@ class RunDir:
         path = self.resume_path()
         return ckpt_io.load(path, task) if path else None
 
-    def save(self, state: dict, is_best: bool = False, names: tuple[str, ...] = ("last.pth",)) -> Path | None:
+    def save(self, state: dict, is_best: bool = False) -> Path | None:
         """Write the checkpoint ``state`` atomically (rank 0; ``best.pth`` first when ``is_best``). The first save
         makes this run the folder's: an earlier run set aside by ``--overwrite`` is deleted now."""
         if not self.rt.main:
             return None
-        path = ckpt_io.save_pair(state, self.output, is_best, names)
+        path = ckpt_io.save_pair(state, self.output, is_best)
         if not self.saved:
             self.saved = True
             if self.set_aside:
@@ -194,7 +189,7 @@ class RunDir:
         self._close(failed=exc_type is not None)
 
     def _close(self, failed: bool) -> None:
-        if not self.rt.main or self.lock is None:
+        if self.lock is None:  # not rank 0
             return
         undone = False
         try:

@@ -7,7 +7,8 @@ The recipe is timm's, not rewritten: ``create_optimizer_v2`` (AdamW or LAMB, no 
 random erasing) and ``ModelEmaV3``. What every task shares (devices, torchrun, mixed precision,
 checkpoints, metrics, Ctrl-C) is :mod:`metaformer.engine`; this file is what is particular to
 classification training: :func:`train` wires ``build_data``, ``build_model``, ``build_recipe`` and
-:func:`train_one_epoch` / :func:`~metaformer.tasks.inference.evaluate` together, as nanoGPT's and torchvision's references do.
+:func:`train_one_epoch` / :func:`~metaformer.tasks.inference.evaluate` together, as nanoGPT's and
+torchvision's references do.
 
 Exact resume: every epoch re-seeds python/numpy/torch and the loader generator from
 ``(seed, epoch, rank)`` and the sampler shuffles by epoch, so an epoch's data order,

@@ -196,7 +196,6 @@ def eval_loader(dataset, rt: Runtime, batch_size: int, workers: int):
     return D.make_loader(dataset, batch_size, list(range(rt.rank, len(dataset), rt.world)), workers, pin_memory=pin)
 
 
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype | None = None,
              channels_last: bool = False, unreadable=None, progress: bool = False, tta: str | None = None) -> dict:
