@@ -431,6 +431,10 @@ def test_create_model_with_a_file_of_another_architecture_names_load_model(runs,
     same = metaformer.create_model("poolformer_s12", pretrained=str(small), depths=[1, 1, 1, 1],
                                    dims=[8, 16, 24, 32], num_classes=2, img_size=32)
     torch.testing.assert_close(same.state_dict(), metaformer.load_model(small).state_dict())
+    # options the weights do not depend on (as for load_weights) are the caller's to change
+    pooled = metaformer.create_model("poolformer_s12", pretrained=str(small), depths=[1, 1, 1, 1],
+                                     dims=[8, 16, 24, 32], num_classes=2, global_pool="", drop_path_rate=0.1)
+    torch.testing.assert_close(pooled.state_dict(), same.state_dict())
 
 
 def test_features_only_from_classifier_weights_says_its_maps_are_normed(tmp_path):

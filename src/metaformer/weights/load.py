@@ -262,9 +262,10 @@ def _mismatch_message(path: Path, layout: str, model: nn.Module, report: LoadRep
     return "\n".join(lines)
 
 
-# Options that change only the classifier, the inputs or training, not the weights' meaning.
-_NON_ARCH = {"num_classes", "in_chans", "features_only", "out_indices", "drop_path_rate", "drop_rate", "img_size",
-             "head_dropout", "global_pool", "feature_norm"}
+# Options that change only the classifier, the inputs or training, not the weights' meaning: a file saved with
+# other values still loads into the model as its architecture.
+NOT_ARCHITECTURE = {"num_classes", "in_chans", "features_only", "out_indices", "drop_path_rate", "drop_rate",
+                    "img_size", "head_dropout", "global_pool", "feature_norm"}
 
 
 def _warn_config_difference(model: nn.Module, metadata: dict, path: Path) -> None:
@@ -277,7 +278,7 @@ def _warn_config_difference(model: nn.Module, metadata: dict, path: Path) -> Non
 
     saved = metadata_json(metadata, "config", path)
     mine = json.loads(json.dumps(jsonable_config(ours, strict=False)))
-    diff = sorted(k for k in set(saved) | set(mine) if k not in _NON_ARCH and k in saved and k in mine
+    diff = sorted(k for k in set(saved) | set(mine) if k not in NOT_ARCHITECTURE and k in saved and k in mine
                   and saved.get(k) != mine.get(k))
     if diff:
         shown = ", ".join(f"{k}={saved.get(k)!r} (model: {mine.get(k)!r})" for k in diff)

@@ -36,7 +36,7 @@ from ..models.metaformer import MetaFormer, describe_config
 from ..weights import load_weights as _load_weights
 from ..weights import WeightsError, read_metadata
 from ..weights.io import hub_file, is_url, resolve
-from ..weights.load import LoadReport, mixer_of
+from ..weights.load import NOT_ARCHITECTURE, LoadReport, mixer_of
 from ..weights.save import stored_metadata
 from .imagenet import categories
 
@@ -412,11 +412,6 @@ def create_model(name: str, pretrained: bool | str = False, num_classes: int | N
     return model
 
 
-# Config entries a file's weights do not depend on: training-time rates, and what create_model adapts or replaces.
-_NOT_ARCHITECTURE = ("num_classes", "in_chans", "img_size", "drop_path_rate", "drop_rate", "head_dropout",
-                     "features_only", "out_indices")
-
-
 def _check_recorded_architecture(name: str, cfg: dict, pretrained) -> dict | None:
     """``pretrained=FILE`` of ours records the network it holds (returned): another architecture than ``name``'s
     is named, with the call that rebuilds it, instead of a page of missing keys."""
@@ -428,7 +423,7 @@ def _check_recorded_architecture(name: str, cfg: dict, pretrained) -> dict | Non
         return None
     recorded = stored["config"]
     diffs = [f"{k} {recorded[k]!r} (not {cfg.get(k)!r})" for k in sorted(recorded)
-             if k not in _NOT_ARCHITECTURE and k in cfg and recorded[k] != cfg[k]]
+             if k not in NOT_ARCHITECTURE and k in cfg and recorded[k] != cfg[k]]
     if diffs:
         what = stored.get("variant") or "a MetaFormer"
         raise WeightsError(f"{pretrained} holds {what} with {', '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}, "
