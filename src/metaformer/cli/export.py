@@ -1,4 +1,4 @@
-"""``metaformer export``: ONNX / TorchScript / torch.export, verified in its own runtime."""
+"""``metaformer export``: ONNX / TorchScript / torch.export / OpenVINO IR, verified in its own runtime."""
 from __future__ import annotations
 
 import argparse

@@ -398,9 +398,9 @@ def compile_int8(module: Callable) -> Callable:
 
 # ----------------------------------------------------------------------------- with labels and preprocessing
 def load_exported(path: str, model_name: str | None, checkpoint: str | None = None):
-    """An exported file (ONNX, TorchScript, torch.export) run in its own runtime, with the class names and
-    preprocessing it carries (files from `metaformer export`), or else those of ``checkpoint``/the variant;
-    a ``checkpoint`` or variant that disagrees with what the file carries is refused."""
+    """An exported file (ONNX, TorchScript, torch.export, OpenVINO IR) run in its own runtime, with the class
+    names and preprocessing it carries (files from `metaformer export`), or else those of ``checkpoint``/the
+    variant; a ``checkpoint`` or variant that disagrees with what the file carries is refused."""
     from ..tasks.inference import Loaded, default_class_names
     from ..zoo import eval_transform
 
