@@ -12,7 +12,7 @@ pytest.importorskip("openvino")
 import metaformer  # noqa: E402
 from metaformer.cli import main  # noqa: E402
 from metaformer.tools.export import export  # noqa: E402
-from metaformer.tools.exported import ExportError, load_runtime  # noqa: E402
+from metaformer.tools.exported import ExportError, load_runtime, openvino_core  # noqa: E402
 
 TINY = dict(depths=[1, 1, 1, 1], dims=[16, 32, 48, 64], img_size=64, num_classes=10)
 
@@ -49,6 +49,11 @@ def test_openvino_bf16_runs_in_bf16_and_is_checked_as_such(tmp_path):
     model = metaformer.create_model("poolformer_s12", **TINY).eval()
     result = export(model, tmp_path / "bf16.xml", "openvino", dtype="bf16")
     assert 0 < result.max_diff_random <= 5e-2
+    core = openvino_core()
+    stored = json.loads(core.read_model(str(result.path)).get_rt_info(["metaformer"]).astype(str))
+    assert stored["inference_precision"] == "bf16"  # what every reader compiles the file with
+    if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):  # elsewhere the plugin runs it in fp32
+        assert result.max_diff_random > 1e-4  # the check ran it in bf16: fp32 differs by about 1e-7
     with pytest.raises(ExportError, match="fp32 or bf16"):
         export(model, tmp_path / "fp16.xml", "openvino", dtype="fp16")
 
