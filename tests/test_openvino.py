@@ -12,7 +12,7 @@ pytest.importorskip("openvino")
 import metaformer  # noqa: E402
 from metaformer.cli import main  # noqa: E402
 from metaformer.tools.export import export  # noqa: E402
-from metaformer.tools.exported import ExportError, load_runtime  # noqa: E402
+from metaformer.tools.exported import ExportError, load_runtime, openvino_core  # noqa: E402
 
 TINY = dict(depths=[1, 1, 1, 1], dims=[16, 32, 48, 64], img_size=64, num_classes=10)
 
@@ -49,6 +49,11 @@ def test_openvino_bf16_runs_in_bf16_and_is_checked_as_such(tmp_path):
     model = metaformer.create_model("poolformer_s12", **TINY).eval()
     result = export(model, tmp_path / "bf16.xml", "openvino", dtype="bf16")
     assert 0 < result.max_diff_random <= 5e-2
+    core = openvino_core()
+    stored = json.loads(core.read_model(str(result.path)).get_rt_info(["metaformer"]).astype(str))
+    assert stored["inference_precision"] == "bf16"  # what every reader compiles the file with
+    if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):  # elsewhere the plugin runs it in fp32
+        assert result.max_diff_random > 1e-4  # the check ran it in bf16: fp32 differs by about 1e-7
     with pytest.raises(ExportError, match="fp32 or bf16"):
         export(model, tmp_path / "fp16.xml", "openvino", dtype="fp16")
 
@@ -126,6 +131,8 @@ def test_bench_times_openvino_beside_ours_and_our_fused_graph_in_openvino(tmp_pa
     assert set(rows) == set(modes.split(",")) and all(r["images_per_s"] > 0 for r in rows.values())
     assert rows["ov_fp32"]["max_abs_diff"] < 1e-4 and rows["ov_fused_fp32"]["max_abs_diff"] < 1e-4
     assert 0 < rows["ov_bf16"]["max_abs_diff"] < 0.1 and 0 < rows["ov_int8"]["max_abs_diff"]
+    if "BF16" in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):  # else the plugin runs fp32
+        assert rows["ov_bf16"]["max_abs_diff"] > 1e-4  # compiled in bf16: fp32 differs by about 1e-6
 
 
 SIGNAL_AFTER_TWO_FILES = """

@@ -2,6 +2,7 @@
 checked against `eval` of both models, the --max-drop refusal, and eval/predict/bench running the int8 file."""
 import json
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,6 +203,25 @@ def test_quantize_output_names_a_folder_is_checked_first_and_is_replaced_only_wh
         assert main([*args, "-o", *bad.split()]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_killed_runs_leftovers_are_removed_only_for_the_file_being_written(tmp_path):
+    """check_output removes the temporary folders a killed run left for the same file (its name cut short in the
+    temporary name when it is long), and leaves those of other files alone."""
+    from metaformer.atomic import temp_prefix
+    from metaformer.tools.quantize import check_output
+
+    def leftover(name):  # what atomic_path leaves when its process (no such pid) was killed
+        target = tmp_path / name
+        return Path(tempfile.mkdtemp(dir=tmp_path, prefix=temp_prefix(target, "999999999.", ".tmp"), suffix=".tmp"))
+
+    long = "q" * 250 + ".xml"
+    mine, other, cut = leftover("q.xml"), leftover("other.xml"), leftover(long)
+    assert not cut.name.startswith(f".{long}.")  # the long name is cut short in its temporary name
+    check_output(tmp_path / "q.xml", None)
+    assert not mine.exists() and other.exists() and cut.exists()
+    check_output(tmp_path / long, None)
+    assert not cut.exists() and other.exists()
 
 
 def test_the_backend_follows_the_output_name():

@@ -1,4 +1,4 @@
-"""``metaformer export``: ONNX / TorchScript / torch.export, verified in its own runtime."""
+"""``metaformer export``: ONNX / TorchScript / torch.export / OpenVINO IR, verified in its own runtime."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +18,7 @@ def load(args):
 def run_export(args) -> int:
     from ..atomic import check_writable
     from ..tools.export import ExportError, check_runtime, export, export_metadata, export_path, sample_image
-    from ..tools.exported import COMPANIONS
+    from ..tools.exported import files_of
 
     out = export_path(args.output, args.format, f"{args.model or 'model'}{'_fused' if args.fused else ''}")
     check_runtime(args.format)  # before the model is loaded and exported
@@ -37,8 +37,7 @@ def run_export(args) -> int:
                         metadata=export_metadata(loaded))
     except ExportError as e:
         raise UserError(str(e)) from None
-    size_mb = sum(p.stat().st_size for p in (result.path, *(result.path.with_suffix(s) for s in
-                                                            COMPANIONS.get(result.format, ())))) / 2**20
+    size_mb = sum(p.stat().st_size for p in files_of(result.path, result.format)) / 2**20
     if args.json:
         print_json({"path": str(result.path), "format": result.format, "dtype": result.dtype, "size_mib": size_mb,
                     "max_diff_random": result.max_diff_random, "max_diff_image": result.max_diff_image,

@@ -62,7 +62,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from .. import data as D
     from ..tasks.inference import eval_dataset, load_for_inference
-    from ..tools.exported import COMPANIONS
+    from ..tools.exported import files_of
     from ..tools.quantize import EXTRA, FORMAT, backend_for, check_output, describe_ops, quantize
 
     model, checkpoint = model_or_checkpoint(args.model, args.checkpoint)
@@ -90,7 +90,7 @@ def run(args) -> int:
                     "int8_top1": a.int8_top1, "drop": a.drop, "agreement": a.agreement, "max_drop": result.max_drop,
                     "ops": result.ops})
     else:
-        files = [result.path, *(result.path.with_suffix(s) for s in COMPANIONS.get(FORMAT[result.backend], ()))]
+        files = files_of(result.path, FORMAT[result.backend])
         size = f", {sum(p.stat().st_size for p in files) / 2**20:.1f} MiB" if result.written else ""
         print(f"{'wrote' if result.written else 'refused'} {result.path} (int8, {result.backend}, calibrated on "
               f"{result.calib_images} images{size})")

@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from ..errors import ConfigError, require
+from ..models.metaformer import token_grids
 
 
 @dataclass
@@ -31,16 +32,16 @@ def cam_stage_for(model) -> tuple[int, str | None]:
     """The stage Grad-CAM looks at: the last (as the authors' script did) unless its map is smaller than 4x4
     (small inputs), then the deepest stage whose map is at least 4x4, said in a note."""
     size = model.img_size[0] if isinstance(model.img_size, (tuple, list)) else int(model.img_size)
-    grids = [size // (4 * 2 ** i) for i in range(len(model.stages))]
+    grids = token_grids(model.img_size, len(model.stages))
     last = len(grids) - 1
-    if grids[last] >= 4:
+    if min(grids[last]) >= 4:
         return last, None
-    deeper = [i for i, g in enumerate(grids) if g >= 4]
+    deeper = [i for i, g in enumerate(grids) if min(g) >= 4]
     if not deeper:
         return last, f"at {size} px every stage's map is under 4x4: the heatmap cannot localise"
     i = deeper[-1]
-    return i, (f"Grad-CAM on stage {i + 1} ({grids[i]}x{grids[i]} map): at {size} px the last stage's map is "
-               f"{grids[last]}x{grids[last]}, too coarse to localise")
+    return i, (f"Grad-CAM on stage {i + 1} ({grids[i][0]}x{grids[i][1]} map): at {size} px the last stage's map is "
+               f"{grids[last][0]}x{grids[last][1]}, too coarse to localise")
 
 
 def _display_image(pil: Image.Image, transform) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""Export to ONNX, TorchScript and ``torch.export``, then check the file against the model.
+"""Export to ONNX, TorchScript, ``torch.export`` and OpenVINO IR, then check the file against the model.
 
 Every export is verified before it is reported done: the file is loaded back in its own
-runtime (ONNX Runtime for ONNX), run on a random input and on a real image, and compared
-with the PyTorch model; a difference over the tolerance (1e-4 in fp32) is an error.
+runtime (ONNX Runtime for ONNX, OpenVINO's CPU plugin for IR), run on a random input and on a
+real image, and compared with the PyTorch model; a difference over the tolerance (1e-4 in fp32)
+is an error.
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ class ExportResult:
 def write_file(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool,
                dynamic_size: bool, metadata: dict | None = None) -> None:
     """Write the file; ``metadata`` (class names, input size, preprocessing) travels inside it, so a file
-    is never run with another model's labels: ONNX ``metadata_props``, TorchScript/torch.export extra files.
+    is never run with another model's labels: ONNX ``metadata_props``, TorchScript/torch.export extra files,
+    OpenVINO's runtime info.
     The metadata also records the SHA-256 of the tensors written (``file_sha256``), which every load checks."""
     with warnings.catch_warnings():
         # torch's notes on its own exporters (the TorchScript-based ONNX exporter's deprecation, the tracer's remark

@@ -38,6 +38,11 @@ class ExportError(MetaFormerError):
     """An export that cannot be made, or a file that cannot be run as it is."""
 
 
+def files_of(path: Path, fmt: str) -> list[Path]:
+    """The files an export in ``fmt`` to ``path`` consists of: ``path``, then its :data:`COMPANIONS`."""
+    return [path, *(path.with_suffix(s) for s in COMPANIONS.get(fmt, ()))]
+
+
 # ----------------------------------------------------------------------------- the file's tensors
 def tensors_sha256(named: Iterable[tuple[str, np.ndarray]]) -> str:
     """SHA-256 over ``(name, array)`` pairs in name order: each name, dtype, shape and bytes. What is inside an
@@ -205,7 +210,7 @@ def load_runtime(path: str | os.PathLike, fmt: str | None = None, verify: bool =
     if fmt not in FORMATS:
         raise ExportError(f"cannot tell the format of {path}: use a .onnx, .pt (TorchScript), .pt2 "
                           "(torch.export) or .xml (OpenVINO) file, or name the format")
-    missing = [path.with_suffix(s) for s in COMPANIONS.get(fmt, ()) if not path.with_suffix(s).is_file()]
+    missing = [p for p in files_of(path, fmt)[1:] if not p.is_file()]
     if missing:
         raise ExportError(f"{path} needs {missing[0].name} beside it (the {fmt} weights): copy both files together")
     try:
@@ -398,9 +403,9 @@ def compile_int8(module: Callable) -> Callable:
 
 # ----------------------------------------------------------------------------- with labels and preprocessing
 def load_exported(path: str, model_name: str | None, checkpoint: str | None = None):
-    """An exported file (ONNX, TorchScript, torch.export) run in its own runtime, with the class names and
-    preprocessing it carries (files from `metaformer export`), or else those of ``checkpoint``/the variant;
-    a ``checkpoint`` or variant that disagrees with what the file carries is refused."""
+    """An exported file (ONNX, TorchScript, torch.export, OpenVINO IR) run in its own runtime, with the class
+    names and preprocessing it carries (files from `metaformer export`), or else those of ``checkpoint``/the
+    variant; a ``checkpoint`` or variant that disagrees with what the file carries is refused."""
     from ..tasks.inference import Loaded, default_class_names
     from ..zoo import eval_transform
 

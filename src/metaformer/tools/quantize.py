@@ -33,11 +33,11 @@ from torch import nn
 from ..atomic import atomic_path, check_writable, clean_stale_temps, output_file
 from ..errors import MetaFormerError, require
 from .export import export_metadata, openvino_model, save_openvino, save_program, set_onnx_metadata, write_file
-from .exported import COMPANIONS, ExportError, load_runtime
+from .exported import COMPANIONS, FORMATS, ExportError, load_runtime
 
-BACKENDS = {"ort": ".onnx", "pt2e": ".pt2", "openvino": ".xml"}
+FORMAT = {"ort": "onnx", "pt2e": "exported", "openvino": "openvino"}  # the export format each backend writes
+BACKENDS = {backend: FORMATS[fmt] for backend, fmt in FORMAT.items()}  # its file's extension
 EXTRA = {"ort": "quant", "pt2e": "quant", "openvino": "openvino"}  # the extra named when a backend's package is missing
-FORMAT = {"ort": "onnx", "pt2e": "exported", "openvino": "openvino"}
 DEFAULT_BACKEND = "openvino"  # measured in docs/deploy.md: the fastest at batch 1 and 32, as accurate, loads in 0.5 s
 
 
