@@ -25,7 +25,7 @@ VERBS = {
     "eval": ("evaluate", "top-1/top-5 accuracy of a model or checkpoint"),
     "predict": ("evaluate", "top-k labels with probabilities for images"),
     "data": ("data", "write the built-in digits or tar shards; check a --data source"),
-    "export": ("export", "export to ONNX / TorchScript / torch.export, then verify the file"),
+    "export": ("export", "export to ONNX / TorchScript / torch.export / OpenVINO IR, then verify the file"),
     "cam": ("cam", "Grad-CAM heatmaps over images (last stage, as the authors did)"),
     "quantize": ("quantize", "static int8 with calibration, its top-1 cost measured; refused over --max-drop"),
     "serve": ("serve", "HTTP server: JSON API (/predict, /health, /info) and a web page with top-5 and Grad-CAM"),

@@ -65,8 +65,8 @@ def add_parser(subparsers) -> None:
     add_batch_size(p, 32)
     _add_speed(p)
     p.add_argument("--exported", metavar="FILE", help="run this file from `metaformer export` instead of PyTorch: "
-                   ".onnx in ONNX Runtime, .pt in TorchScript, .pt2 with torch.export (same preprocessing; class "
-                   "names and preprocessing stored in the file; --checkpoint or MODEL must agree with them)")
+                   ".onnx in ONNX Runtime, .pt in TorchScript, .pt2 with torch.export, .xml in OpenVINO (class names "
+                   "and preprocessing stored in the file; --checkpoint or MODEL must agree with them)")
     add_json(p)
     p.set_defaults(func=run_predict)
 
