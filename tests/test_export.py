@@ -227,6 +227,10 @@ def test_cam_on_a_small_input_model_looks_at_a_stage_that_can_localise(tmp_path,
     with Image.open(photo) as im:
         heat = grad_cam(model.eval(), im.convert("RGB"), transform, stage=1).heatmap
     assert heat.std() > 0.01  # the 4x4 map localises; the 1x1 map gave a constant
+    # at a size that is not a multiple of 32 the maps are the network's own (56 px: 14, 7, 4, 2), not img_size // stride
+    odd = metaformer.create_model("poolformer_s12", img_size=56, depths=[1, 1, 1, 1], dims=[8, 16, 24, 32])
+    assert cam_stage_for(odd) == (2, "Grad-CAM on stage 3 (4x4 map): at 56 px the last stage's map is 2x2, too "
+                                     "coarse to localise")
 
 
 def test_exported_fused_model_is_written_without_torch_warnings(tmp_path, capsys):
